@@ -1,0 +1,37 @@
+"""Device choice and mixed precision: CUDA + AMP where present, CPU fp32 otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """Return the requested device, else CUDA when available, else CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `precision` ('auto', 'bf16', 'fp16', 'fp32'); None means no autocast."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str = "auto") -> Iterator[None]:
+    """Autocast on CUDA with the chosen dtype; a no-op on CPU (fp32)."""
+    dtype = amp_dtype(device, precision)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
