@@ -1,0 +1,93 @@
+"""Contrastive losses on pair batches: symmetric image-to-image InfoNCE (CLIP-ReIdent) and batch-hard triplet.
+
+Every loss takes `(anchors, positives, logit_scale)`: (B, D) features of the local batch, row i of
+both being the same player, and no player twice in the batch (the sampler guarantees it, across all
+ranks). The loss owns the distributed all-gather: under torch.distributed each rank gathers every
+rank's features WITH gradients and computes the loss over the whole global batch, so every rank sees
+every negative; DDP's gradient averaging then yields exactly the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def world_size() -> int:
+    """Processes in the default group (1 when torch.distributed is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_features(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks in rank order, keeping the gradient path to every rank's slice."""
+    if world_size() == 1:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x), dim=0)
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class LogitScale(nn.Module):
+    """CLIP's learnable temperature, stored as a log; `forward()` returns exp(log) (optionally capped)."""
+
+    def __init__(self, init: float, learn: bool = True, max_scale: float | None = None) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learn)
+        self.max_scale = max_scale
+
+    def forward(self) -> torch.Tensor:
+        scale = self.log_scale.exp()
+        return scale.clamp(max=self.max_scale) if self.max_scale is not None else scale
+
+
+class InfoNCELoss(nn.Module):
+    """Symmetric InfoNCE: anchors->positives and positives->anchors cross-entropy with label smoothing."""
+
+    def __init__(self, label_smoothing: float = 0.1) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, anchors: torch.Tensor, positives: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        a = F.normalize(gather_features(anchors).float(), dim=-1)
+        p = F.normalize(gather_features(positives).float(), dim=-1)
+        logits = logit_scale.float() * a @ p.t()
+        labels = torch.arange(len(a), device=a.device)
+        forward = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        backward = F.cross_entropy(logits.t(), labels, label_smoothing=self.label_smoothing)
+        return (forward + backward) / 2
+
+
+class TripletLoss(nn.Module):
+    """Batch-hard triplet on L2-normalised features (ablation): hardest positive vs hardest negative."""
+
+    def __init__(self, margin: float = 0.3) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, anchors: torch.Tensor, positives: torch.Tensor, logit_scale: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        a, p = gather_features(anchors), gather_features(positives)
+        x = F.normalize(torch.cat([a, p]).float(), dim=-1)
+        labels = torch.arange(len(a), device=x.device).repeat(2)
+        dist_mat = (2 - 2 * x @ x.t()).clamp_min(1e-12).sqrt()
+        same = labels[:, None] == labels[None, :]
+        hardest_pos = dist_mat.masked_fill(~same, float("-inf")).max(dim=1).values
+        hardest_neg = dist_mat.masked_fill(same, float("inf")).min(dim=1).values
+        return F.relu(hardest_pos - hardest_neg + self.margin).mean()
+
+
+def build_loss(kind: str, label_smoothing: float = 0.1, margin: float = 0.3) -> nn.Module:
+    """The loss named by `recipe.train.loss` ('infonce' or 'triplet')."""
+    if kind == "infonce":
+        return InfoNCELoss(label_smoothing)
+    if kind == "triplet":
+        return TripletLoss(margin)
+    raise ValueError(f"unknown loss {kind!r}")
