@@ -35,3 +35,35 @@ def main() -> None:
 
 
 # Commands are registered below, one per pipeline stage, each calling a library function.
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=str))
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="DATA_DIR to create.")
+@click.option("--layout", type=click.Choice(["auto", "official", "market", "folders"]), default="auto",
+              show_default=True, help="Source layout; auto detects it.")
+@click.option("--download", "fetch", is_flag=True, help="Fetch the official zip to SOURCE if it is missing.")
+@click.option("--test-fraction", "--query-fraction", "test_fraction", type=float, default=0.2, show_default=True,
+              help="folders layout: share of identities held out as test (one query each, the rest gallery).")
+@click.option("--seed", type=int, default=0, show_default=True, help="folders layout: seed of the identity split.")
+@click.option("--force", is_flag=True, help="Replace a non-empty DATA_DIR.")
+def prepare(source: str, out: str, layout: str, fetch: bool, test_fraction: float, seed: int, force: bool) -> None:
+    """Check SOURCE (zip or folder) and write DATA_DIR with images/ and manifest.csv."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from submit.prepare import prepare as run_prepare
+
+    result = run_prepare(source, out, layout=layout, fetch=fetch, test_fraction=test_fraction, seed=seed,
+                         force=force)
+    table = Table(title=f"{result.data_dir} ({result.layout} layout)")
+    for col in ("split", "role", "images", "identities"):
+        table.add_column(col, justify="left" if col in ("split", "role") else "right")
+    for row in result.summary:
+        ids = "-" if row.identities is None else f"{row.identities:,}"
+        table.add_row(row.split, row.role, f"{row.images:,}", ids)
+    console = Console()
+    console.print(table)
+    for line in ([result.release] if result.release else []) + result.notes:
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"wrote {result.manifest}", highlight=False)
