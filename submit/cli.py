@@ -67,3 +67,19 @@ def prepare(source: str, out: str, layout: str, fetch: bool, test_fraction: floa
     for line in ([result.release] if result.release else []) + result.notes:
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {result.manifest}", highlight=False)
+
+
+@main.command()
+@click.argument("ranking", type=click.Path(path_type=str))
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="DATA_DIR (from prepare).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Report folder to (re)write.")
+@click.option("--top-k", type=int, default=10, show_default=True, help="Gallery crops shown per query.")
+@click.option("--per-page", type=int, default=50, show_default=True, help="Queries per HTML page.")
+@click.option("--split", type=click.Choice(["auto", "test", "challenge"]), default="auto", show_default=True,
+              help="Which split the ranking file is for; auto matches its ids against the manifest.")
+def report(ranking: str, data_dir: str, out: str, top_k: int, per_page: int, split: str) -> None:
+    """Write a static HTML report of RANKING (top-k crops per query, scores, CMC and AP plots)."""
+    from submit.report import make_report
+
+    index = make_report(ranking, data_dir, out, top_k=top_k, per_page=per_page, split=split)
+    click.echo(f"wrote {index}")
