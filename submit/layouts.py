@@ -107,6 +107,7 @@ def _official_root(paths: list[str]) -> str | None:
 
 
 def detect_official(paths: list[str]) -> bool:
+    """True when the file list holds data_reid/ or its split folders."""
     return _official_root(paths) is not None
 
 
@@ -160,6 +161,7 @@ def _market_root(paths: list[str]) -> str | None:
 
 
 def detect_market(paths: list[str]) -> bool:
+    """True when the file list holds bounding_box_train/ or bounding_box_test/."""
     return _market_root(paths) is not None
 
 
@@ -215,6 +217,7 @@ def _folders_root(paths: list[str]) -> str:
 
 
 def detect_folders(paths: list[str]) -> bool:
+    """True when every image sits one folder deep (ROOT/{identity}/image), in 2+ folders."""
     root = _folders_root(paths)
     files = [p[len(root):] for p in paths if not is_ignored(p)]
     return bool(files) and all(p.count("/") == 1 for p in files) and len({p.split("/")[0] for p in files}) >= 2
@@ -313,6 +316,8 @@ def _notes(entries: list[Entry]) -> list[str]:
 
 @dataclass(frozen=True)
 class Layout:
+    """A layout: `detect(paths)` for --layout auto, `read(paths, where, options)` to parse it."""
+
     detect: Callable[[list[str]], bool]
     read: Callable[[list[str], str, Options], Plan]
 

@@ -134,7 +134,7 @@ def prepare(source: str | Path, out: str | Path, layout: str = "auto", fetch: bo
         plan = layouts.plan(src.names, layout, str(source), layouts.Options(test_fraction, seed))
         if source.is_dir() and plan.layout == "folders" and _inside(out, source):
             raise SubmitError(f"{out}: DATA_DIR must not lie inside the identity folders of {source}")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        made = _make_parents(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
             _copy_images(src, plan.entries, tmp, workers, progress)
@@ -145,6 +145,8 @@ def prepare(source: str | Path, out: str | Path, layout: str = "auto", fetch: bo
             _swap_in(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for folder in reversed(made):
+                folder.rmdir()
             raise
     return PrepareResult(out, out / "manifest.csv", plan.layout, release, summarize(df), plan.notes)
 
@@ -186,7 +188,7 @@ class _DirSource:
     """Files below a folder, as posix paths relative to it."""
 
     def __init__(self, path: Path) -> None:
-        self.root = path
+        self.root, self.where = path, str(path)
         self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
 
     def read(self, name: str) -> bytes:
@@ -223,6 +225,14 @@ def _check_out(source: Path, out: Path, force: bool) -> None:
         raise SubmitError(f"{out}: folder is not empty; pass --force to replace it")
     if _inside(source, out):
         raise SubmitError(f"{source}: SOURCE lies inside DATA_DIR {out}; choose another --out")
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create the folders above `out`; return those that are new, outermost first, to undo on failure."""
+    missing = [p for p in reversed(out.absolute().parents) if not p.exists()]
+    for folder in missing:
+        folder.mkdir()
+    return missing
 
 
 def _inside(path: Path, folder: Path) -> bool:
