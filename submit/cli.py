@@ -56,7 +56,7 @@ def prepare(source: str, out: str, layout: str, fetch: bool, test_fraction: floa
 
     result = run_prepare(source, out, layout=layout, fetch=fetch, test_fraction=test_fraction, seed=seed,
                          force=force)
-    table = Table(title=f"{result.data_dir} ({result.layout} layout)")
+    table = Table(title=f"{result.layout} layout")
     for col in ("split", "role", "images", "identities"):
         table.add_column(col, justify="left" if col in ("split", "role") else "right")
     for row in result.summary:
@@ -66,7 +66,7 @@ def prepare(source: str, out: str, layout: str, fetch: bool, test_fraction: floa
     console.print(table)
     for line in ([result.release] if result.release else []) + result.notes:
         console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"wrote {result.manifest}", highlight=False)
+    console.print(f"wrote {result.manifest}", highlight=False, soft_wrap=True)
 
 
 @main.command()
