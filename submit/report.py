@@ -134,8 +134,8 @@ def score(al: Aligned, order: np.ndarray) -> Scores | None:
     sorted_matches = np.take_along_axis(matches, order, axis=1)
     first = np.where(has, sorted_matches.argmax(axis=1) + 1, 0)
     ranks = np.arange(1, min(CMC_RANKS, matches.shape[1]) + 1)
-    cmc = ((first[has][:, None] > 0) & (first[has][:, None] <= ranks[None, :])).mean(axis=0) if has.any() \
-        else np.zeros(len(ranks))
+    valid = first[has]
+    cmc = (valid[:, None] <= ranks[None, :]).mean(axis=0) if valid.size else np.zeros(len(ranks))
     summary = {k: float(v) for k, v in evaluate_distances(al.dist, q_pids, g_pids).items()}
     return Scores(summary=summary, ap=ap, first_hit=first, n_matches=matches.sum(axis=1), cmc=cmc)
 
@@ -414,16 +414,25 @@ def _build(tmp: Path, al: Aligned, order: np.ndarray, scores: Scores | None, dat
     previous = out_dir / "thumbs" if (out_dir / "thumbs").is_dir() else None
     sizes = write_thumbs(needed, data_dir, tmp / "thumbs", previous)
     plots = write_plots(tmp, al, order, scores)
-    n_q, n_g = al.dist.shape
+    n_q = al.dist.shape[0]
     n_pages = max(1, -(-n_q // per_page))
     ctx = PageContext(title=f"Ranking report: {name}", per_page=per_page, scores=scores, n_pages=n_pages,
-                      meta=f"{al.split} split - {n_q} queries x {n_g} gallery crops - top {top_k} shown"
-                           + ("" if scores is not None else " - no ground truth (identities unknown)"))
+                      meta=_meta(al, scores, top_k))
     for page in range(1, n_pages + 1):
         rows = [_row(i, al, order, top_k, scores, sizes)
                 for i in range((page - 1) * per_page, min(page * per_page, n_q))]
         (tmp / page_file(page)).write_text(render_page(page, rows, ctx, plots, [int(x) for x in al.queries["image_id"]]), encoding="utf-8")
     (tmp / MARKER).write_text("reident-submit report\n")
+
+
+def _meta(al: Aligned, scores: Scores | None, top_k: int) -> str:
+    """The line under the title: split, sizes, and what the scores leave out."""
+    n_q, n_g = al.dist.shape
+    text = f"{al.split} split - {n_q} queries x {n_g} gallery crops - top {top_k} shown"
+    if scores is None:
+        return text + " - no ground truth (identities unknown)"
+    lonely = int(np.isnan(scores.ap).sum())
+    return text + (f" - {lonely} quer{'y has' if lonely == 1 else 'ies have'} no match in the gallery (left out of the scores)" if lonely else "")
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
