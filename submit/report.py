@@ -293,6 +293,7 @@ class PageContext:
     scores: Scores | None
     n_pages: int
     per_page: int
+    query_ids: tuple[int, ...]  # for naming the hardest queries
 
 
 def _nav(page: int, n_pages: int) -> str:
@@ -350,23 +351,23 @@ def _row(i: int, al: Aligned, order: np.ndarray, top_k: int, scores: Scores | No
     return f'<section class="{cls}" id="q{i}">{query}<div class="hits">{"".join(hits)}</div></section>'
 
 
-def _summary_block(ctx: PageContext, plots: list[str], ids: list[int]) -> str:
+def _summary_block(ctx: PageContext, plots: list[str]) -> str:
     imgs = "".join(f'<img src="{p}" alt="{p}">' for p in plots)
     worst = ""
     if ctx.scores is not None and (~np.isnan(ctx.scores.ap)).any():
         ap = np.where(np.isnan(ctx.scores.ap), np.inf, ctx.scores.ap)
         idx = [int(i) for i in np.argsort(ap, kind="stable")[:10] if ap[i] < 1.0]
-        rows = "".join(f'<tr><td><a href="{page_file(i // ctx.per_page + 1)}#q{i}">query {ids[i]}</a></td>'
+        rows = "".join(f'<tr><td><a href="{page_file(i // ctx.per_page + 1)}#q{i}">query {ctx.query_ids[i]}</a></td>'
                        f"<td>AP {ap[i]:.3f}</td><td>first match @{ctx.scores.first_hit[i]}</td></tr>" for i in idx)
         if rows:
             worst = f'<h3>Hardest queries</h3><table class="worst">{rows}</table>'
     return f'<div class="plots">{imgs}</div>{worst}'
 
 
-def render_page(page: int, body_rows: list[str], ctx: PageContext, plots: list[str], query_ids: list[int]) -> str:
+def render_page(page: int, body_rows: list[str], ctx: PageContext, plots: list[str]) -> str:
     """One complete HTML page: header with scores, page links, (on page 1) plots, then query rows."""
     nav = _nav(page, ctx.n_pages)
-    extra = _summary_block(ctx, plots, query_ids) if page == 1 else '<p><a href="index.html">summary &amp; plots</a></p>'
+    extra = _summary_block(ctx, plots) if page == 1 else '<p><a href="index.html">summary &amp; plots</a></p>'
     toggle = ('<div class="controls"><label><input type="checkbox" onchange="toggleErrors(this)"> '
               "hide queries with AP 1</label></div>") if ctx.scores is not None else ""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -417,11 +418,11 @@ def _build(tmp: Path, al: Aligned, order: np.ndarray, scores: Scores | None, dat
     n_q = al.dist.shape[0]
     n_pages = max(1, -(-n_q // per_page))
     ctx = PageContext(title=f"Ranking report: {name}", per_page=per_page, scores=scores, n_pages=n_pages,
-                      meta=_meta(al, scores, top_k))
+                      meta=_meta(al, scores, top_k), query_ids=tuple(int(x) for x in al.queries["image_id"]))
     for page in range(1, n_pages + 1):
         rows = [_row(i, al, order, top_k, scores, sizes)
                 for i in range((page - 1) * per_page, min(page * per_page, n_q))]
-        (tmp / page_file(page)).write_text(render_page(page, rows, ctx, plots, [int(x) for x in al.queries["image_id"]]), encoding="utf-8")
+        (tmp / page_file(page)).write_text(render_page(page, rows, ctx, plots), encoding="utf-8")
     (tmp / MARKER).write_text("reident-submit report\n")
 
 
@@ -432,7 +433,9 @@ def _meta(al: Aligned, scores: Scores | None, top_k: int) -> str:
     if scores is None:
         return text + " - no ground truth (identities unknown)"
     lonely = int(np.isnan(scores.ap).sum())
-    return text + (f" - {lonely} quer{'y has' if lonely == 1 else 'ies have'} no match in the gallery (left out of the scores)" if lonely else "")
+    if not lonely:
+        return text
+    return text + f" - {lonely} quer{'y has' if lonely == 1 else 'ies have'} no match in the gallery (not scored)"
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
