@@ -83,3 +83,63 @@ def report(ranking: str, data_dir: str, out: str, top_k: int, per_page: int, spl
 
     index = make_report(ranking, data_dir, out, top_k=top_k, per_page=per_page, split=split)
     click.echo(f"wrote {index}")
+
+
+@main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="DATA_DIR (from prepare).")
+@click.option("--split", type=click.Choice(["train", "test", "challenge"]), default="test", show_default=True)
+@click.option("--role", type=click.Choice(["query", "gallery", "all"]), default="all", show_default=True)
+@click.option("--model", required=True, help="open_clip architecture with a text tower, e.g. ViT-L-14.")
+@click.option("--pretrained", default=None, help="open_clip tag, hf-hub:<org>/<repo> or a checkpoint file.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Numbers CSV to write.")
+@click.option("--truth", default=None, type=click.Path(path_type=str),
+              help="Ground-truth path,number CSV [default: DATA_DIR/numbers.csv when present].")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+def jersey(data_dir: str, split: str, role: str, model: str, pretrained: str | None, out: str,
+           truth: str | None, batch_size: int, device: str | None) -> None:
+    """Read shirt numbers (0-99 or none) zero-shot with CLIP prompts; score them against ground truth."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from submit.jersey import run_jersey
+
+    pred, score = run_jersey(data_dir, split, role, model, pretrained, out, truth=truth, batch_size=batch_size,
+                             device=device)
+    console = Console()
+    console.print(f"wrote {out} ({len(pred):,} crops)", highlight=False, soft_wrap=True)
+    if score is None:
+        return
+    table = Table(title=f"shirt numbers vs truth ({score.n:,} crops)")
+    for col in ("accuracy", "top-5", "read as none"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{score.accuracy:.1%}", f"{score.top5:.1%}", f"{score.none_rate:.1%}")
+    console.print(table)
+    if score.confusions:
+        conf = Table(title="most common confusions")
+        for col in ("true", "predicted", "count"):
+            conf.add_column(col, justify="right")
+        for t, p, c in score.confusions:
+            conf.add_row(str(t), "none" if p == -1 else str(p), str(c))
+        console.print(conf)
+
+
+@main.command()
+@click.argument("query", type=click.Path(path_type=str))
+@click.argument("gallery", type=click.Path(path_type=str))
+@click.option("--run", "run_dir", default=None, type=click.Path(path_type=str), help="Training run dir.")
+@click.option("--checkpoint", default="best", show_default=True, help="best, last or a .pt file.")
+@click.option("--model", default=None, help="Untrained backbone instead of --run, e.g. open_clip:ViT-B-16.")
+@click.option("--pretrained", default=None, help="Weights for --model (tag, hf-hub:<org>/<repo> or file).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="PNG to write.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Masked images per forward pass.")
+@click.option("--max-maps", type=int, default=None, help="Use only the N most varied activation maps [default: all].")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, model: str | None,
+            pretrained: str | None, out: str, batch_size: int, max_maps: int | None, device: str | None) -> None:
+    """Score-CAM heat maps for a QUERY/GALLERY crop pair: what makes each look like the other."""
+    from submit.explain import explain_pair
+
+    path = explain_pair(query, gallery, out, run_dir=run_dir, checkpoint=checkpoint, model=model,
+                        pretrained=pretrained, batch_size=batch_size, max_maps=max_maps, device=device)
+    click.echo(f"wrote {path}")

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from submit.device import autocast, pick_device
@@ -109,25 +109,18 @@ def _bar(enabled: bool) -> Progress:
 
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB, or raise a one-line SubmitError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise SubmitError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise SubmitError(f"{path}: not a readable image") from None
+    from submit.transforms import open_image
+
+    return open_image(path)
 
 
 def to_tensor(img: Image.Image, size_hw: Sequence[int], mean: Sequence[float],
               std: Sequence[float]) -> tuple[torch.Tensor, np.ndarray]:
-    """Letterbox `img` to `size_hw`; return the normalised (3, H, W) tensor and the uint8 RGB array shown."""
-    from submit.transforms import letterbox
+    """Letterbox `img` to `size_hw`; return the normalised (3, H, W) model input and the uint8 RGB array shown."""
+    from submit.transforms import letterbox, preprocess
 
-    boxed = np.asarray(letterbox(img, tuple(size_hw)), dtype=np.uint8)
-    x = torch.from_numpy(boxed.astype(np.float32) / 255.0).permute(2, 0, 1)
-    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    return x, boxed
+    size = (int(size_hw[0]), int(size_hw[1]))
+    return preprocess(img, size, mean, std), np.asarray(letterbox(img, size), dtype=np.uint8)
 
 
 def load_model(run_dir: str | Path | None = None, checkpoint: str = "best", model: str | None = None,

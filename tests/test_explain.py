@@ -87,7 +87,7 @@ def test_bad_batch_size_is_a_one_line_error() -> None:
 def test_unreadable_image_names_the_file(tmp_path) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg at all")
-    with pytest.raises(SubmitError, match="broken.jpg: not a readable image"):
+    with pytest.raises(SubmitError, match="broken.jpg: cannot decode image"):
         load_image(bad)
     with pytest.raises(SubmitError, match="missing.jpg: image file not found"):
         load_image(tmp_path / "missing.jpg")
