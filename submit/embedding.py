@@ -1,0 +1,196 @@
+"""The TTA embedder: manifest rows -> (N, D) float32 L2-normalised features, cached on disk.
+
+Each test-time view (scale x horizontal flip, from a `TTASpec`) is embedded and L2-normalised; the views
+are averaged and renormalised. Images are decoded by DataLoader workers one batch at a time, so memory
+is bounded by the batch plus the (N, D) output. On CUDA the forward runs under AMP in channels_last.
+
+Features are cached in `DATA_DIR/.cache/features/<key>.npy`, written atomically. The key hashes the
+caller's model identity (e.g. `checkpoint_identity` of the weights file + the backbone spec), the TTA
+spec, the manifest rows' fingerprint and the model's input size and normalisation, so a changed
+manifest, checkpoint or TTA setting misses the cache instead of returning stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Dataset
+
+from submit import config
+from submit.device import autocast, pick_device
+from submit.manifest import fingerprint
+from submit.recipe import TTASpec
+
+View = tuple[float, bool]  # (scale, horizontal flip)
+CACHE_VERSION = "1"
+_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def tta_views(tta: TTASpec) -> list[View]:
+    """The (scale, flip) views a TTA spec asks for: every scale, each also flipped when `hflip`."""
+    flips = (False, True) if tta.hflip else (False,)
+    return [(float(s), f) for s in tta.scales for f in flips]
+
+
+class _Views(Dataset):
+    """One item = all views of one image stacked (V, 3, H, W), so a batch carries every view."""
+
+    def __init__(self, datasets: Sequence[Dataset]) -> None:
+        self.datasets = list(datasets)
+
+    def __len__(self) -> int:
+        return len(self.datasets[0])  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.stack([ds[i][0] for ds in self.datasets]), i
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 (16 hex) of a file's content; memoised per (path, size, mtime) within the process."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _HASH_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _HASH_MEMO[memo] = h.hexdigest()[:16]
+    return _HASH_MEMO[memo]
+
+
+def checkpoint_identity(checkpoint: str | Path, extra: object = None) -> str:
+    """A cache identity for weights loaded from `checkpoint`: its content hash plus `extra` (e.g. the backbone spec)."""
+    return f"ckpt:{file_hash(checkpoint)}:{json.dumps(config.to_mapping(extra), sort_keys=True, default=str)}"
+
+
+def cache_key(identity: str, tta: TTASpec, rows: pd.DataFrame, model: torch.nn.Module) -> str:
+    """The feature-cache key: model identity, TTA views, manifest rows and input geometry/normalisation."""
+    parts = {
+        "version": CACHE_VERSION,
+        "identity": identity,
+        "views": tta_views(tta),
+        "rows": fingerprint(rows),
+        "size": list(model.input_size),
+        "mean": [float(v) for v in model.mean],
+        "std": [float(v) for v in model.std],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_path(data_dir: str | Path, key: str) -> Path:
+    """Where the features for `key` live under a data dir."""
+    return Path(data_dir) / ".cache" / "features" / f"{key}.npy"
+
+
+def embed(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame, tta: TTASpec,
+          device: str | torch.device | None = None, workers: int = 2, identity: str | None = None,
+          precision: str = "auto", progress: bool = True, label: str = "embedding") -> np.ndarray:
+    """Embed manifest `rows` (paths relative to `data_dir`) with TTA; (N, D) float32, unit rows.
+
+    With `identity` (a string naming the weights, see `checkpoint_identity`) the result is cached under
+    `DATA_DIR/.cache/features/` and reused by later calls with the same key; without it nothing is cached.
+    """
+    path = cache_path(data_dir, cache_key(identity, tta, rows, model)) if identity else None
+    if path is not None and path.is_file():
+        feats = _load_cached(path, len(rows))
+        if feats is not None:
+            return feats
+    feats = embed_views(model, data_dir, rows, tta_views(tta), tta.batch_size, device, workers,
+                        precision, progress, label)
+    if path is not None:
+        _save_atomic(path, feats)
+    return feats
+
+
+def embed_views(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame, views: Iterable[View],
+                batch_size: int = 64, device: str | torch.device | None = None, workers: int = 2,
+                precision: str = "auto", progress: bool = True, label: str = "embedding") -> np.ndarray:
+    """Embed `rows` under explicit (scale, flip) views; per-view features are normalised, averaged, renormalised."""
+    from submit.transforms import CropDataset
+
+    views = list(views)
+    dev = pick_device(str(device) if device is not None else None)
+    size_hw = tuple(model.input_size)
+    paths = rows["path"].tolist()
+    datasets = [CropDataset(data_dir, paths, size_hw, tuple(model.mean), tuple(model.std), hflip=flip, scale=scale)
+                for scale, flip in views]
+    loader = DataLoader(_Views(datasets), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=dev.type == "cuda", persistent_workers=False)
+    was_training = model.training
+    model.eval().to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    out: np.ndarray | None = None
+    try:
+        with torch.inference_mode(), _bar(progress) as bar:
+            task = bar.add_task(label, total=len(paths))
+            for batch, index in loader:
+                feats = _forward_views(model, batch, dev, precision)
+                if out is None:
+                    out = np.empty((len(paths), feats.shape[1]), dtype=np.float32)
+                out[index.numpy()] = feats.cpu().numpy()
+                bar.advance(task, len(index))
+    finally:
+        model.train(was_training)
+    if out is None:
+        dim = int(getattr(model, "embed_dim", 0))
+        return np.zeros((0, dim), dtype=np.float32)
+    return out
+
+
+def _forward_views(model: torch.nn.Module, batch: torch.Tensor, dev: torch.device, precision: str) -> torch.Tensor:
+    """(B, V, 3, H, W) -> (B, D): forward each view, normalise, average, renormalise (fp32)."""
+    total = None
+    for v in range(batch.shape[1]):
+        x = batch[:, v].to(dev, non_blocking=True)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(dev, precision):
+            f = model(x)
+        f = F.normalize(f.float(), dim=1)
+        total = f if total is None else total + f
+    assert total is not None, "at least one view is required"
+    return F.normalize(total, dim=1)
+
+
+def _bar(enabled: bool) -> Progress:
+    """A rich progress bar (images done / total, ETA); silent when disabled."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("img"), TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+def _load_cached(path: Path, n: int) -> np.ndarray | None:
+    """Cached features, or None when the file is unreadable or has the wrong row count (then recompute)."""
+    try:
+        feats = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if feats.ndim != 2 or feats.shape[0] != n or feats.dtype != np.float32:
+        return None
+    return feats
+
+
+def _save_atomic(path: Path, feats: np.ndarray) -> None:
+    """Write `feats` to `path` through a temp file + rename; a read-only data dir just skips caching."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, feats, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
