@@ -101,3 +101,68 @@ def test_render_pair_writes_a_png_atomically(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["pair.png"]
     with pytest.raises(SubmitError, match="does not exist"):
         render_pair([("q.jpg", rgb, heat)], 0.5, tmp_path / "nope" / "pair.png")
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    """Two synthetic crops of one player (and a file that is not an image)."""
+    from submit.synthetic import _players, render
+
+    root = tmp_path_factory.mktemp("crops")
+    rng = np.random.default_rng(0)
+    player = _players(1, rng)[0]
+    paths = []
+    for name in ("q.jpeg", "g.jpeg"):
+        render(player, rng).save(root / name)
+        paths.append(str(root / name))
+    (root / "bad.jpeg").write_bytes(b"\xff\xd8 truncated")
+    return root, paths
+
+
+def _run_dir(root) -> str:
+    """A training run dir holding an untrained tiny timm CNN as its best checkpoint."""
+    from submit import config, training
+    from submit.backbones import build_embedder
+    from submit.recipe import BackboneSpec, Recipe
+
+    recipe = Recipe(name="tiny", backbone=BackboneSpec(name="timm:resnet10t", image_size=(64, 32)))
+    run = root / "run"
+    run.mkdir(exist_ok=True)
+    state = build_embedder(recipe.backbone).state_dict()
+    training.save_atomic({"format": training.FORMAT, "kind": "best", "recipe": config.to_mapping(recipe),
+                          "model": state}, run / "best.pt")
+    return str(run)
+
+
+def test_cli_explain_with_an_untrained_backbone_and_with_a_run(crops) -> None:
+    from click.testing import CliRunner
+
+    from submit.cli import main
+
+    root, (q, g) = crops
+    out = root / "pair.png"
+    res = CliRunner().invoke(main, ["explain", q, g, "--model", "open_clip:reident-tiny-vit", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    out2 = root / "pair_run.png"
+    res = CliRunner().invoke(main, ["explain", q, g, "--run", _run_dir(root), "--max-maps", "64",
+                                    "--out", str(out2)])
+    assert res.exit_code == 0, res.output
+    assert out2.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_explain_errors_are_one_line(crops) -> None:
+    from click.testing import CliRunner
+
+    from submit.cli import main
+
+    root, (q, _) = crops
+    bad = str(root / "bad.jpeg")
+    res = CliRunner().invoke(main, ["explain", q, bad, "--model", "open_clip:reident-tiny-vit",
+                                    "--out", str(root / "x.png")])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: cannot decode image")
+    res = CliRunner().invoke(main, ["explain", q, q, "--out", str(root / "x.png")])
+    assert res.exit_code == 2 and "exactly one of --run RUN_DIR or --model NAME" in res.output
+    assert not (root / "x.png").exists()
