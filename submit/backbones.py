@@ -14,6 +14,7 @@ local Hugging Face cache; the hub is only contacted when it is reachable and HF_
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -105,11 +106,12 @@ def build_embedder(spec: BackboneSpec, load_weights: bool = True) -> Embedder:
 
 
 def load_clip(name: str, pretrained: str | None) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
-    """The FULL open_clip model (image + text towers, eval mode) and its tokenizer."""
+    """The FULL open_clip model (image + text towers, eval mode) and its tokenizer; the image tower's
+    `preprocess_cfg` carries the weights' own mean/std."""
     import open_clip
 
-    arch = _open_clip_arch(name.removeprefix(OPEN_CLIP))
-    model, _ = _build_open_clip(arch, pretrained, image_size=None)
+    arch, preprocess = _open_clip_arch(name.removeprefix(OPEN_CLIP))
+    model = _build_open_clip(arch, pretrained, image_size=None, preprocess=preprocess)
     try:
         tokenizer = open_clip.get_tokenizer(arch)
     except Exception as exc:  # noqa: BLE001 - tokenizers may need a download; report it on one line
@@ -120,50 +122,70 @@ def load_clip(name: str, pretrained: str | None) -> tuple[nn.Module, Callable[..
 # ---------------------------------------------------------------- open_clip
 
 
-def _open_clip_arch(name: str) -> str:
-    """Validate an open_clip architecture name (`ViT-L/14` is accepted as `ViT-L-14`)."""
+def _open_clip_arch(name: str) -> tuple[str, dict]:
+    """(registered architecture name, preprocessing overrides) for an open_clip model name.
+
+    Built-in names are checked (`ViT-L/14` is accepted as `ViT-L-14`); `hf-hub:<org>/<repo>` reads the
+    repo's `open_clip_config.json` from the HF cache and registers it locally, so nothing refetches it."""
     import open_clip
+    from open_clip import factory
 
     register_tiny_models()
+    if name.startswith(HF_HUB):
+        repo = name[len(HF_HUB):]
+        path = _hub_file(repo, ("open_clip_config.json",), what=f"open_clip config of {name}")
+        try:
+            config = json.loads(path.read_text())
+        except ValueError:
+            config = None
+        model_cfg = config.get("model_cfg", config) if isinstance(config, dict) else None
+        if not isinstance(model_cfg, dict) or not {"vision_cfg", "text_cfg"} <= set(model_cfg):
+            raise SubmitError(f"{path}: not an open_clip model config (needs model_cfg.vision_cfg and text_cfg)")
+        arch = "hub--" + repo.replace("/", "--")
+        factory._MODEL_CONFIGS[arch] = model_cfg
+        return arch, dict(config.get("preprocess_cfg", {}))
     arch = name.replace("/", "-")
     if arch not in open_clip.list_models():
         raise SubmitError(f"backbone.name 'open_clip:{name}': unknown open_clip model (see open_clip.list_models())")
-    return arch
+    return arch, {}
 
 
 def _open_clip_embedder(spec: BackboneSpec, name: str, pretrained: str | None) -> Embedder:
-    arch = _open_clip_arch(name)
-    clip, tag_cfg = _build_open_clip(arch, pretrained, image_size=spec.image_size)
+    arch, preprocess = _open_clip_arch(name)
+    clip = _build_open_clip(arch, pretrained, image_size=spec.image_size, preprocess=preprocess)
     logit_scale = float(clip.logit_scale.detach().exp().item())
     visual = clip.visual
     del clip  # the text tower is not part of the embedder
+    if getattr(visual, "output_tokens", False):
+        visual.output_tokens = False  # CoCa towers also return their tokens; the embedder wants one vector
     if spec.embedding == "token":
         embed_dim = _drop_projection(visual, arch)
     else:
         embed_dim = int(getattr(visual, "output_dim", 0)) or _probe_dim(visual, visual.image_size)
-    pp = getattr(visual, "preprocess_cfg", {}) or {}
     return Embedder(
         visual,
         name=spec.name,
         input_size=spec.image_size or _pair(visual.image_size),
-        mean=spec.mean or tuple(tag_cfg.get("mean") or pp["mean"]),
-        std=spec.std or tuple(tag_cfg.get("std") or pp["std"]),
+        mean=spec.mean or tuple(visual.preprocess_cfg["mean"]),
+        std=spec.std or tuple(visual.preprocess_cfg["std"]),
         embed_dim=embed_dim,
         logit_scale_init=logit_scale,
     )
 
 
-def _build_open_clip(arch: str, pretrained: str | None, image_size: tuple[int, int] | None) -> tuple[nn.Module, dict]:
-    """Resolve weights first (fails fast), then build the full CLIP model and load them."""
+def _build_open_clip(arch: str, pretrained: str | None, image_size: tuple[int, int] | None, preprocess: dict) -> nn.Module:
+    """Resolve weights first (fails fast), then build the full CLIP model and load them. The weights'
+    mean/std (a tag's config, else the hub config's) end up in `model.visual.preprocess_cfg`."""
     import open_clip
 
     path, tag_cfg = _resolve_open_clip_weights(arch, pretrained)
+    force_pp = {k: v for k, v in {**preprocess, **tag_cfg}.items() if k in ("mean", "std", "interpolation", "resize_mode")}
     force_size = tuple(image_size) if image_size else None
     with _quiet_random_init_warning():  # weights are loaded below, not by open_clip
-        model = open_clip.create_model(arch, pretrained=None, force_image_size=force_size)
+        model = open_clip.create_model(arch, pretrained=None, force_image_size=force_size, force_preprocess_cfg=force_pp)
     if path is not None:
         _load_open_clip_state(model, read_state_dict(path), path, arch)
-    return model, tag_cfg
+    return model
 
 
 def _load_open_clip_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
@@ -187,14 +209,18 @@ def _load_open_clip_state(model: nn.Module, state: dict[str, torch.Tensor], path
 
 
 def _drop_projection(visual: nn.Module, arch: str) -> int:
-    """Expose the pre-projection token: open_clip's own `prune_head` sets `proj` to None."""
-    if hasattr(visual, "proj") and isinstance(getattr(visual, "proj"), nn.Parameter):
+    """Expose the pre-projection token: open_clip's own `prune_head` sets a ViT's `proj` to None; a timm
+    trunk inside open_clip loses its projection head (or its classifier used as projection)."""
+    if isinstance(getattr(visual, "proj", None), nn.Parameter):
         visual.proj = None
         return int(visual.ln_post.normalized_shape[0])
-    head = getattr(visual, "head", None)
-    if isinstance(head, nn.Sequential) and hasattr(visual, "trunk"):  # timm trunk inside open_clip
-        visual.head = nn.Identity()
-        return _probe_dim(visual, visual.image_size)
+    trunk, head = getattr(visual, "trunk", None), getattr(visual, "head", None)
+    if trunk is not None and isinstance(head, nn.Sequential) and "pool" not in head._modules:
+        if len(head):
+            visual.head = nn.Sequential()
+        else:
+            trunk.reset_classifier(0)
+        return int(getattr(trunk, "head_hidden_size", None) or trunk.num_features)
     raise SubmitError(f"backbone 'open_clip:{arch}': embedding 'token' needs a ViT image tower; use 'projected'")
 
 

@@ -158,12 +158,8 @@ def test_offline_tag_fails_fast_with_local_file_hint(offline):
 
 def test_cached_hub_file_is_used_offline(offline):
     """A checkpoint in the HF cache layout is found without the network."""
-    snapshot = offline / "models--org--tiny" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    (offline / "models--org--tiny" / "refs").mkdir()
-    (offline / "models--org--tiny" / "refs" / "main").write_text("abc123")
     source = timm.create_model("resnet10t", pretrained=False, num_classes=0)
-    torch.save(source.state_dict(), snapshot / "pytorch_model.bin")
+    _cache_repo(offline, "org/tiny", {"pytorch_model.bin": source.state_dict()})
     e = build_embedder(BackboneSpec("timm:resnet10t", pretrained="hf-hub:org/tiny", image_size=(32, 32)))
     assert torch.equal(e.model.conv1[0].weight, source.conv1[0].weight)
 
@@ -189,3 +185,52 @@ def test_read_state_dict_rejects_non_state_dicts(tmp_path: Path):
     torch.save([1, 2, 3], path)
     with pytest.raises(SubmitError, match="expected a state dict of tensors"):
         read_state_dict(path)
+
+
+def _cache_repo(hub: Path, repo: str, files: dict[str, object]) -> None:
+    """Write files into the Hugging Face cache layout (refs/main -> snapshots/<rev>/<file>)."""
+    root = hub / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / "rev0"
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("rev0")
+    for name, content in files.items():
+        if isinstance(content, str):
+            (snapshot / name).write_text(content)
+        else:
+            torch.save(content, snapshot / name)
+
+
+def test_open_clip_hub_model_name_reads_cached_config(offline):
+    import json
+
+    from submit.backbones import TINY_VIT_CONFIG
+
+    source = open_clip.create_model(TINY_VIT)
+    config = {"model_cfg": TINY_VIT_CONFIG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+    _cache_repo(offline, "org/tiny-clip", {"open_clip_config.json": json.dumps(config),
+                                           "open_clip_pytorch_model.bin": source.state_dict()})
+    e = build_embedder(BackboneSpec("open_clip:hf-hub:org/tiny-clip", pretrained="hf-hub:org/tiny-clip"))
+    assert e.mean == (0.5, 0.5, 0.5) and e.embed_dim == 32
+    assert torch.equal(e.model.conv1.weight, source.visual.conv1.weight)
+    clip, _ = load_clip("hf-hub:org/tiny-clip", None)
+    assert tuple(clip.visual.preprocess_cfg["std"]) == (0.5, 0.5, 0.5)
+    _cache_repo(offline, "org/broken", {"open_clip_config.json": "{not json"})
+    with pytest.raises(SubmitError, match="not an open_clip model config"):
+        build_embedder(BackboneSpec("open_clip:hf-hub:org/broken"))
+
+
+def test_timm_tower_inside_open_clip_token_drops_projection(monkeypatch):
+    from open_clip import factory
+
+    from submit.backbones import TINY_VIT_CONFIG
+
+    cfg = {"embed_dim": 32, "text_cfg": TINY_VIT_CONFIG["text_cfg"],
+           "vision_cfg": {"timm_model_name": "resnet10t", "timm_model_pretrained": False, "timm_pool": "avg",
+                          "timm_proj": "linear", "image_size": 32}}
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "reident-test-timm-tower", cfg)
+    projected = build_embedder(BackboneSpec("open_clip:reident-test-timm-tower"))
+    token = build_embedder(BackboneSpec("open_clip:reident-test-timm-tower", embedding="token"))
+    assert projected(_batch(projected)).shape == (2, 32) and projected.embed_dim == 32
+    assert token(_batch(token)).shape == (2, 512) and token.embed_dim == 512
+    assert token.feature_maps(_batch(token)).shape == (2, 512, 1, 1)
