@@ -5,9 +5,10 @@ are averaged and renormalised. Images are decoded by DataLoader workers one batc
 is bounded by the batch plus the (N, D) output. On CUDA the forward runs under AMP in channels_last.
 
 Features are cached in `DATA_DIR/.cache/features/<key>.npy`, written atomically. The key hashes the
-caller's model identity (e.g. `checkpoint_identity` of the weights file + the backbone spec), the TTA
-spec, the manifest rows' fingerprint and the model's input size and normalisation, so a changed
-manifest, checkpoint or TTA setting misses the cache instead of returning stale features.
+caller's model identity (`checkpoint_identity`: the weights file's content hash + the backbone spec,
+which fixes the architecture, image size and normalisation), the TTA views and the manifest rows'
+fingerprint, so a changed manifest, checkpoint or TTA setting misses the cache instead of returning
+stale features. The weights are hashed, not dated: a copied run dir still hits its cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -74,17 +75,14 @@ def checkpoint_identity(checkpoint: str | Path, extra: object = None) -> str:
     return f"ckpt:{file_hash(checkpoint)}:{json.dumps(config.to_mapping(extra), sort_keys=True, default=str)}"
 
 
-def cache_key(identity: str, tta: TTASpec, rows: pd.DataFrame, model: torch.nn.Module) -> str:
-    """The feature-cache key: model identity, TTA views, manifest rows and input geometry/normalisation."""
-    parts = {
-        "version": CACHE_VERSION,
-        "identity": identity,
-        "views": tta_views(tta),
-        "rows": fingerprint(rows),
-        "size": list(model.input_size),
-        "mean": [float(v) for v in model.mean],
-        "std": [float(v) for v in model.std],
-    }
+def cache_key(identity: str, tta: TTASpec, rows: pd.DataFrame, model: torch.nn.Module | None = None) -> str:
+    """The feature-cache key: model identity, TTA views, manifest rows (and the model's input geometry if given)."""
+    parts: dict[str, object] = {"version": CACHE_VERSION, "identity": identity, "views": tta_views(tta),
+                                "rows": fingerprint(rows)}
+    if model is not None:
+        parts["size"] = list(model.input_size)
+        parts["mean"] = [float(v) for v in model.mean]
+        parts["std"] = [float(v) for v in model.std]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -93,20 +91,24 @@ def cache_path(data_dir: str | Path, key: str) -> Path:
     return Path(data_dir) / ".cache" / "features" / f"{key}.npy"
 
 
-def embed(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame, tta: TTASpec,
-          device: str | torch.device | None = None, workers: int = 2, identity: str | None = None,
+def embed(model: torch.nn.Module | Callable[[], torch.nn.Module], data_dir: str | Path, rows: pd.DataFrame,
+          tta: TTASpec, device: str | torch.device | None = None, workers: int = 2, identity: str | None = None,
           precision: str = "auto", progress: bool = True, label: str = "embedding") -> np.ndarray:
     """Embed manifest `rows` (paths relative to `data_dir`) with TTA; (N, D) float32, unit rows.
 
-    With `identity` (a string naming the weights, see `checkpoint_identity`) the result is cached under
-    `DATA_DIR/.cache/features/` and reused by later calls with the same key; without it nothing is cached.
+    With `identity` the result is cached under `DATA_DIR/.cache/features/` and reused by later calls with
+    the same key; without it nothing is cached. The identity must pin the weights AND the backbone spec
+    (architecture, image size, normalisation): `checkpoint_identity(path, recipe.backbone)` does. `model`
+    may be a zero-argument loader, called only on a cache miss (a hit then loads no weights at all).
     """
-    path = cache_path(data_dir, cache_key(identity, tta, rows, model)) if identity else None
+    module = model if isinstance(model, torch.nn.Module) else None
+    path = cache_path(data_dir, cache_key(identity, tta, rows, module)) if identity else None
     if path is not None and path.is_file():
         feats = _load_cached(path, len(rows))
         if feats is not None:
             return feats
-    feats = embed_views(model, data_dir, rows, tta_views(tta), tta.batch_size, device, workers,
+    module = module if module is not None else model()  # type: ignore[operator]
+    feats = embed_views(module, data_dir, rows, tta_views(tta), tta.batch_size, device, workers,
                         precision, progress, label)
     if path is not None:
         _save_atomic(path, feats)

@@ -169,3 +169,19 @@ def test_corrupt_cache_file_is_recomputed(model, data) -> None:
     path.write_bytes(b"not an npy file")
     assert np.array_equal(_embed(model, root, rows, tta, identity=ident), good)
     assert np.array_equal(np.load(path), good)
+
+
+def test_lazy_loader_is_not_called_on_a_cache_hit(model, data) -> None:
+    root, rows = data
+    ckpt = root / "best.pt"
+    ckpt.write_bytes(b"w")
+    ident = embedding.checkpoint_identity(ckpt, BackboneSpec("open_clip:reident-tiny-vit", image_size=(32, 32)))
+    tta = TTASpec(hflip=False, batch_size=8)
+    loads = []
+    first = _embed(lambda: loads.append(1) or model, root, rows, tta, identity=ident)
+    assert loads == [1]
+
+    def refuse() -> torch.nn.Module:
+        raise AssertionError("the model was loaded despite a cached result")
+
+    assert np.array_equal(_embed(refuse, root, rows, tta, identity=ident), first)
