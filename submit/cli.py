@@ -143,3 +143,30 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
     path = explain_pair(query, gallery, out, run_dir=run_dir, checkpoint=checkpoint, model=model,
                         pretrained=pretrained, batch_size=batch_size, max_maps=max_maps, device=device)
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=str))
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Prepared DATA_DIR.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Run dir to write.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (same recipe).")
+@click.option("--epochs", type=int, default=None, help="Override train.epochs.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps in total.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set train.lr=1e-4 (repeatable; validated like the YAML).")
+def train(recipe: str, data_dir: str, out_dir: str, resume: bool, epochs: int | None, max_steps: int | None,
+          device: str | None, overrides: tuple[str, ...]) -> None:
+    """Fine-tune a RECIPE (models/*.yaml) on DATA_DIR; under torchrun, trains with DDP on every process."""
+    from submit import training
+    from submit.recipe import load_recipe
+
+    extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
+    spec = training.apply_overrides(load_recipe(recipe), extra, where=f"{recipe} (--set/--epochs)")
+    result = training.train(spec, data_dir, out_dir, resume=resume, device=device, max_steps=max_steps)
+    if not result["main"]:  # under torchrun only rank 0 reports
+        return
+    best = result["best"]
+    score = f"best mAP {best['mAP']:.4f} rank-1 {best['rank1']:.4f} (epoch {best['epoch']})" if best else \
+        result["validation"]
+    click.echo(f"trained {result['steps']} steps in {result['seconds']:.0f}s -> {result['run_dir']}; {score}")

@@ -63,6 +63,8 @@ class TrainSpec:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     grad_clip: float | None = None
     ema_decay: float | None = None
+    max_logit_scale: float | None = None  # optional cap on the learnable temperature (None: not clamped)
+    checkpoint_every: int = 500  # optimizer steps between resumable checkpoints (0: only at epoch ends)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 
 
