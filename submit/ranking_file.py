@@ -1,0 +1,196 @@
+"""The challenge's ranking file: a CSV distance matrix (lower = more similar), written and validated.
+
+Layout ((Q+1) x (G+1)): first line `0,<gallery ids>`, then one line per query `<query id>,<G distances>`;
+queries and gallery in ascending id order. Ids are integers and may repeat: the official toolkit
+writes the pid as the id of every test image, so several test gallery columns share an id (a stable
+sort keeps their given order).
+
+Distances are written as `%.5f`, without the official writer's padding to 10 characters (`%10.5f`):
+both parse to the same numbers (leading spaces are ignored by float parsers), the unpadded file is
+smaller, and its fields are plain numbers for strict CSV readers. The reader accepts both.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from submit.errors import SubmitError
+
+_INT = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def write_ranking(path: str | Path, dist: np.ndarray, query_ids: Sequence[int] | np.ndarray,
+                  gallery_ids: Sequence[int] | np.ndarray) -> Path:
+    """Write a (Q, G) distance matrix as a ranking file, rows/columns sorted by id (stable); atomic."""
+    path = Path(path)
+    d = np.asarray(dist, dtype=np.float64)
+    q = _int_ids(query_ids, "query", path)
+    g = _int_ids(gallery_ids, "gallery", path)
+    if d.ndim != 2 or d.shape != (q.size, g.size) or d.size == 0:
+        raise SubmitError(f"{path}: distance matrix has shape {d.shape}; expected ({q.size}, {g.size}) "
+                          f"for {q.size} query and {g.size} gallery ids (both non-empty)")
+    bad = ~np.isfinite(d)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise SubmitError(f"{path}: distance {d[r, c]} for query id {q[r]} (row {r}), gallery column {c} "
+                          f"is not finite; refusing to write")
+    q_order = np.argsort(q, kind="stable")
+    g_order = np.argsort(g, kind="stable")
+    d = d[q_order][:, g_order]
+    row_fmt = ",".join(["%.5f"] * g.size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same dir: os.replace is atomic
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write("0," + ",".join(str(i) for i in g[g_order]) + "\n")
+            for qid, row in zip(q[q_order].tolist(), d):
+                f.write(f"{qid}," + row_fmt % tuple(row.tolist()) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_ranking(path: str | Path, expect_queries: Iterable[int] | None = None,
+                 expect_gallery: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate and read a ranking file -> (dist (Q, G) float64, query_ids, gallery_ids).
+
+    Checks the header (`0` then integer gallery ids), that every line has the header's length, integer
+    query ids, ascending ids, finite numbers, and (optionally) the id multisets expected from a manifest.
+    Each failure is a one-line SubmitError naming the file, line and column.
+    """
+    path = Path(path)
+    lines = _lines(path)
+    header = lines[0].split(",")
+    if not _INT.fullmatch(header[0]) or int(header[0]) != 0:
+        raise SubmitError(f"{path}: line 1, column 1 is {header[0]!r}; the header must start with 0")
+    if len(header) < 2:
+        raise SubmitError(f"{path}: line 1 has no gallery ids; expected '0,<gallery ids>'")
+    gallery_ids = np.array([_int_field(path, 1, k + 1, v, "gallery id") for k, v in enumerate(header)][1:])
+    if len(lines) < 2:
+        raise SubmitError(f"{path}: no query lines after the header")
+    query_ids = np.array([_query_id(path, n, line, len(header)) for n, line in enumerate(lines[1:], start=2)])
+    _check_ascending(path, gallery_ids, "gallery", lambda k: f"line 1, column {k + 2}")
+    _check_ascending(path, query_ids, "query", lambda k: f"line {k + 2}, column 1")
+    dist = _values(path, lines)
+    for kind, found, expected in (("query", query_ids, expect_queries), ("gallery", gallery_ids, expect_gallery)):
+        if expected is not None:
+            problem = id_mismatch(kind, found, expected)
+            if problem:
+                raise SubmitError(f"{path}: {problem}")
+    return dist, query_ids, gallery_ids
+
+
+def id_mismatch(kind: str, found: Iterable[int], expected: Iterable[int]) -> str | None:
+    """Describe how two id multisets differ ("3 missing (e.g. 17), 1 unexpected (e.g. 99)"), or None."""
+    have, want = Counter(int(i) for i in found), Counter(int(i) for i in expected)
+    if have == want:
+        return None
+    missing, extra = want - have, have - want
+    parts = []
+    if missing:
+        parts.append(f"{sum(missing.values())} missing (e.g. {_examples(missing)})")
+    if extra:
+        parts.append(f"{sum(extra.values())} not expected (e.g. {_examples(extra)})")
+    return (f"{kind} ids differ from the manifest's ({sum(have.values())} in the file, "
+            f"{sum(want.values())} expected): " + ", ".join(parts))
+
+
+def _examples(ids: Counter) -> str:
+    return ", ".join(str(i) for i in sorted(ids)[:3])
+
+
+def _int_ids(ids: Sequence[int] | np.ndarray, kind: str, path: Path) -> np.ndarray:
+    """Ids as int64; refuse non-integers (a float id would print wrongly)."""
+    a = np.asarray(ids).reshape(-1)
+    if a.dtype.kind in "iu":
+        return a.astype(np.int64)
+    try:
+        f = a.astype(np.float64)
+    except (TypeError, ValueError):
+        raise SubmitError(f"{path}: {kind} ids must be integers, got {a.dtype}") from None
+    bad = ~np.isfinite(f) | (f != np.round(f))
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise SubmitError(f"{path}: {kind} id {a.tolist()[k]!r} at position {k} is not an integer")
+    return f.astype(np.int64)
+
+
+def _lines(path: Path) -> list[str]:
+    """Non-empty text lines (a trailing newline is fine); unreadable or empty files are errors."""
+    if not path.is_file():
+        raise SubmitError(f"{path}: no such ranking file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SubmitError(f"{path}: not a text CSV file (not UTF-8)") from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise SubmitError(f"{path}: empty file; expected a header line '0,<gallery ids>'")
+    return lines
+
+
+def _int_field(path: Path, line: int, col: int, text: str, what: str) -> int:
+    if not _INT.fullmatch(text):
+        raise SubmitError(f"{path}: line {line}, column {col}: {what} {text!r} is not an integer")
+    return int(text)
+
+
+def _query_id(path: Path, n: int, line: str, width: int) -> int:
+    """Check a query line's field count and return its integer id."""
+    fields = line.count(",") + 1
+    if fields != width:
+        raise SubmitError(f"{path}: line {n} has {fields} fields; expected {width} like the header "
+                          f"(query id + {width - 1} distances)")
+    return _int_field(path, n, 1, line[:line.index(",")], "query id")
+
+
+def _check_ascending(path: Path, ids: np.ndarray, kind: str, where) -> None:
+    drops = np.flatnonzero(np.diff(ids) < 0)
+    if drops.size:
+        k = int(drops[0]) + 1
+        raise SubmitError(f"{path}: {where(k)}: {kind} id {ids[k]} comes after {ids[k - 1]}; "
+                          f"{kind} ids must be in ascending order")
+
+
+def _values(path: Path, lines: list[str]) -> np.ndarray:
+    """The distance block as float64 (fast C parser); on failure, find and name the bad cell."""
+    try:
+        frame = pd.read_csv(io.StringIO("\n".join(lines[1:])), header=None, dtype=np.float64,
+                            skip_blank_lines=False, low_memory=False)
+        dist = frame.to_numpy()[:, 1:]
+    except (ValueError, pd.errors.ParserError):
+        raise SubmitError(_first_bad_cell(path, lines, lambda s: not _is_float(s), "is not a number")) from None
+    bad = ~np.isfinite(dist)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        text = lines[r + 1].split(",")[c + 1]
+        raise SubmitError(f"{path}: line {r + 2}, column {c + 2}: distance {text.strip()!r} is not a finite number")
+    return np.ascontiguousarray(dist)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _first_bad_cell(path: Path, lines: list[str], bad, what: str) -> str:
+    for n, line in enumerate(lines[1:], start=2):
+        for k, field in enumerate(line.split(",")[1:], start=2):
+            if bad(field):
+                return f"{path}: line {n}, column {k}: distance {field!r} {what}"
+    return f"{path}: distances could not be parsed as numbers"
