@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import socket
+import warnings
+import zipfile
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -82,9 +84,15 @@ class Embedder(nn.Module):
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) maps of the last stage: CNN features or ViT patch tokens on their grid."""
-        out = self.model.forward_intermediates(x, indices=1, intermediates_only=True)
-        maps = out["image_intermediates"] if isinstance(out, dict) else out
-        return maps[-1]
+        if hasattr(self.model, "forward_intermediates"):
+            out = self.model.forward_intermediates(x, indices=1, intermediates_only=True)
+            return (out["image_intermediates"] if isinstance(out, dict) else out)[-1]
+        feats = self.model.forward_features(x)  # older timm families: (B, C, h, w) or (B, N, C) tokens
+        if feats.ndim == 4:
+            return feats
+        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        h, w = _grid(self.model, x)
+        return feats[:, prefix:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory during training (both libraries implement it per block)."""
@@ -152,13 +160,14 @@ def _open_clip_arch(name: str) -> tuple[str, dict]:
 
 def _open_clip_embedder(spec: BackboneSpec, name: str, pretrained: str | None) -> Embedder:
     arch, preprocess = _open_clip_arch(name)
-    clip = _build_open_clip(arch, pretrained, image_size=spec.image_size, preprocess=preprocess)
+    token = spec.embedding == "token"
+    clip = _build_open_clip(arch, pretrained, image_size=spec.image_size, preprocess=preprocess, token=token)
     logit_scale = float(clip.logit_scale.detach().exp().item())
     visual = clip.visual
     del clip  # the text tower is not part of the embedder
     if getattr(visual, "output_tokens", False):
         visual.output_tokens = False  # CoCa towers also return their tokens; the embedder wants one vector
-    if spec.embedding == "token":
+    if token:
         embed_dim = _drop_projection(visual, arch)
     else:
         embed_dim = int(getattr(visual, "output_dim", 0)) or _probe_dim(visual, visual.image_size)
@@ -173,23 +182,30 @@ def _open_clip_embedder(spec: BackboneSpec, name: str, pretrained: str | None) -
     )
 
 
-def _build_open_clip(arch: str, pretrained: str | None, image_size: tuple[int, int] | None, preprocess: dict) -> nn.Module:
+def _build_open_clip(
+    arch: str, pretrained: str | None, image_size: tuple[int, int] | None, preprocess: dict, token: bool = False
+) -> nn.Module:
     """Resolve weights first (fails fast), then build the full CLIP model and load them. The weights'
-    mean/std (a tag's config, else the hub config's) end up in `model.visual.preprocess_cfg`."""
+    mean/std (a tag's config, else the hub config's) end up in `model.visual.preprocess_cfg`; tags
+    trained with QuickGELU (OpenAI's) get it. `token`: a checkpoint may lack the image projection."""
     import open_clip
 
     path, tag_cfg = _resolve_open_clip_weights(arch, pretrained)
     force_pp = {k: v for k, v in {**preprocess, **tag_cfg}.items() if k in ("mean", "std", "interpolation", "resize_mode")}
     force_size = tuple(image_size) if image_size else None
     with _quiet_random_init_warning():  # weights are loaded below, not by open_clip
-        model = open_clip.create_model(arch, pretrained=None, force_image_size=force_size, force_preprocess_cfg=force_pp)
+        model = open_clip.create_model(arch, pretrained=None, force_image_size=force_size,
+                                       force_preprocess_cfg=force_pp, force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
     if path is not None:
-        _load_open_clip_state(model, read_state_dict(path), path, arch)
+        _load_open_clip_state(model, read_state_dict(path), path, arch, token)
     return model
 
 
-def _load_open_clip_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
-    """Load a full CLIP state dict, or an image-tower-only one, with positional-embedding resizing."""
+def _load_open_clip_state(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str, token: bool = False
+) -> None:
+    """Load a full CLIP state dict, or an image-tower-only one (e.g. a fine-tuned embedder; without its
+    projection when it was trained on the token embedding), with positional-embedding resizing."""
     from open_clip.convert import convert_state_dict
     from open_clip.model import resize_pos_embed
 
@@ -198,6 +214,11 @@ def _load_open_clip_state(model: nn.Module, state: dict[str, torch.Tensor], path
     if not any(k.startswith("visual.") for k in state) and visual_keys & set(state):
         state = {f"visual.{k}": v for k, v in state.items()}  # an image-tower-only checkpoint
         skip = tuple(k for k in model.state_dict() if not k.startswith("visual."))
+        if token:  # the projection (ViT `proj`, timm-trunk head/classifier) may be absent
+            trunk = getattr(model.visual, "trunk", None)
+            classifier = trunk.pretrained_cfg.get("classifier", "head") if trunk is not None else "head"
+            heads = ("visual.proj", "visual.head.", f"visual.trunk.{classifier}.")
+            skip += tuple(k for k in model.state_dict() if k.startswith(heads))
     else:
         skip = ()
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
@@ -328,16 +349,24 @@ _TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def _tag_file(arch: str, tag: str, cfg: dict) -> Path:
-    """The cached (or, when online, downloaded) file of an open_clip pretrained tag."""
+    """The file of an open_clip pretrained tag: the HF cache, then OpenAI/open_clip's URL cache
+    (~/.cache/clip), then a download when the host is reachable."""
+    what = f"open_clip {arch} '{tag}' weights"
     if cfg.get("file"):
         return _local_file(cfg["file"])
+    url_cache = Path("~/.cache/clip").expanduser()
+    url_target = url_cache / os.path.basename(urlparse(cfg["url"]).path) if cfg.get("url") else None
     if cfg.get("hf_hub"):
         repo, filename = os.path.split(cfg["hf_hub"])  # "org/repo/" (default file) or "org/repo/file"
-        files = (filename,) if filename else _OPEN_CLIP_FILES
-        if filename.endswith((".bin", ".pth")):
-            files = (filename[:-4] + ".safetensors", filename)
-        return _hub_file(repo, files, what=f"open_clip {arch} '{tag}' weights")
-    return _url_file(cfg["url"], Path("~/.cache/clip").expanduser(), f"open_clip {arch} '{tag}' weights")
+        files = (filename[:-4] + ".safetensors", filename) if filename.endswith((".bin", ".pth")) else (
+            (filename,) if filename else _OPEN_CLIP_FILES)
+        hit = _hub_cached(repo, files)
+        if hit is not None:
+            return hit
+        if url_target is not None and url_target.is_file():
+            return url_target
+        return _hub_file(repo, files, what=what)
+    return _url_file(cfg["url"], url_cache, what)
 
 
 def hf_cache_dir() -> Path:
@@ -355,31 +384,42 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _hub_cached(repo: str, filenames: tuple[str, ...]) -> Path | None:
+    """The first of `filenames` of hub repo `repo` present in the local HF cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        if _loadable(filename):
+            hit = try_to_load_from_cache(repo, filename, cache_dir=hf_cache_dir())
+            if isinstance(hit, str):
+                return Path(hit)
+    return None
+
+
 def _hub_file(repo: str, filenames: tuple[str, ...], what: str | None = None) -> Path:
     """First of `filenames` in hub repo `repo`: from the local cache, else downloaded if reachable."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
 
     if repo.count("/") > 1:  # hf-hub:<org>/<repo>/<file>
         repo, filename = repo.rsplit("/", 1)
         filenames = (filename,)
-    filenames = tuple(f for f in filenames if _loadable(f)) or filenames
     what = what or f"hf-hub:{repo}"
+    hit = _hub_cached(repo, filenames)
+    if hit is not None:
+        return hit
     cache = hf_cache_dir()
-    for filename in filenames:
-        hit = try_to_load_from_cache(repo, filename, cache_dir=cache)
-        if isinstance(hit, str):
-            return Path(hit)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if not hub_offline() and _reachable(endpoint):
-        for filename in filenames:
+        for filename in filter(_loadable, filenames):
             try:
                 return Path(hf_hub_download(repo, filename, cache_dir=cache))
             except Exception:  # noqa: BLE001 - try the next file name, report once below
                 continue
-        raise SubmitError(f"{what}: none of {', '.join(filenames)} could be downloaded from {endpoint}/{repo}")
+        raise SubmitError(f"{what}: none of {', '.join(filenames)} could be downloaded from {endpoint}/{repo}; "
+                          f"{LOCAL_FILE_HINT}")
     raise SubmitError(
-        f"{what}: not in the Hugging Face cache ({cache}) and the hub is offline or unreachable; download it on a connected "
-        f"machine (or point HF_HOME at a copied cache), {LOCAL_FILE_HINT}"
+        f"{what}: not in the Hugging Face cache ({cache}) and the hub is offline or unreachable; download it on a "
+        f"connected machine (or point HF_HOME at a copied cache), {LOCAL_FILE_HINT}"
     )
 
 
@@ -437,30 +477,41 @@ def _loadable(filename: str) -> bool:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors: plain state dicts, {'state_dict': ...} / {'model': ...} wrappers,
-    'module.' prefixes (DataParallel/DDP) stripped; loaded with weights_only=True."""
+    """A checkpoint's tensors, loaded with weights_only=True: plain state dicts, {'state_dict': ...},
+    our training checkpoints ({'ema'|'model': Embedder state}), with 'module.' (DDP) and 'model.'
+    (Embedder) prefixes stripped; OpenAI's TorchScript CLIP archives are read with torch.jit.load."""
     path = Path(path)
     if not path.is_file():
         raise SubmitError(f"checkpoint {path}: file not found")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data: Any = load_file(str(path), device="cpu")
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        data = _load_tensors(path)
     except ImportError:
         raise SubmitError(f"checkpoint {path}: reading .safetensors needs the 'safetensors' package") from None
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors become one line
         raise SubmitError(f"checkpoint {path}: cannot be read as a weights-only torch file ({_first_line(exc)})") from None
-    for key in ("state_dict", "model"):
+    for key in ("state_dict", "ema", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
+            break
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise SubmitError(f"checkpoint {path}: expected a state dict of tensors")
-    if all(k.startswith("module.") for k in data):
-        data = {k[len("module."):]: v for k, v in data.items()}
+    for prefix in ("module.", "model."):
+        if all(k.startswith(prefix) for k in data):
+            data = {k[len(prefix):]: v for k, v in data.items()}
     return data
+
+
+def _load_tensors(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        with warnings.catch_warnings():  # torch marks torch.jit as deprecated; OpenAI's original CLIP files need it
+            warnings.simplefilter("ignore", FutureWarning)
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        return {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checked(
@@ -517,6 +568,12 @@ def _probe_dim(module: nn.Module, image_size: Any) -> int:
     dim = int(module(torch.zeros(1, 3, h, w)).shape[-1])
     module.train(was_training)
     return dim
+
+
+def _grid(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Patch grid of a ViT-like timm model for input `x`."""
+    patch = _pair(getattr(getattr(model, "patch_embed", None), "patch_size", 16))
+    return x.shape[-2] // patch[0], x.shape[-1] // patch[1]
 
 
 def _first_line(exc: BaseException) -> str:

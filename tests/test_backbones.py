@@ -234,3 +234,31 @@ def test_timm_tower_inside_open_clip_token_drops_projection(monkeypatch):
     assert projected(_batch(projected)).shape == (2, 32) and projected.embed_dim == 32
     assert token(_batch(token)).shape == (2, 512) and token.embed_dim == 512
     assert token.feature_maps(_batch(token)).shape == (2, 512, 1, 1)
+
+
+def test_fine_tuned_token_embedder_checkpoint_reloads(tmp_path, monkeypatch):
+    """A training-run checkpoint ({'model': Embedder state, ...}) can seed a new run as `pretrained`."""
+    from open_clip import factory
+
+    from submit.backbones import TINY_VIT_CONFIG
+
+    cfg = {"embed_dim": 32, "text_cfg": TINY_VIT_CONFIG["text_cfg"],
+           "vision_cfg": {"timm_model_name": "resnet10t", "timm_model_pretrained": False, "timm_pool": "avg",
+                          "timm_proj": "linear", "image_size": 32}}
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "reident-test-timm-tower", cfg)
+    for name in (TINY, "open_clip:reident-test-timm-tower"):
+        trained = build_embedder(BackboneSpec(name, embedding="token"))
+        path = tmp_path / "best.pt"
+        torch.save({"model": trained.state_dict(), "ema": None, "recipe": {"name": "x"}}, path)
+        again = build_embedder(BackboneSpec(name, embedding="token", pretrained=str(path)))
+        for key, value in trained.state_dict().items():
+            assert torch.equal(again.state_dict()[key], value), (name, key)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning")
+def test_torchscript_checkpoint_is_read(tmp_path):
+    """OpenAI's original CLIP files are TorchScript archives; their tensors are read with torch.jit.load."""
+    linear = torch.nn.Linear(3, 2)
+    torch.jit.save(torch.jit.script(linear), str(tmp_path / "scripted.pt"))
+    state = read_state_dict(tmp_path / "scripted.pt")
+    assert torch.equal(state["weight"], linear.weight) and torch.equal(state["bias"], linear.bias)
