@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from submit import manifest as mf
 from submit.errors import SubmitError
 from submit.metrics import average_precision, evaluate_distances
-from submit.ranking_file import read_ranking
+from submit.ranking_file import id_mismatch, read_ranking
 
 THUMB_HEIGHT = 128
 MARKER = ".reident-report"  # marks a folder as ours, so a rerun may replace it
@@ -53,12 +53,7 @@ class Aligned:
 
 def load_aligned(ranking_csv: str | Path, data_dir: str | Path, split: str = "auto") -> Aligned:
     """Read the ranking file and map its rows/columns to manifest rows (stable sort by image_id)."""
-    dist, q_ids, g_ids = read_ranking(ranking_csv)
-    q_order = np.argsort(np.asarray(q_ids), kind="stable")
-    g_order = np.argsort(np.asarray(g_ids), kind="stable")
-    dist = np.asarray(dist, dtype=np.float64)[q_order][:, g_order]
-    q_ids = np.asarray(q_ids, dtype=np.int64)[q_order]
-    g_ids = np.asarray(g_ids, dtype=np.int64)[g_order]
+    dist, q_ids, g_ids = read_ranking(ranking_csv)  # validated: ids ascending, as manifest.select orders rows
     df = mf.read_manifest(data_dir)
     if split == "auto":
         split = _detect_split(df, q_ids, g_ids, ranking_csv, data_dir)
@@ -77,16 +72,28 @@ def _ids_equal(df: pd.DataFrame, split: str, role: str, ids: np.ndarray) -> bool
 
 def _detect_split(df: pd.DataFrame, q_ids: np.ndarray, g_ids: np.ndarray,
                   ranking_csv: str | Path, data_dir: str | Path) -> str:
-    """The one split whose query and gallery ids are exactly the file's."""
+    """The split whose ids are exactly the file's; else the same-sized split sharing most of its ids."""
     fits = [s for s in ("test", "challenge")
             if _ids_equal(df, s, "query", q_ids) and _ids_equal(df, s, "gallery", g_ids)]
     if len(fits) == 1:
         return fits[0]
     if len(fits) > 1:
         raise SubmitError(f"{ranking_csv}: ids fit both test and challenge splits; pass --split")
+    overlap = {s: _overlap(df, s, q_ids, g_ids) for s in ("test", "challenge")
+               if (_count(df, s, "query"), _count(df, s, "gallery")) == (len(q_ids), len(g_ids))}
+    if overlap and max(overlap.values()) > 0:
+        return max(overlap, key=overlap.get)  # the closest split; the caller names the ids that differ
     sizes = ", ".join(f"{s} {_count(df, s, 'query')}x{_count(df, s, 'gallery')}" for s in ("test", "challenge"))
     raise SubmitError(f"{ranking_csv}: its {len(q_ids)} query x {len(g_ids)} gallery ids match no split of "
                       f"{mf.manifest_path(data_dir)} ({sizes}); wrong --data?")
+
+
+def _overlap(df: pd.DataFrame, split: str, q_ids: np.ndarray, g_ids: np.ndarray) -> int:
+    """How many of the file's ids occur in the split (queries plus gallery)."""
+    def known(role: str) -> np.ndarray:
+        return df.loc[(df["split"] == split) & (df["role"] == role), "image_id"].to_numpy()
+
+    return int(np.isin(q_ids, known("query")).sum() + np.isin(g_ids, known("gallery")).sum())
 
 
 def _count(df: pd.DataFrame, split: str, role: str) -> int:
@@ -94,16 +101,11 @@ def _count(df: pd.DataFrame, split: str, role: str) -> int:
 
 
 def _rows(df: pd.DataFrame, split: str, role: str, ids: np.ndarray, ranking_csv: str | Path) -> pd.DataFrame:
-    """The manifest rows for the file's `role` ids, checked one by one."""
+    """The manifest rows for the file's `role` ids (both ascending, so row k is column/line k)."""
     rows = mf.select(df, split, role)
-    want = rows["image_id"].to_numpy()
-    if len(want) != len(ids):
-        raise SubmitError(f"{ranking_csv}: {len(ids)} {role} ids but the manifest's {split}/{role} has {len(want)}")
-    diff = np.flatnonzero(want != ids)
-    if diff.size:
-        i = int(diff[0])
-        raise SubmitError(f"{ranking_csv}: {role} id {ids[i]} (position {i + 1}) is not in the manifest's "
-                          f"{split}/{role} (expected {want[i]})")
+    problem = id_mismatch(role, ids, rows["image_id"])
+    if problem:
+        raise SubmitError(f"{ranking_csv}: {problem} ({split}/{role})")
     return rows
 
 
