@@ -170,3 +170,27 @@ def train(recipe: str, data_dir: str, out_dir: str, resume: bool, epochs: int | 
     score = f"best mAP {best['mAP']:.4f} rank-1 {best['rank1']:.4f} (epoch {best['epoch']})" if best else \
         result["validation"]
     click.echo(f"trained {result['steps']} steps in {result['seconds']:.0f}s -> {result['run_dir']}; {score}")
+
+
+@main.command()
+@click.argument("ranking", type=click.Path(path_type=str))
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Prepared DATA_DIR.")
+@click.option("--split", type=click.Choice(["test", "challenge"]), default=None,
+              help="Split the file is for [default: decided from the file's ids].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (for scripts).")
+def evaluate(ranking: str, data_dir: str, split: str | None, as_json: bool) -> None:
+    """Validate a RANKING file against DATA_DIR's manifest; score it on the test split (mAP, CMC, mINP)."""
+    import json
+
+    from rich.console import Console
+
+    from submit.evaluation import evaluate_file, print_result, unmatched_warning
+
+    result = evaluate_file(ranking, data_dir, split)
+    warning = unmatched_warning(result)
+    if warning:
+        click.echo(warning, err=True)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        print_result(result, Console(highlight=False, soft_wrap=True))
