@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
@@ -167,9 +169,10 @@ def _forward_views(model: torch.nn.Module, batch: torch.Tensor, dev: torch.devic
 
 
 def _bar(enabled: bool) -> Progress:
-    """A rich progress bar (images done / total, ETA); silent when disabled."""
+    """A rich progress bar on stderr (images done / total, ETA); silent when disabled or not a terminal."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("img"), TimeRemainingColumn(), disable=not enabled, transient=False)
+                    TextColumn("img"), TimeRemainingColumn(), console=Console(stderr=True),
+                    disable=not (enabled and sys.stderr.isatty()))
 
 
 def _load_cached(path: Path, n: int) -> np.ndarray | None:
