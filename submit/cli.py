@@ -173,6 +173,31 @@ def train(recipe: str, data_dir: str, out_dir: str, resume: bool, epochs: int | 
 
 
 @main.command()
+@click.option("--ensemble", "spec", required=True, help="Ensemble spec: a path, or a name in the repo's ensembles/.")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Prepared DATA_DIR.")
+@click.option("--split", type=click.Choice(["test", "challenge"]), default="challenge", show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Ranking file (CSV) to write.")
+@click.option("--runs-dir", default=None, type=click.Path(path_type=str),
+              help="Folder that ${RUNS} in the spec stands for (e.g. the demo's OUT/runs).")
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+def predict(spec: str, data_dir: str, split: str, out: str, runs_dir: str | None, workers: int,
+            device: str | None) -> None:
+    """Write the official ranking file for an ensemble; on the test split, score every stage (an ablation)."""
+    from rich.console import Console
+
+    from submit.predict import predict as run_predict
+    from submit.predict import score_table
+
+    result = run_predict(spec, data_dir, split, out, device=device, runs_dir=runs_dir, workers=workers)
+    console = Console()
+    if result["scores"]:
+        console.print(score_table(result))
+    console.print(f"wrote {result['out']} ({result['shape'][0]} queries x {result['shape'][1]} gallery)",
+                  highlight=False, soft_wrap=True)
+
+
+@main.command()
 @click.argument("ranking", type=click.Path(path_type=str))
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Prepared DATA_DIR.")
 @click.option("--split", type=click.Choice(["test", "challenge"]), default=None,

@@ -8,15 +8,182 @@ Fusion rules (all take member distance matrices (Q, G), lower = closer, and memb
   times its agreement, the mean over the other members of |top-k(m) & top-k(n)| / k (k = `reliability_k`,
   15), normalised over members; a query where no member agrees with another falls back to the spec weights.
 - `mean+reliability`: the mean of the `mean` and `reliability` results, as the 2023 winners submitted.
+  (With two members agreement is symmetric, so `reliability` equals `mean`; it needs three or more.)
+
+The spec (`ensembles/*.yaml`, loaded by `load_spec` into the frozen `EnsembleSpec`):
+
+    members:                       # one or more
+      - run: runs/vit-l-14         # a training run dir (recipe.yaml + best.pt/last.pt), or
+        checkpoint: best           # best | last | a path to a .pt file (default best)
+        weight: 1.0                # fusion weight (default 1)
+        tta: {scales: [1.0, 1.1]}  # optional override of the recipe's tta fields (hflip, scales, batch_size)
+      - recipe: ../models/vit-l-14-openai.yaml   # a recipe: its pretrained backbone used zero-shot
+    fusion: mean+reliability       # mean | rank | reliability | mean+reliability
+    reliability_k: 15
+    postprocess:                   # applied in order; k_reciprocal (distances out) must come last
+      - {op: k_reciprocal, params: {k1: 20, k2: 6, lambda_value: 0.3}}
+    postprocess_on: member         # member: each member's features, then fuse | fused: see below
+
+Relative paths resolve against the spec file's folder. A path starting with `${RUNS}` is taken from
+the `runs_dir` argument (`predict --runs-dir`), so one spec can name the runs of any output folder.
+`postprocess_on: fused` runs the chain once on the members' weight-scaled, concatenated features, whose
+cosine distance is exactly the weighted mean of the members' cosine distances; it needs `fusion: mean`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
 
 import numpy as np
 
+from submit import config
 from submit.errors import SubmitError
+from submit.recipe import TTASpec, load_recipe
+
+RUNS_PLACEHOLDER = "${RUNS}"
+STEPS = ("query_expansion", "database_augmentation", "k_reciprocal")
+
+
+@dataclass(frozen=True)
+class TTAOverride:
+    """Fields that replace the member recipe's `tta` ones; unset fields keep the recipe's value."""
+
+    hflip: bool | None = None
+    scales: tuple[float, ...] | None = None
+    batch_size: int | None = None
+
+    def apply(self, base: TTASpec) -> TTASpec:
+        """The recipe's TTA spec with this override's set fields replaced."""
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        return dataclasses.replace(base, **changes)
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One ensemble member: a fine-tuned run (or a recipe's pretrained backbone), its checkpoint, TTA, weight."""
+
+    run: str | None = None
+    recipe: str | None = None
+    checkpoint: str = "best"
+    tta: TTAOverride = field(default_factory=TTAOverride)
+    weight: float = 1.0
+    name: str | None = None  # label in the score table; default: the run folder or recipe file name
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One post-processing step: a `submit.reranking` function name and its keyword parameters."""
+
+    op: Literal["query_expansion", "database_augmentation", "k_reciprocal"]
+    params: dict[str, int | float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """A whole `ensembles/<name>.yaml`."""
+
+    members: tuple[MemberSpec, ...]
+    fusion: Literal["mean", "rank", "reliability", "mean+reliability"] = "mean"
+    reliability_k: int = 15
+    postprocess: tuple[StepSpec, ...] = ()
+    postprocess_on: Literal["member", "fused"] = "member"
+
+
+def load_spec(path: str | Path, runs_dir: str | Path | None = None) -> EnsembleSpec:
+    """Load, validate and resolve an ensemble spec: member paths become absolute and must exist."""
+    path = Path(path)
+    where = str(path)
+    spec = config.load(EnsembleSpec, path)
+    if not spec.members:
+        raise SubmitError(f"{where}: key 'members': expected at least one member")
+    if spec.reliability_k < 1:
+        raise SubmitError(f"{where}: key 'reliability_k': expected >= 1, got {spec.reliability_k}")
+    if spec.postprocess_on == "fused" and spec.fusion != "mean" and spec.postprocess:
+        raise SubmitError(f"{where}: key 'postprocess_on': 'fused' needs fusion 'mean' (got {spec.fusion!r})")
+    check_steps(spec.postprocess, where)
+    members = tuple(_resolve_member(m, path.parent, runs_dir, where, f"members[{i}]")
+                    for i, m in enumerate(spec.members))
+    return dataclasses.replace(spec, members=_unique_names(members))
+
+
+def member_checkpoint(member: MemberSpec) -> Path | None:
+    """The weights file a resolved member loads (None for a recipe member)."""
+    if member.run is None:
+        return None
+    if member.checkpoint in ("best", "last"):
+        return Path(member.run) / f"{member.checkpoint}.pt"
+    return Path(member.checkpoint)
+
+
+def check_steps(steps: Sequence[StepSpec], where: str) -> None:
+    """Each step's params must be keyword parameters of its reranking function; k_reciprocal comes last."""
+    if not steps:
+        return
+    from submit import reranking
+
+    for i, step in enumerate(steps):
+        allowed = [n for n in list(inspect.signature(getattr(reranking, step.op)).parameters)[2:]]
+        for name in step.params:
+            if name not in allowed:
+                raise SubmitError(f"{where}: key 'postprocess[{i}].params.{name}': not a parameter of "
+                                  f"{step.op} (allowed: {', '.join(allowed)})")
+        if step.op == "k_reciprocal" and i != len(steps) - 1:
+            raise SubmitError(f"{where}: key 'postprocess[{i}]': k_reciprocal returns distances, so it must be the last step")
+
+
+def _resolve_member(m: MemberSpec, base: Path, runs_dir: str | Path | None, where: str, key: str) -> MemberSpec:
+    """Absolute paths for run/recipe/checkpoint; one-line errors for missing files or bad combinations."""
+    if (m.run is None) == (m.recipe is None):
+        raise SubmitError(f"{where}: key {key!r}: give exactly one of 'run' or 'recipe'")
+    if m.weight < 0:
+        raise SubmitError(f"{where}: key '{key}.weight': expected >= 0, got {m.weight}")
+    if m.recipe is not None:
+        recipe = _path(m.recipe, base, runs_dir, where, f"{key}.recipe")
+        if not recipe.is_file():
+            raise SubmitError(f"{where}: key '{key}.recipe': recipe file {recipe} not found")
+        if m.checkpoint != "best":
+            raise SubmitError(f"{where}: key '{key}.checkpoint': only run members have checkpoints")
+        if load_recipe(recipe).backbone.pretrained is None:
+            raise SubmitError(f"{where}: key '{key}.recipe': {recipe} has no backbone.pretrained weights; "
+                              "a zero-shot member needs them (or use a trained run)")
+        return dataclasses.replace(m, recipe=str(recipe), name=m.name or recipe.stem)
+    run = _path(m.run or "", base, runs_dir, where, f"{key}.run")
+    if not (run / "recipe.yaml").is_file():
+        raise SubmitError(f"{where}: key '{key}.run': {run} is not a training run dir (no recipe.yaml)")
+    ckpt = m.checkpoint
+    if ckpt not in ("best", "last"):
+        ckpt = str(_path(ckpt, base, runs_dir, where, f"{key}.checkpoint"))
+    resolved = dataclasses.replace(m, run=str(run), checkpoint=ckpt)
+    weights = member_checkpoint(resolved)
+    if weights is None or not weights.is_file():
+        raise SubmitError(f"{where}: key '{key}.checkpoint': checkpoint {weights} not found")
+    tag = "" if ckpt == "best" else f"@{Path(ckpt).stem}"
+    return dataclasses.replace(resolved, name=m.name or f"{run.name}{tag}")
+
+
+def _path(value: str, base: Path, runs_dir: str | Path | None, where: str, key: str) -> Path:
+    """Expand `${RUNS}` from `runs_dir` and resolve relative paths against the spec folder."""
+    if value.startswith(RUNS_PLACEHOLDER):
+        if runs_dir is None:
+            raise SubmitError(f"{where}: key {key!r} uses {RUNS_PLACEHOLDER}; pass the runs folder (--runs-dir)")
+        value = str(Path(runs_dir)) + value[len(RUNS_PLACEHOLDER):]
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else base / path).resolve()
+
+
+def _unique_names(members: tuple[MemberSpec, ...]) -> tuple[MemberSpec, ...]:
+    """Suffix repeated member names with #2, #3, ... so score-table rows stay distinct."""
+    seen: dict[str, int] = {}
+    out = []
+    for m in members:
+        name = m.name or "member"
+        seen[name] = seen.get(name, 0) + 1
+        out.append(m if seen[name] == 1 else dataclasses.replace(m, name=f"{name}#{seen[name]}"))
+    return tuple(out)
 
 FUSIONS = ("mean", "rank", "reliability", "mean+reliability")
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from submit import ensembling
 from submit.errors import SubmitError
+from submit.recipe import TTASpec
 
 A = np.array([[0.1, 0.5, 0.9, 0.3],
               [0.8, 0.2, 0.4, 0.6]])
@@ -79,3 +84,77 @@ def test_fusion_refuses_mismatched_members() -> None:
         ensembling.fuse([A, B], [0.0, 0.0])
     with pytest.raises(SubmitError, match="unknown fusion"):
         ensembling.fuse([A, B], [1.0, 1.0], "max")
+
+
+# ---- the spec file ----------------------------------------------------------------------------------
+
+
+def _run(folder: Path, checkpoints: tuple[str, ...] = ("best.pt",)) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text("name: x\nbackbone: {name: 'timm:resnet10t'}\n")
+    for name in checkpoints:
+        (folder / name).write_bytes(b"weights")
+    return folder
+
+
+def _spec(folder: Path, text: str) -> Path:
+    path = folder / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_spec_paths_resolve_against_the_spec_folder_and_runs_dir(tmp_path: Path) -> None:
+    _run(tmp_path / "ens" / "runs" / "a", ("best.pt", "last.pt"))
+    _run(tmp_path / "out" / "runs" / "b")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "zero.yaml").write_text("name: zero\nbackbone: {name: 'timm:resnet10t', pretrained: timm}\n")
+    path = _spec(tmp_path / "ens", """
+        members:
+          - {run: runs/a, checkpoint: last, weight: 2, tta: {scales: [1.0, 0.9]}}
+          - run: ${RUNS}/b
+          - recipe: ../models/zero.yaml
+        fusion: mean+reliability
+        postprocess:
+          - {op: k_reciprocal, params: {k1: 20, k2: 6, lambda_value: 0.3}}
+        """)
+    spec = ensembling.load_spec(path, runs_dir=tmp_path / "out" / "runs")
+    a, b, zero = spec.members
+    assert Path(a.run) == (tmp_path / "ens" / "runs" / "a").resolve() and a.name == "a@last"
+    assert ensembling.member_checkpoint(a) == Path(a.run) / "last.pt" and a.weight == 2.0
+    assert a.tta.apply(TTASpec(hflip=True, scales=(1.0,), batch_size=8)) == TTASpec(True, (1.0, 0.9), 8)
+    assert Path(b.run) == (tmp_path / "out" / "runs" / "b").resolve() and b.name == "b"
+    assert zero.recipe == str((tmp_path / "models" / "zero.yaml").resolve()) and zero.name == "zero"
+    assert spec.fusion == "mean+reliability" and spec.postprocess[0].params == {"k1": 20, "k2": 6, "lambda_value": 0.3}
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("members: [{run: runs/a, wieght: 2}]", r"unknown key 'members\[0\]\.wieght'"),
+    ("members: [{run: runs/missing}]", r"'members\[0\]\.run': .*missing is not a training run dir"),
+    ("members: [{run: runs/a, checkpoint: last}]", r"'members\[0\]\.checkpoint': checkpoint .*last\.pt not found"),
+    ("members: [{run: runs/a, recipe: x.yaml}]", r"'members\[0\]': give exactly one of 'run' or 'recipe'"),
+    ("members: [{recipe: nope.yaml}]", r"'members\[0\]\.recipe': recipe file .*nope\.yaml not found"),
+    ("members: [{run: '${RUNS}/a'}]", r"'members\[0\]\.run' uses \$\{RUNS\}; pass the runs folder"),
+    ("members: [{run: runs/a, weight: -1}]", r"'members\[0\]\.weight': expected >= 0"),
+    ("members: [{recipe: runs/a/recipe.yaml}]", r"'members\[0\]\.recipe': .*recipe\.yaml has no backbone\.pretrained"),
+    ("members: []", r"key 'members': expected at least one member"),
+    ("members: [{run: runs/a}]\nfusion: max", r"key 'fusion': expected one of"),
+    ("members: [{run: runs/a}]\npostprocess: [{op: k_reciprocal, params: {k9: 1}}]",
+     r"'postprocess\[0\]\.params\.k9': not a parameter of k_reciprocal"),
+    ("members: [{run: runs/a}]\npostprocess: [{op: k_reciprocal}, {op: query_expansion}]",
+     r"'postprocess\[0\]': k_reciprocal returns distances, so it must be the last step"),
+    ("members: [{run: runs/a}]\nfusion: rank\npostprocess_on: fused\npostprocess: [{op: k_reciprocal}]",
+     r"'postprocess_on': 'fused' needs fusion 'mean'"),
+])
+def test_spec_errors_are_one_line_and_name_the_key(tmp_path: Path, text: str, pattern: str) -> None:
+    _run(tmp_path / "runs" / "a")
+    path = _spec(tmp_path, text)
+    with pytest.raises(SubmitError) as info:
+        ensembling.load_spec(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+def test_repeated_member_names_are_made_unique(tmp_path: Path) -> None:
+    _run(tmp_path / "runs" / "a")
+    spec = ensembling.load_spec(_spec(tmp_path, "members: [{run: runs/a}, {run: runs/a, weight: 2}]"))
+    assert [m.name for m in spec.members] == ["a", "a#2"]

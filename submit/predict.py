@@ -1,0 +1,215 @@
+"""Predict: an ensemble spec + a prepared data dir -> the official ranking file (and, on the test split, an ablation).
+
+For each member: embed the split's query + gallery crops with TTA (cached, see `embedding`), turn the
+features into cosine distances (1 - q.g) or run the post-processing chain on them, then fuse the members
+(`ensembling.fuse`). The file is written through `ranking_file.write_ranking` and read back with its
+validator. On the test split every stage is scored (each member, each member after each step, the fused
+result, each step on the fused features), so one command is an ablation table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from submit import config, embedding, ensembling
+from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec
+from submit.errors import SubmitError
+from submit.manifest import read_manifest, select
+from submit.recipe import BackboneSpec, load_recipe
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+REPO_ENSEMBLES = Path(__file__).resolve().parents[1] / "ensembles"
+SPLITS = ("test", "challenge")
+
+
+def resolve_spec_path(name: str | Path) -> Path:
+    """A path to a spec file, or a bare name (`best`, `best.yaml`) inside the repo's `ensembles/` folder."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if len(path.parts) == 1:
+        for candidate in (REPO_ENSEMBLES / path.name, REPO_ENSEMBLES / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = ", ".join(sorted(p.stem for p in REPO_ENSEMBLES.glob("*.yaml")))
+    raise SubmitError(f"{name}: ensemble spec not found (a path, or one of: {known or 'none'})")
+
+
+def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | Path,
+            device: str | None = None, runs_dir: str | Path | None = None, workers: int = 2,
+            progress: bool = True) -> dict:
+    """Write the `split` ranking file `out` for an ensemble; returns {out, split, members, shape, scores}.
+
+    `scores` maps a stage label to its metrics (mAP, rank1, rank5, rank10, mINP) on the test split and is
+    empty on the challenge split (no identities). The last entry is the written file, re-read and scored.
+    """
+    from submit.ranking_file import read_ranking, write_ranking
+
+    if split not in SPLITS:
+        raise SubmitError(f"--split {split!r}: expected one of {list(SPLITS)}")
+    spec_file = resolve_spec_path(spec_path)
+    spec = ensembling.load_spec(spec_file, runs_dir)
+    manifest = read_manifest(data_dir)
+    query, gallery = select(manifest, split, "query"), select(manifest, split, "gallery")
+    score = _scorer(query, gallery) if split == "test" else None
+    stages: dict[str, np.ndarray] = {}
+    final = fuse_members(spec, data_dir, query, gallery, device, workers, progress, stages, score is not None)
+    q_ids, g_ids = query["image_id"].to_numpy(), gallery["image_id"].to_numpy()
+    write_ranking(out, final, q_ids, g_ids)
+    written, _, _ = read_ranking(out, expect_queries=q_ids, expect_gallery=g_ids)
+    stages[next(reversed(stages))] = written  # score what was submitted (5 decimals); same id order
+    scores = {label: score(d) for label, d in stages.items()} if score else {}
+    return {"out": str(out), "spec": str(spec_file), "split": split, "members": [m.name for m in spec.members],
+            "shape": [int(final.shape[0]), int(final.shape[1])], "scores": scores}
+
+
+def fuse_members(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, gallery: pd.DataFrame,
+                 device: str | None, workers: int, progress: bool, stages: dict[str, np.ndarray],
+                 ablate: bool) -> np.ndarray:
+    """The ensemble's final (Q, G) distances; with `ablate`, every intermediate matrix lands in `stages`."""
+    rows = pd.concat([query, gallery], ignore_index=True)
+    nq = len(query)
+    weights = [m.weight for m in spec.members]
+    raw, processed, feats = [], [], []
+    for m in spec.members:
+        f = member_features(m, data_dir, rows, device, workers, progress)
+        q, g = f[:nq], f[nq:]
+        raw.append(cosine_distances(q, g))
+        if ablate:
+            stages[m.name or "member"] = raw[-1]
+        if spec.postprocess_on == "member" and spec.postprocess:
+            last = raw[-1]
+            for label, last in run_chain(q, g, spec.postprocess):
+                if ablate:
+                    stages[f"{m.name} {label}"] = last
+            processed.append(last)
+        elif spec.postprocess_on == "fused":
+            feats.append((q, g))
+    label = f"fused ({spec.fusion})"
+    if spec.postprocess_on == "member" and spec.postprocess:
+        if ablate and len(raw) > 1:
+            stages[f"{label}, no post-processing"] = ensembling.fuse(raw, weights, spec.fusion, spec.reliability_k)
+        final = ensembling.fuse(processed, weights, spec.fusion, spec.reliability_k)
+        stages[label] = final
+        return final
+    final = ensembling.fuse(raw, weights, spec.fusion, spec.reliability_k)
+    stages[label] = final
+    if spec.postprocess:
+        q_cat, g_cat = concat_features(feats, weights)
+        for step_label, final in run_chain(q_cat, g_cat, spec.postprocess):
+            stages[f"{label} {step_label}"] = final
+    return final
+
+
+def member_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame, device: str | None,
+                    workers: int, progress: bool) -> np.ndarray:
+    """One member's TTA features of `rows`, from the cache when present (then no weights are loaded)."""
+    if member.run is not None:
+        recipe = load_recipe(Path(member.run) / "recipe.yaml")
+        ckpt = ensembling.member_checkpoint(member)
+        identity = embedding.checkpoint_identity(ckpt, recipe.backbone)  # type: ignore[arg-type]
+        loader = _run_loader(member)
+    else:
+        recipe = load_recipe(member.recipe)  # type: ignore[arg-type]
+        identity = _pretrained_identity(recipe.backbone)
+        loader = _pretrained_loader(recipe.backbone)
+    tta = member.tta.apply(recipe.tta)
+    return embedding.embed(loader, data_dir, rows, tta, device=device, workers=workers, identity=identity,
+                           precision=recipe.train.precision, progress=progress, label=f"embed {member.name}")
+
+
+def _run_loader(member: MemberSpec) -> Callable[[], torch.nn.Module]:
+    def load() -> torch.nn.Module:
+        from submit.training import load_trained
+
+        return load_trained(member.run, member.checkpoint)[0]  # type: ignore[arg-type]
+    return load
+
+
+def _pretrained_loader(backbone: BackboneSpec) -> Callable[[], torch.nn.Module]:
+    def load() -> torch.nn.Module:
+        from submit.backbones import build_embedder
+
+        return build_embedder(backbone)
+    return load
+
+
+def _pretrained_identity(backbone: BackboneSpec) -> str:
+    """Pretrained tags name fixed weights; a local weights file is identified by its content hash."""
+    local = Path(backbone.pretrained).expanduser() if backbone.pretrained else None
+    if local is not None and local.is_file():
+        return embedding.checkpoint_identity(local, backbone)
+    return "pretrained:" + json.dumps(config.to_mapping(backbone), sort_keys=True)
+
+
+def cosine_distances(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """1 - q.g for L2-normalised rows: (Q, G) float32 in [0, 2]."""
+    return (1.0 - q.astype(np.float32) @ g.astype(np.float32).T).astype(np.float32)
+
+
+def concat_features(feats: list[tuple[np.ndarray, np.ndarray]], weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Members' features side by side, each scaled by sqrt(w / sum w): unit rows whose cosine distance is
+    the weighted mean of the members' cosine distances."""
+    total = float(sum(weights))
+    scale = [np.sqrt(w / total) for w in weights]
+    q = np.concatenate([s * f[0] for s, f in zip(scale, feats)], axis=1).astype(np.float32)
+    g = np.concatenate([s * f[1] for s, f in zip(scale, feats)], axis=1).astype(np.float32)
+    return q, g
+
+
+def run_chain(q: np.ndarray, g: np.ndarray, steps: tuple[StepSpec, ...]) -> Iterator[tuple[str, np.ndarray]]:
+    """Apply post-processing steps in order, yielding (label, distances) after each one."""
+    from submit import reranking
+
+    done: list[str] = []
+    for step in steps:
+        fn = getattr(reranking, step.op)
+        done.append(_step_label(step))
+        label = "+ " + " + ".join(done)
+        if step.op == "k_reciprocal":
+            yield label, np.asarray(fn(q, g, **step.params), dtype=np.float32)
+            return
+        q, g = fn(q, g, **step.params)
+        yield label, cosine_distances(q, g)
+
+
+def _step_label(step: StepSpec) -> str:
+    short = {"query_expansion": "QE", "database_augmentation": "DBA", "k_reciprocal": "re-rank"}[step.op]
+    params = ",".join(f"{k}={v:g}" for k, v in step.params.items())
+    return f"{short}({params})" if params else short
+
+
+def _scorer(query: pd.DataFrame, gallery: pd.DataFrame) -> Callable[[np.ndarray], dict]:
+    from submit.metrics import evaluate_distances
+
+    q_pids, g_pids = query["pid"].to_numpy(), gallery["pid"].to_numpy()
+
+    def score(dist: np.ndarray) -> dict:
+        result = evaluate_distances(dist, q_pids, g_pids)
+        return {k: float(result[k]) for k in ("mAP", "rank1", "rank5", "rank10", "mINP")}
+    return score
+
+
+def score_table(result: dict) -> "Table":
+    """The ablation as a rich table: one row per stage (members, post-processing steps, fused)."""
+    from rich.table import Table
+
+    table = Table(title=f"{Path(result['spec']).name} on the {result['split']} split "
+                        f"({result['shape'][0]} queries x {result['shape'][1]} gallery)")
+    table.add_column("stage")
+    for col in ("mAP", "rank-1", "rank-5", "rank-10", "mINP"):
+        table.add_column(col, justify="right")
+    labels = list(result["scores"])
+    for i, label in enumerate(labels):
+        s = result["scores"][label]
+        cells = [f"{100 * s[k]:.2f}" for k in ("mAP", "rank1", "rank5", "rank10", "mINP")]
+        table.add_row(label, *cells, style="bold" if i == len(labels) - 1 else None)
+    return table

@@ -1,0 +1,196 @@
+"""predict end to end on synthetic data: tiny trained runs -> ensemble -> a ranking file the validator accepts."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from submit import predict as predict_mod
+from submit import training
+from submit.cli import main
+from submit.ensembling import load_spec
+from submit.errors import SubmitError
+from submit.manifest import read_manifest, select
+from submit.metrics import evaluate_distances
+from submit.prepare import prepare
+from submit.ranking_file import read_ranking
+from submit.recipe import load_recipe
+from submit.synthetic import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "models" / "tiny-test.yaml"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A prepared synthetic DATA_DIR and two tiny runs (seeds 0 and 1, a few steps each)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("predict")
+    make_dataset(root / "src", players=20, seqs=2, frames=3, seed=3)
+    prepare(root / "src", root / "data", progress=False)
+    for seed in (0, 1):
+        recipe = training.apply_overrides(load_recipe(TINY), ["data.workers=0", "train.checkpoint_every=0",
+                                                              "train.epochs=1", f"seed={seed}", "tta.hflip=true"])
+        training.train(recipe, root / "data", root / "runs" / f"tiny-{seed}", max_steps=2, progress=False)
+    return {"root": root, "data": root / "data", "runs": root / "runs"}
+
+
+def _spec(folder: Path, body: str, name: str = "spec.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _predict(world: dict, spec: Path, split: str, out: Path) -> dict:
+    return predict_mod.predict(spec, world["data"], split, out, device="cpu", runs_dir=world["runs"], workers=0,
+                               progress=False)
+
+
+def _check_file(world: dict, out: Path, split: str) -> np.ndarray:
+    df = read_manifest(world["data"])
+    q, g = select(df, split, "query"), select(df, split, "gallery")
+    dist, q_ids, g_ids = read_ranking(out, expect_queries=q["image_id"], expect_gallery=g["image_id"])
+    assert dist.shape == (len(q), len(g)) and np.isfinite(dist).all()
+    return dist
+
+
+def test_test_split_writes_a_valid_file_and_scores_every_stage(world, tmp_path) -> None:
+    spec = _spec(tmp_path, """
+        members:
+          - run: ${RUNS}/tiny-0
+          - {run: ${RUNS}/tiny-1, checkpoint: last, weight: 2}
+          - {run: ${RUNS}/tiny-1, tta: {hflip: false}}
+        fusion: mean+reliability
+        reliability_k: 5
+        postprocess:
+          - {op: query_expansion, params: {k: 2}}
+          - {op: k_reciprocal, params: {k1: 6, k2: 3, lambda_value: 0.3}}
+        """)
+    out = tmp_path / "test.csv"
+    result = _predict(world, spec, "test", out)
+    dist = _check_file(world, out, "test")
+    labels = list(result["scores"])
+    assert result["members"] == ["tiny-0", "tiny-1@last", "tiny-1"]
+    assert labels[0] == "tiny-0" and labels[1].startswith("tiny-0 + QE(k=2)")
+    assert labels[2] == "tiny-0 + QE(k=2) + re-rank(k1=6,k2=3,lambda_value=0.3)"
+    assert labels[-2:] == ["fused (mean+reliability), no post-processing", "fused (mean+reliability)"]
+    assert len(labels) == 3 * 3 + 2
+    for score in result["scores"].values():
+        assert set(score) == {"mAP", "rank1", "rank5", "rank10", "mINP"}
+        assert all(0.0 <= v <= 1.0 for v in score.values())
+    df = read_manifest(world["data"])
+    direct = evaluate_distances(dist, select(df, "test", "query")["pid"], select(df, "test", "gallery")["pid"])
+    assert result["scores"][labels[-1]]["mAP"] == pytest.approx(direct["mAP"])
+
+
+def test_challenge_split_writes_file_numbers_and_no_scores(world, tmp_path) -> None:
+    spec = _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0'}, {run: '${RUNS}/tiny-1'}]\nfusion: rank\n")
+    out = tmp_path / "challenge.csv"
+    result = _predict(world, spec, "challenge", out)
+    _check_file(world, out, "challenge")
+    assert result["scores"] == {} and result["split"] == "challenge"
+    header = out.read_text().splitlines()[0].split(",")
+    assert header[:3] == ["0", "0", "1"]  # challenge gallery ids are the file numbers 00000, 00001, ...
+
+
+def test_features_are_cached_so_a_second_predict_loads_no_weights(world, tmp_path, monkeypatch) -> None:
+    spec = _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0', tta: {scales: [1.0, 0.9]}}]\n")
+    first = _predict(world, spec, "test", tmp_path / "a.csv")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded although the features were cached")
+
+    monkeypatch.setattr(training, "load_trained", refuse)
+    second = _predict(world, spec, "test", tmp_path / "b.csv")
+    assert first["scores"] == second["scores"]
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+def test_postprocess_on_fused_runs_the_chain_on_concatenated_features(world, tmp_path) -> None:
+    spec = _spec(tmp_path, """
+        members: [{run: '${RUNS}/tiny-0'}, {run: '${RUNS}/tiny-1', weight: 3}]
+        postprocess: [{op: k_reciprocal, params: {k1: 6, k2: 3}}]
+        postprocess_on: fused
+        """)
+    result = _predict(world, spec, "test", tmp_path / "f.csv")
+    labels = list(result["scores"])
+    assert labels == ["tiny-0", "tiny-1", "fused (mean)", "fused (mean) + re-rank(k1=6,k2=3)"]
+    _check_file(world, tmp_path / "f.csv", "test")
+
+
+def test_concatenated_features_give_the_weighted_mean_cosine_distance() -> None:
+    rng = np.random.default_rng(0)
+
+    def unit(n: int, d: int) -> np.ndarray:
+        x = rng.normal(size=(n, d)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    a, b = (unit(3, 4), unit(5, 4)), (unit(3, 6), unit(5, 6))
+    q, g = predict_mod.concat_features([a, b], [1.0, 3.0])
+    mean = (predict_mod.cosine_distances(*a) + 3 * predict_mod.cosine_distances(*b)) / 4
+    assert np.allclose(predict_mod.cosine_distances(q, g), mean, atol=1e-6)
+    assert np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-6)
+
+
+def test_recipe_member_uses_its_pretrained_weights_file(world, tmp_path) -> None:
+    weights = tmp_path / "tiny.pt"
+    torch.save(_visual_state(world), weights)
+    recipe = tmp_path / "zero.yaml"
+    recipe.write_text(f"name: zero\nbackbone: {{name: 'open_clip:reident-tiny-vit', pretrained: '{weights}', "
+                      f"image_size: [32, 32]}}\ntta: {{hflip: false}}\n")
+    spec = _spec(tmp_path, "members: [{recipe: zero.yaml}, {run: '${RUNS}/tiny-0', tta: {hflip: false}}]\n")
+    result = _predict(world, spec, "test", tmp_path / "z.csv")
+    # the recipe member holds tiny-0's fine-tuned image tower, so both members score the same
+    assert result["scores"]["zero"] == pytest.approx(result["scores"]["tiny-0"])
+
+
+def _visual_state(world: dict) -> dict:
+    """tiny-0's fine-tuned image-tower weights as an image-tower-only state dict."""
+    state = torch.load(world["runs"] / "tiny-0" / "best.pt", weights_only=True)["model"]
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def test_cli_prints_the_table_and_errors_are_one_line(world, tmp_path) -> None:
+    spec = _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0'}]\n")
+    out = tmp_path / "cli.csv"
+    args = ["predict", "--ensemble", str(spec), "--data", str(world["data"]), "--split", "test", "--out", str(out),
+            "--runs-dir", str(world["runs"]), "--workers", "0", "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "mAP" in result.output and "tiny-0" in result.output and f"wrote {out}" in result.output.replace("\n", "")
+    bad = CliRunner().invoke(main, [*args[:2], str(tmp_path / "nope.yaml"), *args[3:]])
+    assert bad.exit_code == 2 and "error: " in bad.output and "nope.yaml: ensemble spec not found" in bad.output
+    no_runs = CliRunner().invoke(main, args[:-6] + ["--workers", "0"])
+    assert no_runs.exit_code == 2 and "pass the runs folder (--runs-dir)" in no_runs.output
+
+
+def test_bare_names_resolve_in_the_repo_ensembles_folder() -> None:
+    assert predict_mod.resolve_spec_path("demo") == REPO / "ensembles" / "demo.yaml"
+    assert predict_mod.resolve_spec_path("best.yaml") == REPO / "ensembles" / "best.yaml"
+    with pytest.raises(SubmitError, match=r"nosuch: ensemble spec not found \(a path, or one of: .*best"):
+        predict_mod.resolve_spec_path("nosuch")
+
+
+@pytest.mark.parametrize("name, runs", [("demo", ["cpu-small-seed0", "cpu-small-seed1"]),
+                                        ("best", ["vit-l-14-openai", "vit-l-14-336-openai", "eva02-l-14"])])
+def test_shipped_specs_validate(tmp_path, name, runs) -> None:
+    for run in runs:
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "recipe.yaml").write_text("name: x\nbackbone: {name: 'timm:resnet10t'}\n")
+        (tmp_path / run / "best.pt").write_bytes(b"")
+    spec = load_spec(REPO / "ensembles" / f"{name}.yaml", runs_dir=tmp_path)
+    assert [m.name for m in spec.members] == runs
+
+
+def test_missing_split_and_bad_split_are_one_line_errors(world, tmp_path) -> None:
+    spec = _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0'}]\n")
+    with pytest.raises(SubmitError, match="--split 'train'"):
+        _predict(world, spec, "train", tmp_path / "x.csv")
+    with pytest.raises(SubmitError, match="no manifest"):
+        predict_mod.predict(spec, tmp_path, "test", tmp_path / "x.csv", runs_dir=world["runs"], progress=False)
+    assert not (tmp_path / "x.csv").exists()
