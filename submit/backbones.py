@@ -18,9 +18,9 @@ import json
 import logging
 import os
 import socket
+import sys
 import warnings
 import zipfile
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
@@ -36,7 +36,7 @@ TIMM = "timm:"
 HF_HUB = "hf-hub:"
 TIMM_DEFAULT_TAGS = ("timm", "default", "true")
 CLIP_INIT_LOGIT_SCALE = 1 / 0.07
-LOCAL_FILE_HINT = "or set `pretrained: /path/to/checkpoint.bin` in the recipe"
+LOCAL_FILE_HINT = "or set `pretrained: /path/to/checkpoint.bin` in the recipe to use a local file"
 
 TINY_VIT = "reident-tiny-vit"
 TINY_VIT_CONFIG: dict[str, Any] = {
@@ -84,15 +84,10 @@ class Embedder(nn.Module):
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) maps of the last stage: CNN features or ViT patch tokens on their grid."""
-        if hasattr(self.model, "forward_intermediates"):
-            out = self.model.forward_intermediates(x, indices=1, intermediates_only=True)
-            return (out["image_intermediates"] if isinstance(out, dict) else out)[-1]
-        feats = self.model.forward_features(x)  # older timm families: (B, C, h, w) or (B, N, C) tokens
-        if feats.ndim == 4:
-            return feats
-        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
-        h, w = _grid(self.model, x)
-        return feats[:, prefix:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        if not hasattr(self.model, "forward_intermediates"):
+            raise SubmitError(f"backbone {self.name}: no feature maps (the model lacks forward_intermediates)")
+        out = self.model.forward_intermediates(x, indices=1, intermediates_only=True)
+        return (out["image_intermediates"] if isinstance(out, dict) else out)[-1]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory during training (both libraries implement it per block)."""
@@ -191,10 +186,12 @@ def _build_open_clip(
     import open_clip
 
     path, tag_cfg = _resolve_open_clip_weights(arch, pretrained)
-    force_pp = {k: v for k, v in {**preprocess, **tag_cfg}.items() if k in ("mean", "std", "interpolation", "resize_mode")}
+    keep = ("mean", "std", "interpolation", "resize_mode")
+    force_pp = {k: v for k, v in {**preprocess, **tag_cfg}.items() if k in keep}
     force_size = tuple(image_size) if image_size else None
-    with _quiet_random_init_warning():  # weights are loaded below, not by open_clip
-        model = open_clip.create_model(arch, pretrained=None, force_image_size=force_size,
+    quiet = _quiet_random_init_warning() if path else contextlib.nullcontext()
+    with quiet:  # weights are loaded below, not by open_clip
+        model = open_clip.create_model(arch, pretrained=None, force_image_size=force_size, pretrained_text=False,
                                        force_preprocess_cfg=force_pp, force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
     if path is not None:
         _load_open_clip_state(model, read_state_dict(path), path, arch, token)
@@ -288,7 +285,8 @@ def _load_timm_state(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
     classifier, then load with a shape check."""
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        state = filter_fn(state, model)
+        with contextlib.suppress(Exception):  # a checkpoint it cannot convert is reported by load_checked
+            state = filter_fn(state, model)
     own = model.state_dict()
     classifiers = model.pretrained_cfg.get("classifier") or ()
     classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
@@ -335,7 +333,8 @@ def _resolve_timm_weights(name: str, pretrained: str | None) -> Path | None:
             return _hub_file(cfg["hf_hub_id"], files)
         if cfg.get("url"):
             return _url_file(cfg["url"], Path(torch.hub.get_dir()) / "checkpoints", f"timm:{name}")
-        raise SubmitError(f"backbone 'timm:{name}': timm has no default weights for it; {LOCAL_FILE_HINT}")
+        raise SubmitError(f"backbone 'timm:{name}': timm has no default weights for it; "
+                          f"use hf-hub:<org>/<repo> {LOCAL_FILE_HINT}")
     if _looks_like_path(pretrained):
         return _local_file(pretrained)
     raise SubmitError(
@@ -416,7 +415,7 @@ def _hub_file(repo: str, filenames: tuple[str, ...], what: str | None = None) ->
             except Exception:  # noqa: BLE001 - try the next file name, report once below
                 continue
         raise SubmitError(f"{what}: none of {', '.join(filenames)} could be downloaded from {endpoint}/{repo}; "
-                          f"{LOCAL_FILE_HINT}")
+                          f"check the name, {LOCAL_FILE_HINT}")
     raise SubmitError(
         f"{what}: not in the Hugging Face cache ({cache}) and the hub is offline or unreachable; download it on a "
         f"connected machine (or point HF_HOME at a copied cache), {LOCAL_FILE_HINT}"
@@ -429,13 +428,15 @@ def _url_file(url: str, cache: Path, what: str) -> Path:
     if target.is_file():
         return target
     if hub_offline() or not _reachable(url):
-        raise SubmitError(f"{what}: not in the cache ({target}) and {url} is unreachable; {LOCAL_FILE_HINT}")
+        raise SubmitError(f"{what}: not in the cache ({target}) and {url} is unreachable; download it on a connected "
+                          f"machine, {LOCAL_FILE_HINT}")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".part")
     try:
         torch.hub.download_url_to_file(url, str(tmp), progress=True)
     except Exception as exc:  # noqa: BLE001
-        raise SubmitError(f"{what}: download from {url} failed ({_first_line(exc)}); {LOCAL_FILE_HINT}") from None
+        reason = _first_line(exc)
+        raise SubmitError(f"{what}: download from {url} failed ({reason}); retry, {LOCAL_FILE_HINT}") from None
     os.replace(tmp, target)
     return target
 
@@ -452,7 +453,8 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
 
 
 def _looks_like_path(value: str) -> bool:
-    return os.sep in value or "/" in value or Path(value).suffix in (".bin", ".pt", ".pth", ".safetensors", ".ckpt")
+    suffixes = (".bin", ".pt", ".pth", ".safetensors", ".ckpt")
+    return os.path.exists(value) or "/" in value or os.sep in value or Path(value).suffix in suffixes
 
 
 def _local_file(value: str) -> Path:
@@ -488,7 +490,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except ImportError:
         raise SubmitError(f"checkpoint {path}: reading .safetensors needs the 'safetensors' package") from None
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors become one line
-        raise SubmitError(f"checkpoint {path}: cannot be read as a weights-only torch file ({_first_line(exc)})") from None
+        reason = _first_line(exc)
+        raise SubmitError(f"checkpoint {path}: cannot be read as a weights-only torch file ({reason})") from None
     for key in ("state_dict", "ema", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -506,12 +509,19 @@ def _load_tensors(path: Path) -> Any:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+    if _is_torchscript(path):
         with warnings.catch_warnings():  # torch marks torch.jit as deprecated; OpenAI's original CLIP files need it
             warnings.simplefilter("ignore", FutureWarning)
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         return {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def load_checked(
@@ -568,12 +578,6 @@ def _probe_dim(module: nn.Module, image_size: Any) -> int:
     dim = int(module(torch.zeros(1, 3, h, w)).shape[-1])
     module.train(was_training)
     return dim
-
-
-def _grid(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """Patch grid of a ViT-like timm model for input `x`."""
-    patch = _pair(getattr(getattr(model, "patch_embed", None), "patch_size", 16))
-    return x.shape[-2] // patch[0], x.shape[-1] // patch[1]
 
 
 def _first_line(exc: BaseException) -> str:

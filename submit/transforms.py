@@ -82,7 +82,8 @@ def open_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise SubmitError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise SubmitError(f"{path}: cannot decode image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SubmitError(f"{path}: cannot decode image ({reason})") from None
 
 
 class CropDataset(Dataset):

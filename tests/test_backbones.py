@@ -61,7 +61,8 @@ def test_image_size_override_resizes_vit():
 
 
 def test_spec_mean_std_override():
-    e = build_embedder(BackboneSpec("timm:resnet10t", image_size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    spec = BackboneSpec("timm:resnet10t", image_size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    e = build_embedder(spec)
     assert e.mean == (0.5, 0.5, 0.5) and e.std == (0.25, 0.25, 0.25)
 
 
@@ -255,7 +256,7 @@ def test_fine_tuned_token_embedder_checkpoint_reloads(tmp_path, monkeypatch):
             assert torch.equal(again.state_dict()[key], value), (name, key)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.(save|script)` is deprecated:FutureWarning")
 def test_torchscript_checkpoint_is_read(tmp_path):
     """OpenAI's original CLIP files are TorchScript archives; their tensors are read with torch.jit.load."""
     linear = torch.nn.Linear(3, 2)
