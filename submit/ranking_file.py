@@ -16,7 +16,7 @@ import io
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +106,7 @@ def id_mismatch(kind: str, found: Iterable[int], expected: Iterable[int]) -> str
 
 
 def _examples(ids: Counter) -> str:
+    """Up to three ids, smallest first."""
     return ", ".join(str(i) for i in sorted(ids)[:3])
 
 
@@ -142,6 +143,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def _int_field(path: Path, line: int, col: int, text: str, what: str) -> int:
+    """Parse an integer id field strictly (no decimals, no underscores)."""
     if not _INT.fullmatch(text):
         raise SubmitError(f"{path}: line {line}, column {col}: {what} {text!r} is not an integer")
     return int(text)
@@ -156,7 +158,8 @@ def _query_id(path: Path, n: int, line: str, width: int) -> int:
     return _int_field(path, n, 1, line[:line.index(",")], "query id")
 
 
-def _check_ascending(path: Path, ids: np.ndarray, kind: str, where) -> None:
+def _check_ascending(path: Path, ids: np.ndarray, kind: str, where: Callable[[int], str]) -> None:
+    """Ids must not decrease (repeats allowed); `where(k)` names the k-th id's line and column."""
     drops = np.flatnonzero(np.diff(ids) < 0)
     if drops.size:
         k = int(drops[0]) + 1
@@ -181,6 +184,7 @@ def _values(path: Path, lines: list[str]) -> np.ndarray:
 
 
 def _is_float(text: str) -> bool:
+    """Whether Python can read `text` as a number."""
     try:
         float(text)
     except ValueError:
@@ -188,7 +192,8 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def _first_bad_cell(path: Path, lines: list[str], bad, what: str) -> str:
+def _first_bad_cell(path: Path, lines: list[str], bad: Callable[[str], bool], what: str) -> str:
+    """Slow scan (error path only) for the first distance field where `bad` holds."""
     for n, line in enumerate(lines[1:], start=2):
         for k, field in enumerate(line.split(",")[1:], start=2):
             if bad(field):

@@ -79,6 +79,10 @@ def test_evaluate_distances_matches_references():
         assert res[f"rank{k}"] == pytest.approx(np.mean(first[valid] <= k))
     assert res["mINP"] == pytest.approx(np.mean(matches[valid].sum(1) / last[valid]))
     assert all(0.0 <= res[k] <= 1.0 for k in ("mAP", "rank1", "rank3", "rank5", "rank10", "mINP"))
+    # Memory layout does not matter (Fortran order, a strided view).
+    assert evaluate_distances(np.asfortranarray(dist), q_pids, g_pids, ranks=(1, 3, 5, 10)) == res
+    wide = np.repeat(dist, 2, axis=1)[:, ::2]
+    assert np.array_equal(average_precision(wide, matches), average_precision(dist, matches), equal_nan=True)
 
 
 def test_hand_computed_example_and_tie_rules():
