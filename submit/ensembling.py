@@ -25,7 +25,8 @@ The spec (`ensembles/*.yaml`, loaded by `load_spec` into the frozen `EnsembleSpe
     postprocess_on: member         # member: each member's features, then fuse | fused: see below
 
 Relative paths resolve against the spec file's folder. A path starting with `${RUNS}` is taken from
-the `runs_dir` argument (`predict --runs-dir`), so one spec can name the runs of any output folder.
+the `runs_dir` argument (`predict --runs-dir`), so one spec can name the runs of any output folder
+(quote it inside YAML flow mappings: `{run: '${RUNS}/a'}`).
 `postprocess_on: fused` runs the chain once on the members' weight-scaled, concatenated features, whose
 cosine distance is exactly the weighted mean of the members' cosine distances; it needs `fusion: mean`.
 """

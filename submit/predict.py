@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 REPO_ENSEMBLES = Path(__file__).resolve().parents[1] / "ensembles"
 SPLITS = ("test", "challenge")
+STEP_NAMES = {"query_expansion": "QE", "database_augmentation": "DBA", "k_reciprocal": "re-rank"}
 
 
 def resolve_spec_path(name: str | Path) -> Path:
@@ -67,8 +68,10 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
     written, _, _ = read_ranking(out, expect_queries=q_ids, expect_gallery=g_ids)
     stages[next(reversed(stages))] = written  # score what was submitted (5 decimals); same id order
     scores = {label: score(d) for label, d in stages.items()} if score else {}
+    chain = f"post-processing on {'each member' if spec.postprocess_on == 'member' else 'the fused features'}: " \
+        f"{chain_text(spec.postprocess)}" if spec.postprocess else "no post-processing"
     return {"out": str(out), "spec": str(spec_file), "split": split, "members": [m.name for m in spec.members],
-            "shape": [int(final.shape[0]), int(final.shape[1])], "scores": scores}
+            "shape": [int(final.shape[0]), int(final.shape[1])], "postprocess": chain, "scores": scores}
 
 
 def fuse_members(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, gallery: pd.DataFrame,
@@ -87,16 +90,16 @@ def fuse_members(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, 
             stages[m.name or "member"] = raw[-1]
         if spec.postprocess_on == "member" and spec.postprocess:
             last = raw[-1]
-            for label, last in run_chain(q, g, spec.postprocess):
+            for step_label, last in run_chain(q, g, spec.postprocess):
                 if ablate:
-                    stages[f"{m.name} {label}"] = last
+                    stages[f"{m.name} {step_label}"] = last
             processed.append(last)
         elif spec.postprocess_on == "fused":
             feats.append((q, g))
     label = f"fused ({spec.fusion})"
     if spec.postprocess_on == "member" and spec.postprocess:
         if ablate and len(raw) > 1:
-            stages[f"{label}, no post-processing"] = ensembling.fuse(raw, weights, spec.fusion, spec.reliability_k)
+            stages[f"{label}, raw"] = ensembling.fuse(raw, weights, spec.fusion, spec.reliability_k)
         final = ensembling.fuse(processed, weights, spec.fusion, spec.reliability_k)
         stages[label] = final
         return final
@@ -166,25 +169,27 @@ def concat_features(feats: list[tuple[np.ndarray, np.ndarray]], weights: list[fl
 
 
 def run_chain(q: np.ndarray, g: np.ndarray, steps: tuple[StepSpec, ...]) -> Iterator[tuple[str, np.ndarray]]:
-    """Apply post-processing steps in order, yielding (label, distances) after each one."""
+    """Apply post-processing steps in order, yielding ("+ QE + re-rank"-style label, distances) after each."""
     from submit import reranking
 
-    done: list[str] = []
+    label = ""
     for step in steps:
         fn = getattr(reranking, step.op)
-        done.append(_step_label(step))
-        label = "+ " + " + ".join(done)
+        label += f" + {STEP_NAMES[step.op]}"
         if step.op == "k_reciprocal":
-            yield label, np.asarray(fn(q, g, **step.params), dtype=np.float32)
+            yield label.strip(), np.asarray(fn(q, g, **step.params), dtype=np.float32)
             return
         q, g = fn(q, g, **step.params)
-        yield label, cosine_distances(q, g)
+        yield label.strip(), cosine_distances(q, g)
 
 
-def _step_label(step: StepSpec) -> str:
-    short = {"query_expansion": "QE", "database_augmentation": "DBA", "k_reciprocal": "re-rank"}[step.op]
-    params = ",".join(f"{k}={v:g}" for k, v in step.params.items())
-    return f"{short}({params})" if params else short
+def chain_text(steps: tuple[StepSpec, ...]) -> str:
+    """The chain with its parameters, e.g. 'QE(k=1) -> re-rank(k1=20, k2=6, lambda_value=0.3)'."""
+    parts = []
+    for step in steps:
+        params = ", ".join(f"{k}={v:g}" for k, v in step.params.items())
+        parts.append(f"{STEP_NAMES[step.op]}({params})")
+    return " -> ".join(parts)
 
 
 def _scorer(query: pd.DataFrame, gallery: pd.DataFrame) -> Callable[[np.ndarray], dict]:
@@ -203,7 +208,8 @@ def score_table(result: dict) -> "Table":
     from rich.table import Table
 
     table = Table(title=f"{Path(result['spec']).name} on the {result['split']} split "
-                        f"({result['shape'][0]} queries x {result['shape'][1]} gallery)")
+                        f"({result['shape'][0]} queries x {result['shape'][1]} gallery)",
+                  caption=result["postprocess"])
     table.add_column("stage")
     for col in ("mAP", "rank-1", "rank-5", "rank-10", "mINP"):
         table.add_column(col, justify="right")

@@ -63,8 +63,8 @@ def test_test_split_writes_a_valid_file_and_scores_every_stage(world, tmp_path) 
     spec = _spec(tmp_path, """
         members:
           - run: ${RUNS}/tiny-0
-          - {run: ${RUNS}/tiny-1, checkpoint: last, weight: 2}
-          - {run: ${RUNS}/tiny-1, tta: {hflip: false}}
+          - {run: '${RUNS}/tiny-1', checkpoint: last, weight: 2}
+          - {run: '${RUNS}/tiny-1', tta: {hflip: false}}
         fusion: mean+reliability
         reliability_k: 5
         postprocess:
@@ -76,9 +76,9 @@ def test_test_split_writes_a_valid_file_and_scores_every_stage(world, tmp_path) 
     dist = _check_file(world, out, "test")
     labels = list(result["scores"])
     assert result["members"] == ["tiny-0", "tiny-1@last", "tiny-1"]
-    assert labels[0] == "tiny-0" and labels[1].startswith("tiny-0 + QE(k=2)")
-    assert labels[2] == "tiny-0 + QE(k=2) + re-rank(k1=6,k2=3,lambda_value=0.3)"
-    assert labels[-2:] == ["fused (mean+reliability), no post-processing", "fused (mean+reliability)"]
+    assert labels[:3] == ["tiny-0", "tiny-0 + QE", "tiny-0 + QE + re-rank"]
+    assert result["postprocess"] == "post-processing on each member: QE(k=2) -> re-rank(k1=6, k2=3, lambda_value=0.3)"
+    assert labels[-2:] == ["fused (mean+reliability), raw", "fused (mean+reliability)"]
     assert len(labels) == 3 * 3 + 2
     for score in result["scores"].values():
         assert set(score) == {"mAP", "rank1", "rank5", "rank10", "mINP"}
@@ -119,7 +119,8 @@ def test_postprocess_on_fused_runs_the_chain_on_concatenated_features(world, tmp
         """)
     result = _predict(world, spec, "test", tmp_path / "f.csv")
     labels = list(result["scores"])
-    assert labels == ["tiny-0", "tiny-1", "fused (mean)", "fused (mean) + re-rank(k1=6,k2=3)"]
+    assert labels == ["tiny-0", "tiny-1", "fused (mean)", "fused (mean) + re-rank"]
+    assert result["postprocess"] == "post-processing on the fused features: re-rank(k1=6, k2=3)"
     _check_file(world, tmp_path / "f.csv", "test")
 
 
