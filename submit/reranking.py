@@ -9,7 +9,7 @@ How it stays exact without the dense matrix:
 - One pass over the upper-triangle tiles of the float32 distance matrix (BLAS sgemm) keeps, per row, the
   candidates below a per-row threshold (an upper bound on its k-th neighbour distance, found beforehand from a
   few nearby cells of random pivots) and the candidates near the row maximum. Float32 rounding is bounded
-  (`_error_bound`); wherever it could change a neighbour set or the row maximum the pair is recomputed
+  (`_Tiles.build`); wherever it could change a neighbour set or the row maximum the pair is recomputed
   exactly, so sets and the column-max normalisation equal the dense algorithm's.
 - Only neighbour SETS matter to the algorithm (top k1+1, top round(k1/2)+1, top k2), never the order inside.
 - The Jaccard term is computed only for the query x gallery block, from sparse V rows, by summing
@@ -45,8 +45,7 @@ __all__ = [
     "available_memory",
 ]
 
-_TRIPLES_PER_CHUNK = 4_000_000  # Jaccard work items (query entry x gallery entry) per query chunk
-_ACC_BYTES = 64 << 20  # float64 Jaccard accumulator per query chunk
+_TRIPLES_PER_CHUNK = 1_000_000  # Jaccard work items (query entry x gallery entry) per query chunk
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -113,7 +112,7 @@ def estimate_rerank_memory(n_query: int, n_gallery: int, dim: int = 1024, k1: in
     candidates = n * 4 * knn * 28 + n * 8 * 20  # threshold candidates + near-maximum candidates, sorted
     tile = block * block * 12 + n * dim * 4 // max(1, n // block)
     sparse = n * (per_row_v * 16 + per_row_qe * 16) + n * k2 * per_row_v * 32  # V, V_qe + its construction
-    jaccard = _ACC_BYTES + _TRIPLES_PER_CHUNK * 48
+    jaccard = _TRIPLES_PER_CHUNK * 64
     answer = n_query * n_gallery * 4
     return int(feats + candidates + tile + sparse + jaccard + answer + (64 << 20))
 
@@ -130,43 +129,94 @@ def _check_memory(n_query: int, n_gallery: int, dim: int, k1: int, k2: int, bloc
 
 
 # ----------------------------------------------------------------------------------------------- distances
-def _norms(x: np.ndarray) -> np.ndarray:
+class _Rows:
+    """The stacked [queries; gallery] features, read without copying them into one array."""
+
+    def __init__(self, q: np.ndarray, g: np.ndarray) -> None:
+        self.q, self.g, self.n_query = q, g, len(q)
+        self.n, self.dim = len(q) + len(g), q.shape[1]
+
+    def block(self, a: int, b: int) -> np.ndarray:
+        """Rows a:b (a view when they lie on one side of the query/gallery boundary)."""
+        nq = self.n_query
+        if b <= nq:
+            return self.q[a:b]
+        if a >= nq:
+            return self.g[a - nq:b - nq]
+        return np.concatenate([self.q[a:], self.g[:b - nq]])
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows at arbitrary indices."""
+        out = np.empty((len(idx), self.dim), dtype=np.float32)
+        in_q = idx < self.n_query
+        out[in_q] = self.q[idx[in_q]]
+        out[~in_q] = self.g[idx[~in_q] - self.n_query]
+        return out
+
+    def starts(self, block: int) -> list[int]:
+        """Tile starts: `block`-sized, never straddling the query/gallery boundary."""
+        return list(range(0, self.n_query, block)) + list(range(self.n_query, self.n, block))
+
+
+def _norms(x: _Rows) -> np.ndarray:
     """Squared norms computed in float64, rounded to float32 (the oracle does the same)."""
-    out = np.empty(x.shape[0], dtype=np.float32)
-    for s in range(0, x.shape[0], 65536):
-        x64 = x[s:s + 65536].astype(np.float64)
-        out[s:s + 65536] = np.einsum("ij,ij->i", x64, x64)
+    out = np.empty(x.n, dtype=np.float32)
+    for s in x.starts(2048):
+        e = min(s + 2048, x.n, x.n_query if s < x.n_query else x.n)
+        x64 = x.block(s, e).astype(np.float64)
+        out[s:e] = np.einsum("ij,ij->i", x64, x64)
     return out
 
 
-def _exact_dist(x: np.ndarray, sq: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _exact_dist(x: _Rows, sq: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """d(i, j) for index pairs exactly as the oracle computes them: float64 dots rounded to float32."""
     out = np.empty(len(rows), dtype=np.float32)
-    step = max(1, (8 << 20) // (x.shape[1] * 8))
+    step = max(1, (4 << 20) // (x.dim * 8))
     for s in range(0, len(rows), step):
         r, c = rows[s:s + step], cols[s:s + step]
-        dots = np.einsum("ij,ij->i", x[r].astype(np.float64), x[c].astype(np.float64)).astype(np.float32)
-        out[s:s + step] = (sq[r] + sq[c]) - np.float32(2.0) * dots
+        dots = np.einsum("ij,ij->i", x.take(r).astype(np.float64), x.take(c).astype(np.float64))
+        out[s:s + step] = (sq[r] + sq[c]) - np.float32(2.0) * dots.astype(np.float32)
     return out
 
 
-def _error_bound(x: np.ndarray, sq: np.ndarray) -> float:
-    """Margin on |float32 tile distance - exact distance|: 8 (sqrt(d) + 16) u max|x|^2.
+@dataclass
+class _Tiles:
+    """How tiles are computed: d(i, j) ~ offset - 2 S(i, j) with S = x_i.x_j - (|x_i|^2 + |x_j|^2) / 2, or,
+    when all squared norms are equal to within the error margin (unit features), S = x_i.x_j and offset =
+    the mean squared-norm sum (saving two passes per tile). `err` bounds |offset - 2 S - exact d|."""
 
-    Measured errors of the BLAS tiles are below 1.5 sqrt(d) u max|x|^2 (d = 64..2048), so this is a 5-20x
-    margin. The worst-case bound (d u) is ~100x looser at d = 1024 and would flag most rows as ambiguous.
-    """
-    u = 2.0 ** -24
-    return 8.0 * (math.sqrt(x.shape[1]) + 16.0) * u * (float(sq.max()) + 1e-30)
+    x: _Rows
+    sq: np.ndarray
+    half_sq: np.ndarray | None
+    offset: np.float32
+    err: float
 
+    @classmethod
+    def build(cls, x: _Rows, sq: np.ndarray) -> "_Tiles":
+        u = 2.0 ** -24
+        # Measured BLAS tile errors stay below 1.5 sqrt(d) u max|x|^2 for d = 64..2048: a 5-20x margin.
+        # The worst-case bound (d u) is ~100x looser at d = 1024 and would flag most rows as ambiguous.
+        err = 8.0 * (math.sqrt(x.dim) + 16.0) * u * (float(sq.max()) + 1e-30)
+        spread = float(sq.max()) - float(sq.min())
+        if spread <= err:
+            return cls(x, sq, None, np.float32(float(sq.max()) + float(sq.min())), err + spread)
+        return cls(x, sq, (sq / np.float32(2.0)).astype(np.float32), np.float32(0.0), err)
 
-def _tile(x: np.ndarray, sq: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-    """Float32 distance tile rows r0:r1 x cols c0:c1 (one sgemm), within `_error_bound` of the exact values."""
-    t = x[r0:r1] @ x[c0:c1].T
-    t *= np.float32(-2.0)
-    t += sq[r0:r1, None]
-    t += sq[None, c0:c1]
-    return t
+    def scores(self, rows: np.ndarray, cols: np.ndarray, x_rows: np.ndarray, x_cols: np.ndarray) -> np.ndarray:
+        """S for the given row and column indices, whose features are x_rows, x_cols (one sgemm, plus two
+        passes for features of unequal norms)."""
+        s = x_rows @ x_cols.T
+        if self.half_sq is not None:
+            s -= self.half_sq[rows, None]
+            s -= self.half_sq[None, cols]
+        return s
+
+    def dist(self, s: np.ndarray) -> np.ndarray:
+        return self.offset - np.float32(2.0) * s
+
+    def score_limit(self, d: np.ndarray) -> np.ndarray:
+        """The score below which d(i, j) would exceed d."""
+        return (self.offset - d) / np.float32(2.0)
 
 
 # ----------------------------------------------------------------------------------------------- tile pass
@@ -203,22 +253,26 @@ class _Buffer:
 
 
 class _Running:
-    """Per row: the `need` smallest tile values seen so far; their maximum bounds the need-th neighbour."""
+    """Per row: the `need` smallest tile distances seen so far (their max bounds the need-th neighbour), and
+    the largest one."""
 
     def __init__(self, n: int, need: int) -> None:
         self.top = np.full((n, need), np.inf, dtype=np.float32)
         self.tau = np.full(n, np.inf, dtype=np.float32)
+        self.max = np.full(n, -np.inf, dtype=np.float32)
 
-    def seed(self, r0: int, t: np.ndarray) -> None:
-        """Start rows r0.. from a full tile (their diagonal tile)."""
+    def seed(self, rows: np.ndarray, d: np.ndarray) -> None:
+        """Start `rows` from the distances of a full tile (their diagonal tile)."""
         need = self.top.shape[1]
-        if t.shape[1] > need:
-            t = np.partition(t, need - 1, axis=1)[:, :need]
-        self.top[r0:r0 + len(t), : t.shape[1]] = t
-        self.tau[r0:r0 + len(t)] = self.top[r0:r0 + len(t)].max(axis=1)
+        if d.shape[1] > need:
+            d = np.partition(d, need - 1, axis=1)[:, :need]
+        top = np.full((len(rows), need), np.inf, dtype=np.float32)
+        top[:, : d.shape[1]] = d
+        self.top[rows] = top
+        self.tau[rows] = top.max(axis=1)
 
     def update(self, rows: np.ndarray, vals: np.ndarray) -> None:
-        """Merge new values of some rows (any order, rows may repeat)."""
+        """Merge new distances of some rows (any order, rows may repeat, never values seen before)."""
         keep = vals < self.tau[rows]
         rows, vals = rows[keep], vals[keep]
         if not len(rows):
@@ -237,57 +291,90 @@ class _Running:
         self.tau[uniq] = merged[:, :need].max(axis=1)
 
 
-def _side(t: np.ndarray, axis: int, row_off: int, col_off: int, run: _Running, near: _Buffer,
-          far: _Buffer, row_max: np.ndarray, margin: float, seeded: bool = False) -> None:
-    """Keep, for the rows on one side of a tile, entries below threshold + 2 margin and near the row max.
-    axis=1: the tile's rows are those rows; axis=0: its columns are (the matrix is symmetric)."""
-    m = t.shape[0] if axis == 1 else t.shape[1]
-    lim = run.tau[row_off:row_off + m] + np.float32(2 * margin)
-    rmax = t.max(axis=axis)
-    np.maximum(row_max[row_off:row_off + m], rmax, out=row_max[row_off:row_off + m])
-    hi = rmax - np.float32(margin)
-    r, c = np.nonzero(t <= lim[:, None] if axis == 1 else t <= lim[None, :])
-    fr, fc = np.nonzero(t >= hi[:, None] if axis == 1 else t >= hi[None, :])
-    if axis == 0:
-        r, c, fr, fc = c, r, fc, fr
-    vals = t[r, c] if axis == 1 else t[c, r]
-    near.add(r + row_off, c + col_off, vals)
-    far.add(fr + row_off, fc + col_off, t[fr, fc] if axis == 1 else t[fc, fr])
-    if not seeded:  # a seeded tile's smallest values are already in the running top
-        run.update((r + row_off).astype(np.int64), vals)
+def _side(tiles: _Tiles, s: np.ndarray, axis: int, rows: np.ndarray, cols: np.ndarray, run: _Running,
+          near: _Buffer, far: _Buffer, seeded: bool = False) -> None:
+    """For the rows on one side of a score tile, keep entries within 4 err of the row's running threshold
+    and within 2 err of its running maximum. axis=1: the tile's rows are `rows`; axis=0: its columns are.
+    Only rows whose best (worst) tile entry qualifies are scanned entry by entry."""
+    err = np.float32(tiles.err)
+    lim = tiles.score_limit(run.tau[rows] + 4 * err)
+    live = np.nonzero(s.max(axis=axis) >= lim)[0]
+    if len(live):
+        sub = s[live] if axis == 1 else s[:, live].T
+        r, c = np.nonzero(sub >= lim[live][:, None])
+        found, vals = rows[live[r]], tiles.dist(sub[r, c])
+        near.add(found, cols[c], vals)
+        if not seeded:  # a seeded tile's smallest values are already in the running top
+            run.update(found.astype(np.int64), vals)
+    tile_max = tiles.dist(s.min(axis=axis))
+    old_max = run.max[rows]
+    live = np.nonzero(tile_max >= old_max - 2 * err)[0]
+    new_max = np.maximum(old_max, tile_max)
+    run.max[rows] = new_max
+    if len(live):
+        sub = s[live] if axis == 1 else s[:, live].T
+        r, c = np.nonzero(sub <= tiles.score_limit(new_max[live] - 2 * err)[:, None])
+        far.add(rows[live[r]], cols[c], tiles.dist(sub[r, c]))
 
 
-def _tile_pass(x: np.ndarray, sq: np.ndarray, need: int, err: float, block: int,
-               answer: np.ndarray, n_query: int, progress: bool) -> _Pass:
+def _blocks(x: _Rows, block: int, seed: int = 0) -> list[np.ndarray]:
+    """Row blocks of the tile pass, grouped by nearest random pivot so that a row's diagonal tile holds many of
+    its neighbours (its thresholds start tight, and later tiles are mostly skipped row by row)."""
+    if x.n <= block:
+        return [np.arange(x.n)]
+    rng = np.random.default_rng(seed)
+    piv = np.sort(rng.choice(x.n, min(256, max(2, x.n // 64)), replace=False))
+    p = x.take(piv)
+    half = np.einsum("ij,ij->i", p, p) / np.float32(2.0)
+    cell = np.empty(x.n, dtype=np.int64)
+    for s in x.starts(4096):
+        e = min(s + 4096, x.n, x.n_query if s < x.n_query else x.n)
+        cell[s:e] = np.argmax(x.block(s, e) @ p.T - half[None, :], axis=1)
+    order = np.argsort(cell, kind="stable")
+    return [np.sort(order[s:s + block]) for s in range(0, x.n, block)]
+
+
+def _tile_pass(tiles: _Tiles, need: int, block: int, answer: np.ndarray, progress: bool) -> _Pass:
     """One pass over the upper-triangle tiles (diagonal tiles first, to seed the thresholds).
 
-    Keeps every entry within 4 err of its row's running need-th smallest value (a superset of what the
-    neighbour sets can need) and within 2 err of its row's running maximum; copies the query x gallery tile
-    values into `answer`.
+    Keeps every entry within 4 err of its row's running need-th smallest distance (a superset of what the
+    neighbour sets can need) and within 2 err of its row's running maximum; writes the query x gallery
+    distances into `answer`.
     """
-    n = x.shape[0]
-    starts = list(range(0, n, block))
-    run, near, far = _Running(n, need), _Buffer(), _Buffer()
-    row_max = np.full(n, -np.inf, dtype=np.float32)
-    tiles = [(a, a) for a in starts] + [(a, b) for i, a in enumerate(starts) for b in starts[i + 1:]]
-    for a, b in _progress(tiles, "re-ranking: distance tiles", progress):
-        a1, b1 = min(n, a + block), min(n, b + block)
-        t = _tile(x, sq, a, a1, b, b1)
-        if a == b:
-            run.seed(a, t)
-        _side(t, 1, a, b, run, near, far, row_max, 2 * err, seeded=a == b)
-        if b != a:
-            _side(t, 0, b, a, run, near, far, row_max, 2 * err)
-        if a < n_query and b1 > n_query:
-            q1, g0 = min(a1, n_query), max(b, n_query)
-            answer[a:q1, g0 - n_query:b1 - n_query] = t[: q1 - a, g0 - b:]
-        if far.size > 4 * n:
-            _compact_far(far, row_max, 2 * err)
-    _compact_far(far, row_max, 2 * err)
+    x = tiles.x
+    blocks = _blocks(x, block)
+    run, near, far = _Running(x.n, need), _Buffer(), _Buffer()
+    pairs = [(i, i) for i in range(len(blocks))] + [(i, j) for i in range(len(blocks))
+                                                     for j in range(i + 1, len(blocks))]
+    cached: tuple[int, np.ndarray] = (-1, np.empty(0))
+    for i, j in _progress(pairs, "re-ranking: distance tiles", progress):
+        if cached[0] != i:
+            cached = (i, x.take(blocks[i]))
+        rows, cols = blocks[i], blocks[j]
+        s = tiles.scores(rows, cols, cached[1], cached[1] if i == j else x.take(cols))
+        if i == j:
+            run.seed(rows, tiles.dist(s))
+        _side(tiles, s, 1, rows, cols, run, near, far, seeded=i == j)
+        if i != j:
+            _side(tiles, s, 0, cols, rows, run, near, far)
+        _answer(tiles, s, rows, cols, answer, both=i != j)
+        if far.size > 4 * x.n:
+            _compact_far(far, run.max, 2 * tiles.err)
+    _compact_far(far, run.max, 2 * tiles.err)
     rows, cols, vals = near.take()
-    keep = vals <= run.tau[rows] + np.float32(4 * err)
+    keep = vals <= run.tau[rows] + np.float32(4 * tiles.err)
     fr, fc, fv = far.take()
     return _Pass(rows[keep], cols[keep], vals[keep], fr, fc, fv)
+
+
+def _answer(tiles: _Tiles, s: np.ndarray, rows: np.ndarray, cols: np.ndarray, answer: np.ndarray,
+            both: bool) -> None:
+    """Copy the tile's query x gallery distances into answer (and gallery x query ones, transposed)."""
+    nq = tiles.x.n_query
+    for r_idx, c_idx, t in ((rows, cols, s), (cols, rows, s.T)) if both else ((rows, cols, s),):
+        qr, gc = r_idx < nq, c_idx >= nq
+        if qr.any() and gc.any():
+            answer[np.ix_(r_idx[qr], c_idx[gc] - nq)] = tiles.dist(t[np.ix_(qr, gc)])
 
 
 def _compact_far(far: _Buffer, row_max: np.ndarray, margin: float) -> None:
@@ -309,10 +396,10 @@ def _progress(items: Sequence, label: str, show: bool) -> Iterator:
             bar.advance(task)
 
 
-def _exact_row_max(x: np.ndarray, sq: np.ndarray, p: _Pass) -> np.ndarray:
+def _exact_row_max(x: _Rows, sq: np.ndarray, p: _Pass) -> np.ndarray:
     """The exact per-row maximum distance (= column maximum, the matrix being symmetric)."""
     exact = _exact_dist(x, sq, p.far_rows, p.far_cols)
-    out = np.full(x.shape[0], -np.inf, dtype=np.float32)
+    out = np.full(x.n, -np.inf, dtype=np.float32)
     np.maximum.at(out, p.far_rows, exact)
     if not np.all(out > 0):
         raise SubmitError("query_feats/gallery_feats: all feature rows are identical; nothing to re-rank")
@@ -336,7 +423,7 @@ def _sort_candidates(p: _Pass, n: int) -> _Sorted:
     return _Sorted(rows, p.cols[order], p.vals[order], np.searchsorted(rows, np.arange(n + 1)))
 
 
-def _neighbour_set(x: np.ndarray, sq: np.ndarray, c: _Sorted, col_max: np.ndarray, width: int,
+def _neighbour_set(x: _Rows, sq: np.ndarray, c: _Sorted, col_max: np.ndarray, width: int,
                    err: float) -> np.ndarray:
     """(N, width) indices of each row's `width` nearest neighbours, as the dense algorithm's stable argsort.
 
@@ -379,7 +466,7 @@ def _reciprocal(lists: np.ndarray) -> np.ndarray:
     n, width = lists.shape
     fwd = lists
     out = np.full_like(fwd, -1)
-    step = max(1, (16 << 20) // (width * width * 4))
+    step = max(1, (4 << 20) // (width * width * 4))
     for s in range(0, n, step):
         f = fwd[s:s + step]
         back = lists[f]
@@ -394,27 +481,32 @@ def _expanded_sets(r_sets: np.ndarray, h_sets: np.ndarray) -> tuple[np.ndarray, 
     hb = h_sets.shape[1]
     indptr = np.zeros(n + 1, dtype=np.int64)
     parts = []
-    step = max(1, (32 << 20) // (a * hb * a + a * (hb + 1) * 8))
+    step = max(1, min(n, (4 << 20) // n))
+    marker = np.zeros((step, n), dtype=bool)  # marker[i, j]: j in R(i), for one chunk of rows
     for s in range(0, n, step):
         rs = r_sets[s:s + step]
+        m = len(rs)
+        loc, pos = np.nonzero(rs >= 0)
+        marker[loc, rs[loc, pos]] = True
         hc = np.where((rs >= 0)[:, :, None], h_sets[np.maximum(rs, 0)], -1)  # (m, a, hb)
-        hsize = (hc >= 0).sum(axis=2)
-        shared = ((hc[..., None] == rs[:, None, None, :]) & (hc[..., None] >= 0)).any(axis=3).sum(axis=2)
-        accept = (rs >= 0) & (shared > 2 / 3 * hsize)
-        extra = np.where(accept[:, :, None], hc, -1).reshape(len(rs), a * hb)
+        valid = hc >= 0
+        shared = (marker[np.arange(m)[:, None, None], np.maximum(hc, 0)] & valid).sum(axis=2)
+        marker[loc, rs[loc, pos]] = False
+        accept = (rs >= 0) & (shared > 2 / 3 * valid.sum(axis=2))
+        extra = np.where(accept[:, :, None], hc, -1).reshape(m, a * hb)
         members = np.sort(np.concatenate([rs, extra], axis=1), axis=1)
         first = np.ones_like(members, dtype=bool)
         first[:, 1:] = members[:, 1:] != members[:, :-1]
         first &= members >= 0
-        indptr[s + 1:s + 1 + len(rs)] = first.sum(axis=1)
+        indptr[s + 1:s + 1 + m] = first.sum(axis=1)
         parts.append(members[first])
     np.cumsum(indptr, out=indptr)
     return indptr, np.concatenate(parts).astype(np.int32)
 
 
-def _pair_values(x: np.ndarray, sq: np.ndarray, p: _Sorted, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _pair_values(x: _Rows, sq: np.ndarray, p: _Sorted, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Tile distances for pairs, looked up among the kept candidates or computed when not kept."""
-    n = x.shape[0]
+    n = x.n
     known = p.rows.astype(np.int64) * n + p.cols
     order = np.argsort(known)
     known = known[order]
@@ -428,7 +520,7 @@ def _pair_values(x: np.ndarray, sq: np.ndarray, p: _Sorted, rows: np.ndarray, co
     return out
 
 
-def _weights(x: np.ndarray, sq: np.ndarray, p: _Sorted, col_max: np.ndarray, indptr: np.ndarray,
+def _weights(x: _Rows, sq: np.ndarray, p: _Sorted, col_max: np.ndarray, indptr: np.ndarray,
              indices: np.ndarray) -> np.ndarray:
     """V values: exp(-original distance) over each expanded set, normalised to sum 1 per row."""
     rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
@@ -453,7 +545,7 @@ def _local_expansion(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     out_ptr = np.zeros(n + 1, dtype=np.int64)
     cols_parts, vals_parts = [], []
     nnz_row = np.diff(indptr)
-    step = max(1, 2_000_000 // max(1, k * int(nnz_row.mean() if n else 1)))
+    step = max(1, 100_000 // max(1, k * int(nnz_row.mean() if n else 1)))
     for s in range(0, n, step):
         nb = lists[s:s + step].ravel()
         lengths = nnz_row[nb]
@@ -472,37 +564,46 @@ def _local_expansion(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
 
 def _jaccard_into(answer: np.ndarray, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
                   n_query: int, lambda_value: float) -> None:
-    """answer = (1 - lambda) * Jaccard + lambda * answer, for queries x gallery only, chunk by chunk."""
+    """answer = (1 - lambda) * Jaccard distance + lambda * answer, for queries x gallery only.
+
+    Jaccard = 1 - t / (2 - t) with t = sum_k min(V[q, k], V[g, k]); t is 0 (Jaccard 1) except where q and g
+    share a column of V, so the dense part is one fused update and the overlaps are summed sparsely, over
+    (query entry, gallery entry in the same column) pairs, query chunk by query chunk.
+    """
     n = len(indptr) - 1
     n_gallery = n - n_query
     g0 = indptr[n_query]
-    g_rows = np.repeat(np.arange(n_query, n), np.diff(indptr[n_query:])) - n_query
+    g_rows = (np.repeat(np.arange(n_query, n), np.diff(indptr[n_query:])) - n_query).astype(np.int32)
     g_cols = indices[g0:]
     by_col = np.argsort(g_cols, kind="stable")
     col_ptr = np.searchsorted(g_cols[by_col], np.arange(n + 1))
     col_rows, col_vals = g_rows[by_col], data[g0:][by_col]
+    del g_rows, g_cols, by_col
     col_len = np.diff(col_ptr)
     q_rows = np.repeat(np.arange(n_query), np.diff(indptr[: n_query + 1]))
     work = np.bincount(q_rows, weights=col_len[indices[: indptr[n_query]]], minlength=n_query)
-    max_rows = max(1, _ACC_BYTES // (8 * n_gallery))
+    answer *= np.float32(lambda_value)
+    answer += np.float32(1 - lambda_value)
     s = 0
     while s < n_query:
-        e = s + 1
-        budget = work[s]
-        while e < n_query and e - s < max_rows and budget + work[e] <= _TRIPLES_PER_CHUNK:
-            budget += work[e]
-            e += 1
+        e = _chunk_end(work, s)
         q_local = np.repeat(np.arange(e - s), np.diff(indptr[s:e + 1]))
         q_cols = indices[indptr[s]:indptr[e]]
-        q_vals = data[indptr[s]:indptr[e]]
         lengths = col_len[q_cols]
         pos = _ranges(col_ptr[q_cols], lengths)
-        mins = np.minimum(np.repeat(q_vals, lengths), col_vals[pos])
+        mins = np.minimum(np.repeat(data[indptr[s]:indptr[e]], lengths), col_vals[pos])
         code = np.repeat(q_local, lengths).astype(np.int64) * n_gallery + col_rows[pos]
-        acc = np.bincount(code, weights=mins, minlength=(e - s) * n_gallery).reshape(e - s, n_gallery)
-        jac = 1 - acc / (2 - acc)
-        answer[s:e] = jac * (1 - lambda_value) + answer[s:e] * lambda_value
+        del pos, lengths
+        uniq, inverse = np.unique(code, return_inverse=True)
+        t = np.bincount(inverse, weights=mins, minlength=len(uniq))
+        answer[s + uniq // n_gallery, uniq % n_gallery] -= ((1 - lambda_value) * t / (2 - t)).astype(np.float32)
         s = e
+
+
+def _chunk_end(work: np.ndarray, s: int) -> int:
+    """End of the query chunk starting at s: as many queries as fit in _TRIPLES_PER_CHUNK work items."""
+    total = np.cumsum(work[s:])
+    return s + max(1, int(np.searchsorted(total, _TRIPLES_PER_CHUNK, side="right")))
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -519,24 +620,125 @@ def k_reciprocal(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int = 2
     lambda_value = _check_float(lambda_value, "lambda_value", 0.0, 1.0)
     block = _check_int(block, "block", 16)
     _check_memory(len(q), len(g), q.shape[1], k1, k2, block, memory_limit)
-    n_query, n = len(q), len(q) + len(g)
-    x = np.concatenate([q, g])
-    del q, g
-    sq = _norms(x)
-    err = _error_bound(x, sq)
+    x = _Rows(q, g)
+    n, n_query = x.n, x.n_query
+    tiles = _Tiles.build(x, _norms(x))
     half = int(np.around(k1 / 2))
     widths = [min(k1 + 1, n), min(half + 1, n)] + ([min(k2, n)] if k2 != 1 else [])
     answer = np.empty((n_query, n - n_query), dtype=np.float32)
-    p = _tile_pass(x, sq, min(max(widths) + 1, n), err, block, answer, n_query, progress)
-    col_max = _exact_row_max(x, sq, p)
+    p = _tile_pass(tiles, min(max(widths) + 1, n), block, answer, progress)
+    col_max = _exact_row_max(x, tiles.sq, p)
     cand = _sort_candidates(p, n)
     del p
-    sets = {w: _neighbour_set(x, sq, cand, col_max, w, err) for w in set(widths)}
+    sets = {w: _neighbour_set(x, tiles.sq, cand, col_max, w, tiles.err) for w in set(widths)}
     indptr, indices = _expanded_sets(_reciprocal(sets[widths[0]]), _reciprocal(sets[widths[1]]))
-    data = _weights(x, sq, cand, col_max, indptr, indices)
+    data = _weights(x, tiles.sq, cand, col_max, indptr, indices)
     del cand
     if k2 != 1:
         indptr, indices, data = _local_expansion(indptr, indices, data, sets[widths[2]])
     answer /= col_max[:n_query, None]
     _jaccard_into(answer, indptr, indices, data, n_query, lambda_value)
     return answer
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def _top_k(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of unit `queries` among unit `base` rows (faiss flat index)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(base)
+    sims, idx = index.search(queries, k)
+    return sims, idx
+
+
+def _weighted_mean(feats: np.ndarray, sims: np.ndarray, idx: np.ndarray, alpha: float) -> np.ndarray:
+    """Sum of neighbour features weighted by max(sim, 0)^alpha (alpha = 0: plain sum), per row."""
+    w = np.maximum(sims, 0.0) ** alpha if alpha > 0 else np.ones_like(sims)
+    return np.einsum("nk,nkd->nd", w, feats[idx])
+
+
+def query_expansion(query_feats: np.ndarray, gallery_feats: np.ndarray, k: int = 1,
+                    alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Alpha query expansion (Radenovic et al.): each query becomes the unit-normalised sum of itself and its
+    k nearest gallery features weighted by cosine^alpha (alpha=0: plain average). Returns (queries, gallery)."""
+    q, g = _pair(query_feats, gallery_feats)
+    k = _check_int(k, "k")
+    alpha = _check_float(alpha, "alpha", 0.0, 100.0)
+    if k > len(g):
+        raise SubmitError(f"k: {k} is more than the {len(g)} gallery features")
+    q, g = _unit(q), _unit(g)
+    sims, idx = _top_k(g, q, k)
+    return _unit(q + _weighted_mean(g, sims, idx, alpha)), g
+
+
+def database_augmentation(query_feats: np.ndarray, gallery_feats: np.ndarray, k: int = 5,
+                          alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Database-side augmentation (DBA): each gallery feature becomes the unit-normalised mean of its k nearest
+    gallery features (itself included) weighted by cosine^alpha (alpha=0: plain mean). Queries are unchanged."""
+    q, g = _pair(query_feats, gallery_feats)
+    k = _check_int(k, "k")
+    alpha = _check_float(alpha, "alpha", 0.0, 100.0)
+    if k > len(g):
+        raise SubmitError(f"k: {k} is more than the {len(g)} gallery features")
+    q, g = _unit(q), _unit(g)
+    sims, idx = _top_k(g, g, k)
+    return q, _unit(_weighted_mean(g, sims, idx, alpha))
+
+
+def cosine_distance(query_feats: np.ndarray, gallery_feats: np.ndarray) -> np.ndarray:
+    """(Q, G) float32 cosine distances 1 - cos(q, g), in [0, 2]."""
+    q, g = _pair(query_feats, gallery_feats)
+    return (1.0 - _unit(q) @ _unit(g).T).astype(np.float32)
+
+
+_STEPS = {"qe": query_expansion, "query_expansion": query_expansion,
+          "dba": database_augmentation, "database_augmentation": database_augmentation,
+          "rerank": k_reciprocal, "k_reciprocal": k_reciprocal}
+
+
+def postprocess(query_feats: np.ndarray, gallery_feats: np.ndarray,
+                steps: Sequence[dict[str, dict[str, Any]]] = ()) -> np.ndarray:
+    """Run a chain of steps and return (Q, G) float32 distances.
+
+    Each step is a one-key dict: ``{"dba": {"k": 5}}``, ``{"qe": {"k": 1, "alpha": 3}}`` or
+    ``{"rerank": {"k1": 20, "k2": 6, "lambda": 0.3}}`` (long names and ``lambda_value`` work too). Features
+    are L2-normalised first; "rerank" must come last; without it the result is the cosine distance.
+    """
+    q, g = _pair(query_feats, gallery_feats)
+    q, g = _unit(q), _unit(g)
+    for i, step in enumerate(steps):
+        name, params = _parse_step(step, i)
+        fn = _STEPS[name]
+        if fn is k_reciprocal:
+            if i != len(steps) - 1:
+                raise SubmitError(f"steps[{i}]: {name!r} returns distances, so it must be the last step")
+            return k_reciprocal(q, g, **params)
+        q, g = fn(q, g, **params)
+    return cosine_distance(q, g)
+
+
+def _parse_step(step: Any, i: int) -> tuple[str, dict[str, Any]]:
+    """Validate one chain step: a one-key mapping from a known step name to its keyword parameters."""
+    import inspect
+
+    if not isinstance(step, dict) or len(step) != 1:
+        raise SubmitError(f"steps[{i}]: expected a one-key mapping like {{'rerank': {{'k1': 20}}}}, got {step!r}")
+    (name, params), = step.items()
+    if name not in _STEPS:
+        raise SubmitError(f"steps[{i}]: unknown step {name!r} (known: {', '.join(_STEPS)})")
+    if params is not None and not isinstance(params, dict):
+        raise SubmitError(f"steps[{i}].{name}: expected a mapping of parameters, got {params!r}")
+    params = dict(params or {})
+    if "lambda" in params:
+        params["lambda_value"] = params.pop("lambda")
+    allowed = list(inspect.signature(_STEPS[name]).parameters)[2:]
+    for key in params:
+        if key not in allowed:
+            raise SubmitError(f"steps[{i}].{name}.{key}: not a parameter of {name} (allowed: {', '.join(allowed)})")
+    return name, params

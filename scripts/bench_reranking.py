@@ -1,0 +1,145 @@
+"""Benchmark: blockwise k-reciprocal re-ranking (submit.reranking) vs the dense algorithm (test oracle).
+
+Default: the 2023 challenge size (618 queries x 9,505 gallery, 1,024-d). Both run in child processes on the same
+clustered random features (players grouped in teams and games, so neighbourhoods look like re-id features);
+each child reports its wall time, CPU time and peak RSS (ru_maxrss), and the parent prints the ratios and the
+largest difference between the two outputs. `--large` runs ours alone on 10,000 x 100,000 (256-d).
+
+    python scripts/bench_reranking.py            # challenge size, ours vs dense
+    python scripts/bench_reranking.py --large    # 10k x 100k, ours only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def clustered_features(n_query: int, n_gallery: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit features: one identity per query, gallery images drawn from those identities; identities share a
+    game (10 players) and a team (5), so same-team players are closer than strangers (intra-identity cos ~0.75)."""
+    rng = np.random.default_rng(seed)
+
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+    game = unit(rng.standard_normal((n_query // 10 + 1, dim)))
+    team = unit(rng.standard_normal((n_query // 5 + 1, dim)))
+    ident = np.arange(n_query)
+    centre = unit(0.45 * game[ident // 10] + 0.45 * team[ident // 5] + 0.75 * unit(rng.standard_normal((n_query, dim))))
+    owner = np.concatenate([ident, rng.integers(0, n_query, n_gallery)])
+    sigma = np.sqrt(0.34 / dim)
+    feats = np.empty((len(owner), dim), dtype=np.float32)
+    for s in range(0, len(owner), 8192):
+        o = owner[s:s + 8192]
+        feats[s:s + 8192] = unit(centre[o] + sigma * rng.standard_normal((len(o), dim)))
+    return feats[:n_query], feats[n_query:]
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _current_rss() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(which: str, feats: str, out: str, block: int) -> None:
+    """Run one implementation on saved features; write its output and a JSON line of measurements."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from dense_rerank_oracle import dense_k_reciprocal
+
+    from submit.reranking import k_reciprocal
+
+    data = np.load(feats)
+    q, g = data["q"], data["g"]
+    base = _current_rss()
+    t0, c0 = time.perf_counter(), time.process_time()
+    if which == "dense":
+        dist = dense_k_reciprocal(q, g)
+    else:
+        dist = k_reciprocal(q, g, block=block)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    np.save(out, dist)
+    print(json.dumps({"wall": wall, "cpu": cpu, "peak": _peak_rss(), "base": base}))
+
+
+def run_child(which: str, feats: Path, out: Path, block: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", which, "--feats", str(feats), "--out", str(out), "--block", str(block)]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, numpy {np.__version__}, Python {platform.python_version()}"
+
+
+def gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--large", action="store_true", help="10,000 x 100,000 x 256-d, ours only")
+    ap.add_argument("--queries", type=int)
+    ap.add_argument("--gallery", type=int)
+    ap.add_argument("--dim", type=int)
+    ap.add_argument("--block", type=int, default=2048)
+    ap.add_argument("--child", choices=["dense", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--feats", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.feats, args.out, args.block)
+        return
+    nq, ng, dim = (10_000, 100_000, 256) if args.large else (618, 9_505, 1_024)
+    nq, ng, dim = args.queries or nq, args.gallery or ng, args.dim or dim
+    print(f"machine: {machine()}")
+    print(f"date:    {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"size:    {nq} queries x {ng} gallery, {dim}-d, k1=20 k2=6 lambda=0.3, block={args.block}")
+    with tempfile.TemporaryDirectory() as tmp:
+        feats = Path(tmp) / "feats.npz"
+        q, g = clustered_features(nq, ng, dim)
+        np.savez(feats, q=q, g=g)
+        del q, g
+        ours = run_child("ours", feats, Path(tmp) / "ours.npy", args.block)
+        line = "ours:    {wall:7.2f} s wall ({cpu:.2f} s CPU), peak RSS {p} ({a} above the loaded inputs)"
+        print(line.format(wall=ours["wall"], cpu=ours["cpu"], p=gib(ours["peak"]), a=gib(ours["peak"] - ours["base"])))
+        if args.large:
+            return
+        dense = run_child("dense", feats, Path(tmp) / "dense.npy", args.block)
+        print(line.replace("ours:   ", "dense:  ").format(wall=dense["wall"], cpu=dense["cpu"], p=gib(dense["peak"]),
+                                                          a=gib(dense["peak"] - dense["base"])))
+        diff = float(np.abs(np.load(Path(tmp) / "ours.npy") - np.load(Path(tmp) / "dense.npy")).max())
+        print(f"max |ours - dense| = {diff:.2e}")
+        print(f"speed-up: {dense['wall'] / ours['wall']:.1f}x wall, {dense['cpu'] / ours['cpu']:.1f}x CPU; "
+              f"peak RSS ratio {ours['peak'] / dense['peak']:.3f} "
+              f"(above inputs: {(ours['peak'] - ours['base']) / (dense['peak'] - dense['base']):.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""submit.reranking: blockwise k-reciprocal re-ranking equals the dense algorithm; QE, DBA, chains, errors."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from dense_rerank_oracle import dense_k_reciprocal
+from submit import reranking
+from submit.errors import SubmitError
+from submit.reranking import (cosine_distance, database_augmentation, estimate_rerank_memory, k_reciprocal,
+                              postprocess, query_expansion)
+
+
+def labelled(seed: int, n: int, dim: int, clusters: int, noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows around a few random centres (re-id-like neighbourhoods), and each row's centre."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    labels = rng.integers(0, clusters, n)
+    x = centres[labels] / np.sqrt(dim) + noise / np.sqrt(dim) * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def clustered(seed: int, n: int, dim: int, clusters: int, noise: float = 0.3) -> np.ndarray:
+    return labelled(seed, n, dim, clusters, noise)[0]
+
+
+def lattice(seed: int, n: int, dim: int = 10, ones: int = 4) -> np.ndarray:
+    """Unit 0/1 vectors with `ones` ones: distinct points at exactly equal distances (many ties)."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, dim), dtype=np.float32)
+    for row in x:
+        row[rng.choice(dim, ones, replace=False)] = 1.0
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def reversed_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the oracle break distance ties by descending index instead of ascending."""
+    argsort = np.argsort
+
+    def descending(a: np.ndarray, axis: int = -1, kind: str | None = None) -> np.ndarray:
+        return a.shape[1] - 1 - argsort(a[:, ::-1], axis=1, kind="stable")
+
+    monkeypatch.setattr(np, "argsort", descending)
+
+
+@pytest.mark.parametrize("seed, n_query, n_gallery, dim, k1, k2, lam, block", [
+    (0, 30, 200, 16, 20, 6, 0.3, 64),
+    (1, 50, 450, 32, 20, 6, 0.3, 128),
+    (2, 7, 40, 8, 5, 1, 0.5, 16),
+    (3, 40, 300, 64, 7, 3, 0.0, 2048),
+    (4, 25, 250, 6, 4, 2, 1.0, 48),
+])
+def test_matches_dense_oracle(seed, n_query, n_gallery, dim, k1, k2, lam, block):
+    x = clustered(seed, n_query + n_gallery, dim, clusters=max(3, (n_query + n_gallery) // 15))
+    q, g = x[:n_query], x[n_query:]
+    ours = k_reciprocal(q, g, k1=k1, k2=k2, lambda_value=lam, block=block)
+    dense = dense_k_reciprocal(q, g, k1, k2, lam)
+    assert ours.shape == (n_query, n_gallery) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, dense, atol=1e-5, rtol=0)
+    assert np.ptp(ours) > 0.1  # not a degenerate constant answer
+
+
+@pytest.mark.parametrize("seed, k1, k2", [(0, 20, 6), (1, 4, 2), (2, 7, 3)])
+def test_ties_resolved_by_lower_index(seed, k1, k2, monkeypatch):
+    x = lattice(seed, 240)
+    q, g = x[:48], x[48:]
+    ours = k_reciprocal(q, g, k1=k1, k2=k2, block=32)
+    np.testing.assert_allclose(ours, dense_k_reciprocal(q, g, k1, k2), atol=1e-5, rtol=0)
+    reversed_ties(monkeypatch)
+    other_rule = dense_k_reciprocal(q, g, k1, k2)
+    assert np.abs(ours - other_rule).max() > 0.05  # the tie rule matters on these inputs
+
+
+def test_duplicate_rows_and_unnormalised_features():
+    rng = np.random.default_rng(5)
+    base = (3 * rng.standard_normal((12, 8))).astype(np.float32)
+    x = base[rng.integers(0, 12, 300)]  # ~25 exact copies of each row
+    x[::7] *= 2.0
+    q, g = x[:40], x[40:]
+    np.testing.assert_allclose(k_reciprocal(q, g, block=32), dense_k_reciprocal(q, g), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_query, n_gallery", [(1, 1), (3, 9), (5, 20)])
+def test_fewer_rows_than_k1(n_query, n_gallery):
+    x = clustered(7, n_query + n_gallery, 5, clusters=2)
+    q, g = x[:n_query], x[n_query:]
+    np.testing.assert_allclose(k_reciprocal(q, g), dense_k_reciprocal(q, g), atol=1e-5, rtol=0)
+
+
+def test_float16_v_of_the_toolkits_is_close_but_not_equal():
+    x = clustered(8, 260, 24, clusters=15)
+    q, g = x[:40], x[40:]
+    ours, half = k_reciprocal(q, g), dense_k_reciprocal(q, g, v_dtype=np.float16)
+    assert 1e-6 < np.abs(ours - half).max() < 5e-3
+
+
+def test_block_size_does_not_change_the_result():
+    x = clustered(9, 700, 32, clusters=40)
+    q, g = x[:100], x[100:]
+    np.testing.assert_allclose(k_reciprocal(q, g, block=16), k_reciprocal(q, g, block=4096), atol=1e-6, rtol=0)
+
+
+def test_never_allocates_a_dense_n_by_n_matrix():
+    n_query, n_gallery = 300, 7700
+    x = clustered(10, n_query + n_gallery, 16, clusters=500, noise=0.2)
+    q, g = x[:n_query], x[n_query:]
+    tracemalloc.start()
+    try:
+        k_reciprocal(q, g, block=512)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    dense_float32 = (n_query + n_gallery) ** 2 * 4  # 256 MB; the dense algorithm holds several such
+    assert peak < dense_float32 / 8, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_refuses_a_job_that_does_not_fit():
+    x = clustered(11, 60, 8, clusters=4)
+    with pytest.raises(SubmitError, match=r"k_reciprocal: needs about .* GiB for 10 queries x 50 gallery "
+                                          r"\(block=2048\) but only 0\.00 GiB is available; lower 'block'"):
+        k_reciprocal(x[:10], x[10:], memory_limit=1000)
+
+
+def test_memory_estimate_scales_and_fits_the_large_case():
+    small = estimate_rerank_memory(618, 9505, 1024)
+    assert small < 0.5 * 24 * (618 + 9505) ** 2  # far below the dense algorithm's ~24 N^2 bytes
+    assert estimate_rerank_memory(618, 9505, 1024, block=512) < small
+    large = estimate_rerank_memory(10_000, 100_000, 256)
+    assert 10_000 * 100_000 * 4 < large < 16 * 2**30
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(k1=0), r"k1: expected an integer >= 1, got 0"),
+    (dict(k2=2.5), r"k2: expected an integer >= 1, got 2.5"),
+    (dict(lambda_value=1.5), r"lambda_value: expected a number in \[0, 1\], got 1.5"),
+    (dict(block=4), r"block: expected an integer >= 16, got 4"),
+])
+def test_bad_parameters(kwargs, message):
+    x = clustered(12, 30, 4, clusters=3)
+    with pytest.raises(SubmitError, match=message):
+        k_reciprocal(x[:5], x[5:], **kwargs)
+
+
+@pytest.mark.parametrize("q, g, message", [
+    (np.zeros((3,)), np.zeros((4, 3)), r"query_feats: expected a non-empty \(n, d\) feature matrix, got shape \(3,\)"),
+    (np.zeros((3, 4)), np.zeros((0, 4)), r"gallery_feats: expected a non-empty \(n, d\) feature matrix"),
+    (np.zeros((3, 4)), np.zeros((5, 3)), r"gallery_feats: feature size 3 differs from query_feats' 4"),
+    (np.full((3, 4), np.nan), np.ones((5, 4)), r"query_feats: contains NaN or infinite values"),
+    (np.array([["a"]]), np.ones((5, 1)), r"query_feats: expected numbers, got dtype <U1"),
+    (np.ones((3, 4)), np.ones((5, 4)), r"all feature rows are identical"),
+])
+def test_bad_features(q, g, message):
+    with pytest.raises(SubmitError, match=message):
+        k_reciprocal(q, g)
+
+
+def test_query_expansion_by_hand():
+    g = np.eye(4, dtype=np.float32)
+    q = np.array([[0.8, 0.6, 0.0, 0.0]], dtype=np.float32)
+    q2, g2 = query_expansion(q, g, k=1, alpha=0)
+    expected = q + g[0]
+    np.testing.assert_allclose(q2, expected / np.linalg.norm(expected), atol=1e-6)
+    np.testing.assert_array_equal(g2, g)
+    q3, _ = query_expansion(q, g, k=2, alpha=3)
+    expected = q + 0.8**3 * g[0] + 0.6**3 * g[1]
+    np.testing.assert_allclose(q3, expected / np.linalg.norm(expected), atol=1e-6)
+
+
+def test_database_augmentation_by_hand():
+    g = np.array([[1, 0], [0.8, 0.6], [0, 1]], dtype=np.float32)
+    q = np.array([[1, 1]], dtype=np.float32)
+    q2, g2 = database_augmentation(q, g, k=2, alpha=0)
+    np.testing.assert_allclose(q2, q / np.sqrt(2), atol=1e-6)
+    mean01 = (g[0] + g[1]) / np.linalg.norm(g[0] + g[1])
+    mean12 = (g[1] + g[2]) / np.linalg.norm(g[1] + g[2])
+    np.testing.assert_allclose(g2, [mean01, mean01, mean12], atol=1e-6)
+    _, same = database_augmentation(q, g, k=1)
+    np.testing.assert_allclose(same, g, atol=1e-6)
+
+
+def test_qe_and_dba_help_on_clustered_features():
+    x, labels = labelled(13, 400, 32, clusters=20, noise=1.2)
+    q, g, lq, lg = x[:50], x[50:], labels[:50], labels[50:]
+
+    def rank1(dist: np.ndarray) -> float:
+        return float(np.mean(lg[dist.argmin(axis=1)] == lq))
+
+    base = rank1(cosine_distance(q, g))
+    assert rank1(postprocess(q, g, [{"dba": {"k": 3}}, {"qe": {"k": 2}}])) >= base
+    assert rank1(postprocess(q, g, [{"rerank": {}}])) >= base
+
+
+def test_postprocess_chain_equals_the_steps():
+    x = clustered(14, 300, 16, clusters=20)
+    q, g = x[:40] * 3, x[40:]  # chain normalises first
+    steps = [{"dba": {"k": 5}}, {"qe": {"k": 1, "alpha": 3}}, {"rerank": {"k1": 20, "k2": 6, "lambda": 0.3}}]
+    q1, g1 = database_augmentation(q, g, k=5)
+    q2, g2 = query_expansion(q1, g1, k=1, alpha=3)
+    np.testing.assert_allclose(postprocess(q, g, steps), k_reciprocal(q2, g2, 20, 6, 0.3), atol=1e-6)
+    np.testing.assert_allclose(postprocess(q, g, steps[:2]), 1 - q2 @ g2.T, atol=1e-6)
+    np.testing.assert_allclose(postprocess(q, g), cosine_distance(q, g), atol=1e-6)
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"pca": {}}], r"steps\[0\]: unknown step 'pca'"),
+    ([{"qe": {"k": 1}, "dba": {}}], r"steps\[0\]: expected a one-key mapping"),
+    ([{"dba": {"kk": 3}}], r"steps\[0\]\.dba\.kk: not a parameter of dba \(allowed: k, alpha\)"),
+    ([{"rerank": {}}, {"qe": {}}], r"steps\[0\]: 'rerank' returns distances, so it must be the last step"),
+    ([{"qe": [1]}], r"steps\[0\]\.qe: expected a mapping of parameters"),
+    ([{"qe": {"k": 0}}], r"k: expected an integer >= 1, got 0"),
+    ([{"qe": {"k": 999}}], r"k: 999 is more than the 260 gallery features"),
+])
+def test_postprocess_errors(steps, message):
+    x = clustered(15, 300, 8, clusters=5)
+    with pytest.raises(SubmitError, match=message):
+        postprocess(x[:40], x[40:], steps)
+
+
+def test_chain_functions_take_queries_then_gallery():
+    # submit.predict calls fn(q, g, **params) and reads parameter names after the first two.
+    import inspect
+
+    for fn in (k_reciprocal, query_expansion, database_augmentation):
+        assert list(inspect.signature(fn).parameters)[:2] == ["query_feats", "gallery_feats"]
+    assert reranking.__all__
