@@ -193,6 +193,8 @@ def predict(spec: str, data_dir: str, split: str, out: str, runs_dir: str | None
     console = Console()
     if result["scores"]:
         console.print(score_table(result))
+    for note in result["notes"]:
+        console.print(f"note: {note}", style="yellow", highlight=False, soft_wrap=True)
     console.print(f"wrote {result['out']} ({result['shape'][0]} queries x {result['shape'][1]} gallery)",
                   highlight=False, soft_wrap=True)
 

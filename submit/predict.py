@@ -71,7 +71,20 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
     chain = f"post-processing on {'each member' if spec.postprocess_on == 'member' else 'the fused features'}: " \
         f"{chain_text(spec.postprocess)}" if spec.postprocess else "no post-processing"
     return {"out": str(out), "spec": str(spec_file), "split": split, "members": [m.name for m in spec.members],
-            "shape": [int(final.shape[0]), int(final.shape[1])], "postprocess": chain, "scores": scores}
+            "shape": [int(final.shape[0]), int(final.shape[1])], "postprocess": chain, "scores": scores,
+            "notes": leak_notes(spec) if split == "test" else []}
+
+
+def leak_notes(spec: EnsembleSpec) -> list[str]:
+    """Warnings for run members whose training rows include the test split (data.split all or kfold)."""
+    notes = []
+    for m in spec.members:
+        if m.run is not None:
+            data_split = load_recipe(Path(m.run) / "recipe.yaml").data.split
+            if data_split in ("all", "kfold"):
+                notes.append(f"member {m.name} trained on test-split crops (data.split: {data_split}); "
+                             "its test scores are optimistic")
+    return notes
 
 
 def fuse_members(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, gallery: pd.DataFrame,
@@ -84,6 +97,8 @@ def fuse_members(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, 
     raw, processed, feats = [], [], []
     for m in spec.members:
         f = member_features(m, data_dir, rows, device, workers, progress)
+        if f.shape[0] != len(rows):
+            raise SubmitError(f"member {m.name}: {f.shape[0]} feature rows for {len(rows)} manifest rows")
         q, g = f[:nq], f[nq:]
         raw.append(cosine_distances(q, g))
         if ablate:

@@ -93,7 +93,7 @@ def test_challenge_split_writes_file_numbers_and_no_scores(world, tmp_path) -> N
     out = tmp_path / "challenge.csv"
     result = _predict(world, spec, "challenge", out)
     _check_file(world, out, "challenge")
-    assert result["scores"] == {} and result["split"] == "challenge"
+    assert result["scores"] == {} and result["split"] == "challenge" and result["notes"] == []
     header = out.read_text().splitlines()[0].split(",")
     assert header[:3] == ["0", "0", "1"]  # challenge gallery ids are the file numbers 00000, 00001, ...
 
@@ -122,6 +122,20 @@ def test_postprocess_on_fused_runs_the_chain_on_concatenated_features(world, tmp
     assert labels == ["tiny-0", "tiny-1", "fused (mean)", "fused (mean) + re-rank"]
     assert result["postprocess"] == "post-processing on the fused features: re-rank(k1=6, k2=3)"
     _check_file(world, tmp_path / "f.csv", "test")
+
+
+def test_members_trained_on_the_test_split_get_a_note(world, tmp_path) -> None:
+    run = tmp_path / "leaky"
+    run.mkdir()
+    recipe = (world["runs"] / "tiny-0" / "recipe.yaml").read_text().replace("split: train", "split: all")
+    assert "split: all" in recipe
+    (run / "recipe.yaml").write_text(recipe)
+    (run / "best.pt").write_bytes((world["runs"] / "tiny-0" / "best.pt").read_bytes())
+    spec = _spec(tmp_path, "members: [{run: leaky}, {run: '${RUNS}/tiny-0'}]\n")
+    result = _predict(world, spec, "test", tmp_path / "l.csv")
+    assert result["notes"] == ["member leaky trained on test-split crops (data.split: all); its test scores are optimistic"]
+    # the same weights under another run dir hit the same cached features (identity = content hash)
+    assert result["scores"]["leaky"] == result["scores"]["tiny-0"]
 
 
 def test_concatenated_features_give_the_weighted_mean_cosine_distance() -> None:
