@@ -9,13 +9,16 @@ result, each step on the fused features), so one command is an ablation table.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from submit import config, embedding, ensembling
 from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec
@@ -75,6 +78,76 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
             "notes": leak_notes(spec) if split == "test" else []}
 
 
+def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
+                grid: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0), device: str | None = None,
+                runs_dir: str | Path | None = None, workers: int = 2, progress: bool = True) -> dict:
+    """Grid-search member weights on the TEST split (best mAP, then rank-1) and write the spec with them to `out`.
+
+    Every weight vector from `grid`^members (not all zero, proportional duplicates skipped) fuses the members'
+    cached distances with the spec's rule. 50 test queries make this easy to over-fit: prefer coarse grids.
+    """
+    spec_file = resolve_spec_path(spec_path)
+    spec = ensembling.load_spec(spec_file, runs_dir)
+    if spec.postprocess_on == "fused" and spec.postprocess:
+        raise SubmitError(f"{spec_file}: fitting weights needs postprocess_on: member (fused re-runs the chain per try)")
+    if not grid or any(w < 0 for w in grid) or max(grid) <= 0:
+        raise SubmitError(f"--grid {list(grid)}: expected non-negative weights, at least one positive")
+    manifest = read_manifest(data_dir)
+    query, gallery = select(manifest, "test", "query"), select(manifest, "test", "gallery")
+    score = _scorer(query, gallery)
+    raw, processed, _ = member_matrices(spec, data_dir, query, gallery, device, workers, progress)
+    mats = processed or raw
+
+    def evaluate(weights: tuple[float, ...]) -> dict:
+        return score(ensembling.fuse(mats, weights, spec.fusion, spec.reliability_k))
+
+    before = evaluate(tuple(m.weight for m in spec.members))
+    tried = {w: evaluate(w) for w in weight_grid(len(mats), grid)}
+    best = max(tried, key=lambda w: (tried[w]["mAP"], tried[w]["rank1"]))
+    write_weighted_spec(spec_file, out, best, f"fitted on the test split of {data_dir}: mAP "
+                        f"{100 * before['mAP']:.2f} with the spec's weights -> {100 * tried[best]['mAP']:.2f}")
+    ensembling.load_spec(out, runs_dir)  # the written spec must load as written
+    return {"out": str(out), "members": [m.name for m in spec.members], "weights": list(best),
+            "score": tried[best], "spec_score": before, "tried": len(tried)}
+
+
+def weight_grid(members: int, grid: tuple[float, ...]) -> list[tuple[float, ...]]:
+    """Weight vectors from `grid`^members, without the all-zero one and without proportional duplicates."""
+    seen, out = set(), []
+    for w in itertools.product(sorted(set(float(v) for v in grid)), repeat=members):
+        total = sum(w)
+        key = tuple(round(v / total, 9) for v in w) if total > 0 else None
+        if key is not None and key not in seen:
+            seen.add(key)
+            out.append(w)
+    return out
+
+
+def write_weighted_spec(spec_file: Path, out: str | Path, weights: tuple[float, ...], note: str) -> Path:
+    """Copy `spec_file` to `out` with new member weights; relative member paths are re-based on `out`'s folder."""
+    out = Path(out)
+    data = config.read_yaml(spec_file)
+    for member, weight in zip(data["members"], weights):
+        member["weight"] = float(weight)
+        for key in ("run", "recipe", "checkpoint"):
+            value = member.get(key)
+            if isinstance(value, str) and not (key == "checkpoint" and value in ("best", "last")):
+                member[key] = _rebase(value, spec_file.parent, out.parent)
+    text = f"# {note}\n# from {spec_file}\n" + yaml.safe_dump(data, sort_keys=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return out
+
+
+def _rebase(value: str, old: Path, new: Path) -> str:
+    """A spec path relative to folder `old`, rewritten relative to folder `new` (${RUNS} and absolute kept)."""
+    if value.startswith(ensembling.RUNS_PLACEHOLDER) or Path(value).expanduser().is_absolute():
+        return value
+    return os.path.relpath(os.path.abspath(old / Path(value).expanduser()), os.path.abspath(new))
+
+
 def leak_notes(spec: EnsembleSpec) -> list[str]:
     """Warnings for run members whose training rows include the test split (data.split all or kfold)."""
     notes = []
@@ -91,26 +164,9 @@ def fuse_members(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, 
                  device: str | None, workers: int, progress: bool, stages: dict[str, np.ndarray],
                  ablate: bool) -> np.ndarray:
     """The ensemble's final (Q, G) distances; with `ablate`, every intermediate matrix lands in `stages`."""
-    rows = pd.concat([query, gallery], ignore_index=True)
-    nq = len(query)
     weights = [m.weight for m in spec.members]
-    raw, processed, feats = [], [], []
-    for m in spec.members:
-        f = member_features(m, data_dir, rows, device, workers, progress)
-        if f.shape[0] != len(rows):
-            raise SubmitError(f"member {m.name}: {f.shape[0]} feature rows for {len(rows)} manifest rows")
-        q, g = f[:nq], f[nq:]
-        raw.append(cosine_distances(q, g))
-        if ablate:
-            stages[m.name or "member"] = raw[-1]
-        if spec.postprocess_on == "member" and spec.postprocess:
-            last = raw[-1]
-            for step_label, last in run_chain(q, g, spec.postprocess):
-                if ablate:
-                    stages[f"{m.name} {step_label}"] = last
-            processed.append(last)
-        elif spec.postprocess_on == "fused":
-            feats.append((q, g))
+    raw, processed, feats = member_matrices(spec, data_dir, query, gallery, device, workers, progress,
+                                            stages if ablate else None)
     label = f"fused ({spec.fusion})"
     if spec.postprocess_on == "member" and spec.postprocess:
         if ablate and len(raw) > 1:
@@ -125,6 +181,33 @@ def fuse_members(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, 
         for step_label, final in run_chain(q_cat, g_cat, spec.postprocess):
             stages[f"{label} {step_label}"] = final
     return final
+
+
+def member_matrices(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, gallery: pd.DataFrame,
+                    device: str | None, workers: int, progress: bool, stages: dict[str, np.ndarray] | None = None
+                    ) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """Per member: raw cosine distances, post-processed distances (member mode with a chain, else empty) and
+    (query, gallery) features (fused mode, else empty). Each stage also lands in `stages` when given."""
+    rows = pd.concat([query, gallery], ignore_index=True)
+    nq = len(query)
+    raw, processed, feats = [], [], []
+    for m in spec.members:
+        f = member_features(m, data_dir, rows, device, workers, progress)
+        if f.shape[0] != len(rows):
+            raise SubmitError(f"member {m.name}: {f.shape[0]} feature rows for {len(rows)} manifest rows")
+        q, g = f[:nq], f[nq:]
+        raw.append(cosine_distances(q, g))
+        if stages is not None:
+            stages[m.name or "member"] = raw[-1]
+        if spec.postprocess_on == "member" and spec.postprocess:
+            last = raw[-1]
+            for step_label, last in run_chain(q, g, spec.postprocess):
+                if stages is not None:
+                    stages[f"{m.name} {step_label}"] = last
+            processed.append(last)
+        elif spec.postprocess_on == "fused":
+            feats.append((q, g))
+    return raw, processed, feats
 
 
 def member_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame, device: str | None,

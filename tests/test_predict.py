@@ -209,3 +209,39 @@ def test_missing_split_and_bad_split_are_one_line_errors(world, tmp_path) -> Non
     with pytest.raises(SubmitError, match="no manifest"):
         predict_mod.predict(spec, tmp_path, "test", tmp_path / "x.csv", runs_dir=world["runs"], progress=False)
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_weight_grid_skips_zero_and_proportional_duplicates() -> None:
+    grid = predict_mod.weight_grid(2, (0.0, 1.0, 2.0))
+    assert grid == [(0.0, 1.0), (1.0, 0.0), (1.0, 1.0), (1.0, 2.0), (2.0, 1.0)]
+
+
+def test_fit_weights_writes_a_spec_that_reproduces_its_score(world, tmp_path) -> None:
+    (tmp_path / "specs").mkdir()
+    spec = _spec(tmp_path / "specs", """
+        members: [{run: '${RUNS}/tiny-0'}, {run: ../runs_copy/tiny-1, checkpoint: last}]
+        fusion: rank
+        """)
+    (tmp_path / "runs_copy").symlink_to(world["runs"], target_is_directory=True)
+    out = tmp_path / "fitted" / "fit.yaml"
+    result = predict_mod.fit_weights(spec, world["data"], out, grid=(0.0, 1.0, 3.0), device="cpu",
+                                     runs_dir=world["runs"], workers=0, progress=False)
+    assert result["tried"] == 5 and tuple(result["weights"]) in predict_mod.weight_grid(2, (0.0, 1.0, 3.0))
+    assert result["score"]["mAP"] >= result["spec_score"]["mAP"]
+    text = out.read_text()
+    assert text.startswith("# fitted on the test split") and "../runs_copy/tiny-1" in text and "${RUNS}/tiny-0" in text
+    again = _predict(world, out, "test", tmp_path / "fitted.csv")
+    assert again["scores"]["fused (rank)"]["mAP"] == pytest.approx(result["score"]["mAP"], abs=1e-4)
+    with pytest.raises(SubmitError, match="--grid"):
+        predict_mod.fit_weights(spec, world["data"], out, grid=(0.0,), runs_dir=world["runs"], progress=False)
+
+
+def test_fit_weights_cli(world, tmp_path) -> None:
+    spec = _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0'}, {run: '${RUNS}/tiny-1'}]\n")
+    base = ["fit-weights", "--ensemble", str(spec), "--data", str(world["data"]), "--out", str(tmp_path / "w.yaml"),
+            "--runs-dir", str(world["runs"]), "--workers", "0", "--device", "cpu"]
+    ok = CliRunner().invoke(main, [*base, "--grid", "1,2"])
+    assert ok.exit_code == 0, ok.output
+    assert "best of 3 weightings: tiny-0=" in ok.output and (tmp_path / "w.yaml").is_file()
+    bad = CliRunner().invoke(main, [*base, "--grid", "1,x"])
+    assert bad.exit_code == 2 and "error: --grid '1,x': expected comma-separated numbers" in bad.output
