@@ -50,7 +50,8 @@ def resolve_spec_path(name: str | Path) -> Path:
 def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | Path,
             device: str | None = None, runs_dir: str | Path | None = None, workers: int = 2,
             progress: bool = True) -> dict:
-    """Write the `split` ranking file `out` for an ensemble; returns {out, split, members, shape, scores}.
+    """Write the `split` ranking file `out` for an ensemble; returns {out, spec, split, members, shape,
+    postprocess, scores, notes}.
 
     `scores` maps a stage label to its metrics (mAP, rank1, rank5, rank10, mINP) on the test split and is
     empty on the challenge split (no identities). The last entry is the written file, re-read and scored.
