@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from submit import config
 from submit.device import autocast, pick_device
+from submit.errors import SubmitError
 from submit.manifest import fingerprint
 from submit.recipe import TTASpec
 
@@ -124,6 +125,8 @@ def embed_views(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame
     from submit.transforms import CropDataset
 
     views = list(views)
+    if not views or any(scale <= 0 for scale, _ in views):
+        raise SubmitError(f"tta.scales: expected one or more positive scales, got {[s for s, _ in views]}")
     dev = pick_device(str(device) if device is not None else None)
     size_hw = tuple(model.input_size)
     paths = rows["path"].tolist()
@@ -145,6 +148,8 @@ def embed_views(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame
                     out = np.empty((len(paths), feats.shape[1]), dtype=np.float32)
                 out[index.numpy()] = feats.cpu().numpy()
                 bar.advance(task, len(index))
+    except SubmitError as exc:  # from a worker it arrives wrapped in a multi-line traceback: keep the message
+        raise SubmitError(_last_line(str(exc))) from None
     finally:
         model.train(was_training)
     if out is None:
@@ -166,6 +171,14 @@ def _forward_views(model: torch.nn.Module, batch: torch.Tensor, dev: torch.devic
         total = f if total is None else total + f
     assert total is not None, "at least one view is required"
     return F.normalize(total, dim=1)
+
+
+def _last_line(message: str) -> str:
+    """The original one-line message of an error re-raised by a DataLoader worker."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    last = lines[-1] if lines else message
+    prefix = f"{SubmitError.__module__}.{SubmitError.__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 def _bar(enabled: bool) -> Progress:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from submit import embedding
 from submit.backbones import build_embedder
+from submit.errors import SubmitError
 from submit.recipe import BackboneSpec, TTASpec
 from submit.transforms import CropDataset
 
@@ -185,3 +186,20 @@ def test_lazy_loader_is_not_called_on_a_cache_hit(model, data) -> None:
         raise AssertionError("the model was loaded despite a cached result")
 
     assert np.array_equal(_embed(refuse, root, rows, tta, identity=ident), first)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_is_a_one_line_error_even_from_a_worker(model, data, workers) -> None:
+    root, rows = data
+    (root / rows.loc[3, "path"]).write_bytes(b"not an image")
+    with pytest.raises(SubmitError) as info:
+        embedding.embed(model, root, rows, TTASpec(batch_size=2), device="cpu", workers=workers, progress=False)
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(root / rows.loc[3, "path"]))
+    assert "cannot decode image" in str(info.value)
+
+
+def test_empty_or_non_positive_scales_are_refused(model, data) -> None:
+    root, rows = data
+    for scales in ((), (1.0, 0.0)):
+        with pytest.raises(SubmitError, match=r"tta.scales: expected one or more positive scales"):
+            _embed(model, root, rows, TTASpec(scales=scales))
