@@ -120,7 +120,7 @@ def test_never_allocates_a_dense_n_by_n_matrix():
 def test_refuses_a_job_that_does_not_fit():
     x = clustered(11, 60, 8, clusters=4)
     with pytest.raises(SubmitError, match=r"k_reciprocal: needs about .* GiB for 10 queries x 50 gallery "
-                                          r"\(block=2048\) but only 0\.00 GiB is available; lower 'block'"):
+                                          r"\(block=1024\) but only 0\.00 GiB is available; lower 'block'"):
         k_reciprocal(x[:10], x[10:], memory_limit=1000)
 
 
