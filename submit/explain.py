@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ def _select_maps(model: torch.nn.Module, x: torch.Tensor, max_maps: int | None) 
 
 
 def _one_way(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor,
-             batch_size: int, dev: torch.device, advance) -> np.ndarray:
+             batch_size: int, dev: torch.device, advance: Callable[[int], object]) -> np.ndarray:
     """Heat map of `x` (1, 3, H, W) explaining its similarity to the unit embedding `target` (1, D)."""
     size = tuple(x.shape[-2:])
     baseline = float((_embed(model, torch.zeros_like(x), dev) * target).sum())
