@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int)
     ap.add_argument("--gallery", type=int)
     ap.add_argument("--dim", type=int)
-    ap.add_argument("--block", type=int, default=2048)
+    ap.add_argument("--block", type=int, default=1024)
     ap.add_argument("--child", choices=["dense", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--feats", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)

@@ -6,14 +6,20 @@ Re-identification with k-reciprocal Encoding") as the public re-id toolkits writ
 plus one (block x block) distance tile and the (Q, G) answer.
 
 How it stays exact without the dense matrix:
-- One pass over the upper-triangle tiles of the float32 distance matrix (BLAS sgemm) keeps, per row, the
-  candidates below a per-row threshold (an upper bound on its k-th neighbour distance, found beforehand from a
-  few nearby cells of random pivots) and the candidates near the row maximum. Float32 rounding is bounded
-  (`_Tiles.build`); wherever it could change a neighbour set or the row maximum the pair is recomputed
-  exactly, so sets and the column-max normalisation equal the dense algorithm's.
+- One pass over the upper-triangle tiles of the float32 distance matrix (BLAS sgemm; each tile serves its rows
+  and, transposed, its columns) keeps, per row, the entries within a margin of its running k-th smallest
+  distance and of its running maximum. Rows are grouped into blocks by nearest random pivot, and tiles are
+  visited diagonal first, then by distance from the diagonal, so thresholds are tight early and most rows of
+  a tile are skipped after one reduction. Float32 tile error is bounded by a margin (`_Tiles.build`);
+  wherever it could change a neighbour set or the row maximum, the pairs are recomputed exactly, so the sets
+  and the column-max normalisation equal the dense algorithm's.
 - Only neighbour SETS matter to the algorithm (top k1+1, top round(k1/2)+1, top k2), never the order inside.
 - The Jaccard term is computed only for the query x gallery block, from sparse V rows, by summing
-  min(V[q, k], V[g, k]) over the shared columns k, query chunk by query chunk.
+  min(V[q, k], V[g, k]) over the shared columns k, query chunk by query chunk; the original-distance term is
+  likewise computed for that block only.
+
+Public API: `k_reciprocal`, `query_expansion`, `database_augmentation`, `cosine_distance`, `postprocess`
+(a chain of those), `estimate_rerank_memory`, `available_memory`.
 
 Distance and tie rule (shared with the dense test oracle `tests/dense_rerank_oracle.py`):
 the original distance is d(i, j) = (|x_i|^2 + |x_j|^2) - 2 <x_i, x_j> in float32, where the norms and inner
@@ -326,7 +332,7 @@ def _blocks(x: _Rows, tiles: "_Tiles", block: int, run: "_Running", seed: int = 
     if x.n <= block:
         return [np.arange(x.n)]
     rng = np.random.default_rng(seed)
-    piv = np.sort(rng.choice(x.n, min(4096, max(2, x.n // max(16, x.dim // 16))), replace=False))
+    piv = np.sort(rng.choice(x.n, min(2048, max(2, x.n // max(16, x.dim // 16))), replace=False))
     p = x.take(piv)
     cell = np.empty(x.n, dtype=np.int64)
     for s in x.starts(2048):
@@ -342,7 +348,7 @@ def _blocks(x: _Rows, tiles: "_Tiles", block: int, run: "_Running", seed: int = 
 
 def _chain(score: np.ndarray) -> np.ndarray:
     """Greedy path through all items, each step to the best-scoring unvisited item (score[i, j])."""
-    score = score.astype(np.float64)
+    score = score.copy()
     path = [0]
     score[:, 0] = -np.inf
     for _ in range(len(score) - 1):
@@ -632,7 +638,8 @@ def k_reciprocal(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int = 2
     """k-reciprocal re-ranked (Q, G) float32 distances (Zhong et al. 2017), equal to the dense algorithm's.
 
     Features are normally L2-normalised (any real features work). `block` is the side of the distance tile
-    held at a time; `memory_limit` (bytes, default: available memory) makes an oversized job fail early.
+    held at a time; `memory_limit` (bytes, default: available memory) makes a job that would not fit fail
+    early with a SubmitError; `progress` shows a progress bar over the distance tiles.
     """
     q, g = _pair(query_feats, gallery_feats)
     k1, k2 = _check_int(k1, "k1"), _check_int(k2, "k2")

@@ -124,6 +124,13 @@ def test_refuses_a_job_that_does_not_fit():
         k_reciprocal(x[:10], x[10:], memory_limit=1000)
 
 
+def test_available_memory_and_progress_bar():
+    assert reranking.available_memory() > 2**20
+    x = clustered(16, 300, 8, clusters=10)
+    np.testing.assert_array_equal(k_reciprocal(x[:20], x[20:], block=64, progress=True),
+                                  k_reciprocal(x[:20], x[20:], block=64))
+
+
 def test_memory_estimate_scales_and_fits_the_large_case():
     small = estimate_rerank_memory(618, 9505, 1024)
     assert small < 0.5 * 24 * (618 + 9505) ** 2  # far below the dense algorithm's ~24 N^2 bytes
