@@ -2,7 +2,7 @@
 
 Default: the 2023 challenge size (618 queries x 9,505 gallery, 1,024-d). Both run in child processes on the same
 clustered random features (players grouped in teams and games, so neighbourhoods look like re-id features);
-each child reports its wall time, CPU time and peak RSS (ru_maxrss), and the parent prints the ratios and the
+each child reports its wall time, CPU time and peak RSS (VmHWM), and the parent prints the ratios and the
 largest difference between the two outputs. `--large` runs ours alone on 10,000 x 100,000 (256-d).
 
     python scripts/bench_reranking.py            # challenge size, ours vs dense
@@ -49,16 +49,18 @@ def clustered_features(n_query: int, n_gallery: int, dim: int, seed: int = 0) ->
     return feats[:n_query], feats[n_query:]
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _current_rss() -> int:
+def _status(key: str) -> int:
+    """A /proc/self/status memory figure in bytes (VmRSS: now, VmHWM: peak of this program image)."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _peak_rss() -> int:
+    # VmHWM, not ru_maxrss: after fork + exec, Linux keeps the parent's high-water mark in ru_maxrss.
+    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(which: str, feats: str, out: str, block: int) -> None:
@@ -70,7 +72,7 @@ def child(which: str, feats: str, out: str, block: int) -> None:
 
     data = np.load(feats)
     q, g = data["q"], data["g"]
-    base = _current_rss()
+    base = _status("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     if which == "dense":
         dist = dense_k_reciprocal(q, g)
@@ -119,7 +121,8 @@ def main() -> None:
     nq, ng, dim = (10_000, 100_000, 256) if args.large else (618, 9_505, 1_024)
     nq, ng, dim = args.queries or nq, args.gallery or ng, args.dim or dim
     print(f"machine: {machine()}")
-    print(f"date:    {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"date:    {datetime.datetime.now().isoformat(timespec='seconds')}, "
+          f"load average {os.getloadavg()[0]:.1f} (the machine is shared: wall times vary)")
     print(f"size:    {nq} queries x {ng} gallery, {dim}-d, k1=20 k2=6 lambda=0.3, block={args.block}")
     with tempfile.TemporaryDirectory() as tmp:
         feats = Path(tmp) / "feats.npz"
