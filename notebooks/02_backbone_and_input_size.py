@@ -61,6 +61,7 @@ ablation.dot_plot(axes[0], table.assign(variant=labels), "variant", title="retri
 axes[1].scatter(table["images_per_s"], table["mAP"])
 for x, y, text in zip(table["images_per_s"], table["mAP"], labels):
     axes[1].annotate(text, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+axes[1].margins(x=0.3, y=0.15)
 axes[1].set_xlabel("training images/s")
 axes[1].set_ylabel("mAP (%)")
 axes[1].set_title("accuracy vs training speed")
