@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -165,3 +166,17 @@ def test_bad_parameters_fail_with_one_line_errors(tmp_path: Path) -> None:
         ablation.data_dir(tmp_path, tmp_path / "work", "ci")
     with pytest.raises(SubmitError, match=r"ablation overrides: .*train\.loss"):
         ablation.recipe("ci", ["train.loss=hinge"])
+
+
+def test_noisy_oracle_and_variant_names() -> None:
+    truth = np.array([7, 23, -2, 0, 99] * 40)
+    numbers, probs = ablation.noisy_oracle(truth, 0.0, flagged=False)
+    assert (numbers == np.where(truth >= 0, truth, -1)).all() and (probs == (truth >= 0)).all()
+    numbers, probs = ablation.noisy_oracle(truth, 0.5, flagged=True, seed=1)
+    wrong = (numbers != truth) & (truth >= 0)
+    assert 0.3 < wrong.sum() / (truth >= 0).sum() < 0.7  # about half misread, each to a DIFFERENT number
+    assert (probs[wrong] == 0.3).all() and (probs[~wrong & (truth >= 0)] == 1.0).all()
+    assert ((numbers >= 0) & (numbers < 100) | (truth < 0)).all()
+    assert ablation.variant_name({}) == "base"
+    assert ablation.variant_name({"train.loss": "triplet", "backbone.name": "timm:resnet34"}) == \
+        "loss=triplet, backbone=timm:resnet34"
