@@ -37,7 +37,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -449,6 +449,11 @@ class _Trainer:
         """Restore the full training state from `last.pt`."""
         ckpt = load_checkpoint(path)
         _check_same_recipe(ckpt["recipe"], self.recipe, path)
+        saved_pairs = ckpt["sampler"]["global_pairs"]
+        if saved_pairs != self.sampler.global_pairs:
+            raise SubmitError(f"{path}: the run used a global batch of {saved_pairs} pairs, this launch gives "
+                              f"{self.sampler.global_pairs} (pairs_per_batch x processes x accum_steps); resume "
+                              "with the same number of processes")
         self.model.embedder.load_state_dict(ckpt["model"])
         self.model.temperature.load_state_dict(ckpt["temperature"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -625,7 +630,7 @@ class _Trainer:
         if self.splits.query is not None:
             embedder = (self.ema.model if self.ema else self.model).embedder
             row.update(validate(embedder, self.data_dir, self.splits.query, self.splits.gallery, self.device,
-                                t.precision, self.info, self.recipe.tta.batch_size))
+                                t.precision, self.info, self.recipe.tta.batch_size, self.recipe.data.workers))
         is_best = self.splits.query is None or row["mAP"] > s.best_map
         if is_best and row["mAP"] is not None:
             s.best_map = row["mAP"]
@@ -748,11 +753,3 @@ def _write_recipe(out_dir: Path, recipe: Recipe) -> None:
     tmp = out_dir / ".recipe.yaml.tmp"
     tmp.write_text(yaml.safe_dump(config.to_mapping(recipe), sort_keys=False))
     os.replace(tmp, out_dir / "recipe.yaml")
-
-
-def iter_batches(trainer: _Trainer) -> Iterator[torch.Tensor]:
-    """The loader's batches for the current epoch (used by the throughput benchmark)."""
-    trainer.sampler.set_epoch(trainer.state.epoch)
-    yield from trainer.loader
-
-

@@ -199,6 +199,11 @@ def test_existing_run_needs_resume_and_resume_needs_same_recipe(data_dir, tmp_pa
         training.train(tiny(), data_dir, out, progress=False)
     with pytest.raises(SubmitError, match="train.lr"):
         training.train(tiny("train.lr=0.5"), data_dir, out, resume=True, progress=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["sampler"]["global_pairs"] *= 2  # as if launched on 2 processes
+    torch.save(ckpt, out / "last.pt")
+    with pytest.raises(SubmitError, match="same number of processes"):
+        training.train(tiny(), data_dir, out, resume=True, progress=False)
     with pytest.raises(SubmitError, match="not a reident-submit training checkpoint"):
         torch.save({"x": 1}, tmp_path / "foreign.pt")
         training.load_trained(tmp_path, str(tmp_path / "foreign.pt"))
