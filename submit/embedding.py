@@ -1,8 +1,9 @@
 """The TTA embedder: manifest rows -> (N, D) float32 L2-normalised features, cached on disk.
 
 Each test-time view (scale x horizontal flip, from a `TTASpec`) is embedded and L2-normalised; the views
-are averaged and renormalised. Images are decoded by DataLoader workers one batch at a time, so memory
-is bounded by the batch plus the (N, D) output. On CUDA the forward runs under AMP in channels_last.
+are averaged and renormalised. Images are decoded (once for all views) by DataLoader workers one batch
+at a time, so memory is bounded by the batch plus the (N, D) output. On CUDA the forward runs under AMP
+in channels_last.
 
 Features are cached in `DATA_DIR/.cache/features/<key>.npy`, written atomically. The key hashes the
 caller's model identity (`checkpoint_identity`: the weights file's content hash + the backbone spec,
@@ -47,16 +48,30 @@ def tta_views(tta: TTASpec) -> list[View]:
 
 
 class _Views(Dataset):
-    """One item = all views of one image stacked (V, 3, H, W), so a batch carries every view."""
+    """One item = all views of one image stacked (V, 3, H, W): decoded once, letterboxed once per scale.
 
-    def __init__(self, datasets: Sequence[Dataset]) -> None:
-        self.datasets = list(datasets)
+    Each view is exactly `CropDataset(..., hflip=flip, scale=scale)[i]` (the same `transforms.preprocess`);
+    a flipped view is the mirrored tensor of its scale's unflipped one, which is the same thing."""
+
+    def __init__(self, root: str | Path, paths: Sequence[str], size_hw: tuple[int, int],
+                 mean: Sequence[float], std: Sequence[float], views: Sequence[View]) -> None:
+        self.root, self.paths, self.size_hw = Path(root), list(paths), size_hw
+        self.mean, self.std, self.views = tuple(mean), tuple(std), list(views)
 
     def __len__(self) -> int:
-        return len(self.datasets[0])  # type: ignore[arg-type]
+        return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.stack([ds[i][0] for ds in self.datasets]), i
+        from submit.transforms import open_image, preprocess
+
+        img = open_image(self.root / self.paths[i])
+        by_scale: dict[float, torch.Tensor] = {}
+        out = []
+        for scale, flip in self.views:
+            if scale not in by_scale:
+                by_scale[scale] = preprocess(img, self.size_hw, self.mean, self.std, False, scale)
+            out.append(by_scale[scale].flip(-1) if flip else by_scale[scale])
+        return torch.stack(out), i
 
 
 def file_hash(path: str | Path) -> str:
@@ -122,17 +137,14 @@ def embed_views(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame
                 batch_size: int = 64, device: str | torch.device | None = None, workers: int = 2,
                 precision: str = "auto", progress: bool = True, label: str = "embedding") -> np.ndarray:
     """Embed `rows` under explicit (scale, flip) views; per-view features are normalised, averaged, renormalised."""
-    from submit.transforms import CropDataset
-
     views = list(views)
     if not views or any(scale <= 0 for scale, _ in views):
         raise SubmitError(f"tta.scales: expected one or more positive scales, got {[s for s, _ in views]}")
     dev = pick_device(str(device) if device is not None else None)
     size_hw = tuple(model.input_size)
     paths = rows["path"].tolist()
-    datasets = [CropDataset(data_dir, paths, size_hw, tuple(model.mean), tuple(model.std), hflip=flip, scale=scale)
-                for scale, flip in views]
-    loader = DataLoader(_Views(datasets), batch_size=batch_size, shuffle=False, num_workers=workers,
+    dataset = _Views(data_dir, paths, size_hw, model.mean, model.std, views)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=dev.type == "cuda", persistent_workers=False)
     was_training = model.training
     model.eval().to(dev)
