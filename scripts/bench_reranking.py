@@ -6,6 +6,7 @@ each child reports its wall time, CPU time and peak RSS (VmHWM), and the parent 
 largest difference between the two outputs. `--large` runs ours alone on 10,000 x 100,000 (256-d).
 
     python scripts/bench_reranking.py            # challenge size, ours vs dense
+    python scripts/bench_reranking.py --threads 1   # same, one BLAS thread each (fairer on a loaded machine)
     python scripts/bench_reranking.py --large    # 10k x 100k, ours only
 """
 
@@ -29,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def clustered_features(n_query: int, n_gallery: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Unit features: one identity per query, gallery images drawn from those identities; identities share a
-    game (10 players) and a team (5), so same-team players are closer than strangers (intra-identity cos ~0.75)."""
+    """Unit features: one identity per query, gallery images drawn from those identities (`gallery_owners`);
+    identities share a game (10 players) and a team (5), so same-team players are closer than strangers
+    (intra-identity cos ~0.75)."""
     rng = np.random.default_rng(seed)
 
     def unit(a: np.ndarray) -> np.ndarray:
@@ -40,13 +42,32 @@ def clustered_features(n_query: int, n_gallery: int, dim: int, seed: int = 0) ->
     team = unit(rng.standard_normal((n_query // 5 + 1, dim)))
     ident = np.arange(n_query)
     centre = unit(0.45 * game[ident // 10] + 0.45 * team[ident // 5] + 0.75 * unit(rng.standard_normal((n_query, dim))))
-    owner = np.concatenate([ident, rng.integers(0, n_query, n_gallery)])
+    owner = np.concatenate([ident, gallery_owners(n_query, n_gallery, seed)])
     sigma = np.sqrt(0.34 / dim)
     feats = np.empty((len(owner), dim), dtype=np.float32)
     for s in range(0, len(owner), 8192):
         o = owner[s:s + 8192]
         feats[s:s + 8192] = unit(centre[o] + sigma * rng.standard_normal((len(o), dim)))
     return feats[:n_query], feats[n_query:]
+
+
+def gallery_owners(n_query: int, n_gallery: int, seed: int = 0) -> np.ndarray:
+    """The query (identity) each gallery feature of `clustered_features` belongs to."""
+    return np.random.default_rng([seed, 1]).integers(0, n_query, n_gallery)
+
+
+def rank1(dist_file: Path, owners: np.ndarray) -> float:
+    """Share of queries whose nearest gallery item is of their identity (read in chunks, memory-mapped)."""
+    dist = np.load(dist_file, mmap_mode="r")
+    hits = [owners[np.argmin(dist[s:s + 1000], axis=1)] == np.arange(s, min(s + 1000, len(dist)))
+            for s in range(0, len(dist), 1000)]
+    return float(np.concatenate(hits).mean())
+
+
+def cosine_rank1(q: np.ndarray, g: np.ndarray, owners: np.ndarray) -> float:
+    """Rank-1 of the plain cosine distance, for comparison."""
+    best = np.concatenate([np.argmax(q[s:s + 1000] @ g.T, axis=1) for s in range(0, len(q), 1000)])
+    return float((owners[best] == np.arange(len(q))).mean())
 
 
 def _status(key: str) -> int:
@@ -83,9 +104,12 @@ def child(which: str, feats: str, out: str, block: int) -> None:
     print(json.dumps({"wall": wall, "cpu": cpu, "peak": _peak_rss(), "base": base}))
 
 
-def run_child(which: str, feats: Path, out: Path, block: int) -> dict:
+def run_child(which: str, feats: Path, out: Path, block: int, threads: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--feats", str(feats), "--out", str(out), "--block", str(block)]
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = dict(os.environ)
+    if threads:
+        env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -111,6 +135,7 @@ def main() -> None:
     ap.add_argument("--gallery", type=int)
     ap.add_argument("--dim", type=int)
     ap.add_argument("--block", type=int, default=1024)
+    ap.add_argument("--threads", type=int, help="BLAS threads for both children (default: the library's)")
     ap.add_argument("--child", choices=["dense", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--feats", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -123,18 +148,22 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"date:    {datetime.datetime.now().isoformat(timespec='seconds')}, "
           f"load average {os.getloadavg()[0]:.1f} (the machine is shared: wall times vary)")
-    print(f"size:    {nq} queries x {ng} gallery, {dim}-d, k1=20 k2=6 lambda=0.3, block={args.block}")
+    print(f"size:    {nq} queries x {ng} gallery, {dim}-d, k1=20 k2=6 lambda=0.3, block={args.block}, "
+          f"BLAS threads: {args.threads or 'default'}")
     with tempfile.TemporaryDirectory() as tmp:
         feats = Path(tmp) / "feats.npz"
         q, g = clustered_features(nq, ng, dim)
+        owners = gallery_owners(nq, ng)
         np.savez(feats, q=q, g=g)
+        base_rank1 = cosine_rank1(q, g, owners)
         del q, g
-        ours = run_child("ours", feats, Path(tmp) / "ours.npy", args.block)
+        ours = run_child("ours", feats, Path(tmp) / "ours.npy", args.block, args.threads)
         line = "ours:    {wall:7.2f} s wall ({cpu:.2f} s CPU), peak RSS {p} ({a} above the loaded inputs)"
         print(line.format(wall=ours["wall"], cpu=ours["cpu"], p=gib(ours["peak"]), a=gib(ours["peak"] - ours["base"])))
+        print(f"rank-1:  {rank1(Path(tmp) / 'ours.npy', owners):.4f} re-ranked, {base_rank1:.4f} cosine")
         if args.large:
             return
-        dense = run_child("dense", feats, Path(tmp) / "dense.npy", args.block)
+        dense = run_child("dense", feats, Path(tmp) / "dense.npy", args.block, args.threads)
         print(line.replace("ours:   ", "dense:  ").format(wall=dense["wall"], cpu=dense["cpu"], p=gib(dense["peak"]),
                                                           a=gib(dense["peak"] - dense["base"])))
         diff = float(np.abs(np.load(Path(tmp) / "ours.npy") - np.load(Path(tmp) / "dense.npy")).max())

@@ -160,6 +160,14 @@ class _Rows:
         out[~in_q] = self.g[idx[~in_q] - self.n_query]
         return out
 
+    def take_sorted(self, idx: np.ndarray) -> np.ndarray:
+        """Rows at ascending indices (queries first), gathered with two np.take calls."""
+        out = np.empty((len(idx), self.dim), dtype=np.float32)
+        k = int(np.searchsorted(idx, self.n_query))
+        np.take(self.q, idx[:k], axis=0, out=out[:k])
+        np.take(self.g, idx[k:] - self.n_query, axis=0, out=out[k:])
+        return out
+
     def starts(self, block: int) -> list[int]:
         """Tile starts: `block`-sized, never straddling the query/gallery boundary."""
         return list(range(0, self.n_query, block)) + list(range(self.n_query, self.n, block))
@@ -371,7 +379,7 @@ def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool) -> _Pass:
     pairs = [(i, i + k) for k in range(len(blocks)) for i in range(len(blocks) - k)]
     feats: dict[int, np.ndarray] = {}
     for i, j in _progress(pairs, "re-ranking: distance tiles", progress):
-        feats = {b: feats[b] if b in feats else x.take(blocks[b]) for b in (i, j)}
+        feats = {b: feats[b] if b in feats else x.take_sorted(blocks[b]) for b in (i, j)}
         rows, cols = blocks[i], blocks[j]
         s = tiles.scores(rows, cols, feats[i], feats[j])
         if i == j:
