@@ -8,11 +8,24 @@ Two deliberate differences from those toolkits, both documented in `submit/reran
   index (stable argsort) instead of by whatever the unstable sort happens to do;
 - the Jaccard overlaps are summed in float64 and V is float32 by default (the toolkits use float16 to
   save memory, which changes the result by about 1e-3; pass ``v_dtype=np.float16`` to mimic them).
+``toolkit=True`` runs the toolkits' own choices instead (float32 matmul distances, default unstable argsort,
+float16 V): the speed and memory reference of the benchmark, not an oracle (ties and ~1e-3 differ).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def toolkit_distances(feats: np.ndarray) -> np.ndarray:
+    """Dense (N, N) float32 squared distances the toolkits' way: one float32 matmul, norms broadcast."""
+    x = np.asarray(feats, dtype=np.float32)
+    sq = (x * x).sum(axis=1)
+    dist = x @ x.T
+    dist *= -2
+    dist += sq[:, None]
+    dist += sq[None, :]
+    return dist
 
 
 def squared_distances(feats: np.ndarray, block: int = 1024) -> np.ndarray:
@@ -43,15 +56,17 @@ def dense_k_reciprocal(
     k2: int = 6,
     lambda_value: float = 0.3,
     v_dtype: type = np.float32,
+    toolkit: bool = False,
 ) -> np.ndarray:
     """Re-ranked (Q, G) float32 distances, computed with dense (N, N) matrices and Python loops."""
     query_num = query_feats.shape[0]
     feats = np.concatenate([query_feats, gallery_feats], axis=0)
     all_num = feats.shape[0]
-    original_dist = squared_distances(feats)
+    original_dist = toolkit_distances(feats) if toolkit else squared_distances(feats)
     # Column-max normalisation, then transpose: row i ends up divided by the max of column i.
     original_dist = np.transpose(original_dist / np.max(original_dist, axis=0))
-    initial_rank = np.argsort(original_dist, axis=1, kind="stable").astype(np.int32)
+    initial_rank = np.argsort(original_dist, axis=1, kind=None if toolkit else "stable").astype(np.int32)
+    v_dtype = np.float16 if toolkit else v_dtype
     V = np.zeros((all_num, all_num), dtype=v_dtype)
     half = int(np.around(k1 / 2))
 

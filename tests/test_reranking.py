@@ -95,6 +95,8 @@ def test_float16_v_of_the_toolkits_is_close_but_not_equal():
     q, g = x[:40], x[40:]
     ours, half = k_reciprocal(q, g), dense_k_reciprocal(q, g, v_dtype=np.float16)
     assert 1e-6 < np.abs(ours - half).max() < 5e-3
+    toolkit = dense_k_reciprocal(q, g, toolkit=True)  # float32 matmul, quicksort, float16 V
+    assert 1e-6 < np.abs(ours - toolkit).max() < 5e-3
 
 
 def test_block_size_does_not_change_the_result():
