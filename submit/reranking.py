@@ -693,9 +693,13 @@ def _top_k(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 
 def _weighted_mean(feats: np.ndarray, sims: np.ndarray, idx: np.ndarray, alpha: float) -> np.ndarray:
-    """Sum of neighbour features weighted by max(sim, 0)^alpha (alpha = 0: plain sum), per row."""
+    """Sum of neighbour features weighted by max(sim, 0)^alpha (alpha = 0: plain sum), per row, in chunks."""
     w = np.maximum(sims, 0.0) ** alpha if alpha > 0 else np.ones_like(sims)
-    return np.einsum("nk,nkd->nd", w, feats[idx])
+    out = np.empty((len(idx), feats.shape[1]), dtype=np.float32)
+    step = max(1, (32 << 20) // (4 * feats.shape[1] * max(1, idx.shape[1])))
+    for s in range(0, len(idx), step):
+        out[s:s + step] = np.einsum("nk,nkd->nd", w[s:s + step], feats[idx[s:s + step]])
+    return out
 
 
 def query_expansion(query_feats: np.ndarray, gallery_feats: np.ndarray, k: int = 1,
