@@ -146,26 +146,46 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(path_type=str))
+@click.argument("recipe", required=False, type=click.Path(path_type=str))
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Prepared DATA_DIR.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Run dir to write.")
+@click.option("--out", "out_dir", default=None, type=click.Path(path_type=str), help="Run dir to write (with RECIPE).")
+@click.option("--ensemble", "spec", default=None,
+              help="Instead of RECIPE: train every member of this ensemble spec that has a `train` block.")
+@click.option("--runs-dir", default=None, type=click.Path(path_type=str), help="Folder that ${RUNS} in the spec stands for.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (same recipe).")
 @click.option("--epochs", type=int, default=None, help="Override train.epochs.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps in total.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.lr=1e-4 (repeatable; validated like the YAML).")
-def train(recipe: str, data_dir: str, out_dir: str, resume: bool, epochs: int | None, max_steps: int | None,
-          device: str | None, overrides: tuple[str, ...]) -> None:
+def train(recipe: str | None, data_dir: str, out_dir: str | None, spec: str | None, runs_dir: str | None,
+          resume: bool, epochs: int | None, max_steps: int | None, device: str | None,
+          overrides: tuple[str, ...]) -> None:
     """Fine-tune a RECIPE (models/*.yaml) on DATA_DIR; under torchrun, trains with DDP on every process."""
     from submit import training
     from submit.recipe import load_recipe
 
-    extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
-    spec = training.apply_overrides(load_recipe(recipe), extra, where=f"{recipe} (--set/--epochs)")
-    result = training.train(spec, data_dir, out_dir, resume=resume, device=device, max_steps=max_steps)
-    if not result["main"]:  # under torchrun only rank 0 reports
+    if spec is not None:
+        if recipe or out_dir or overrides or epochs or max_steps or resume:
+            raise SubmitError("--ensemble trains the spec's members as their `train` blocks say; "
+                              "it takes only --data, --runs-dir and --device")
+        from submit.ensembling import train_members
+        from submit.predict import resolve_spec_path
+
+        for result in train_members(resolve_spec_path(spec), data_dir, runs_dir, device=device):
+            if result["main"]:
+                _report_run(result)
         return
+    if recipe is None or out_dir is None:
+        raise SubmitError("train needs RECIPE and --out (or --ensemble SPEC)")
+    extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
+    spec_ = training.apply_overrides(load_recipe(recipe), extra, where=f"{recipe} (--set/--epochs)")
+    result = training.train(spec_, data_dir, out_dir, resume=resume, device=device, max_steps=max_steps)
+    if result["main"]:  # under torchrun only rank 0 reports
+        _report_run(result)
+
+
+def _report_run(result: dict) -> None:
     best = result["best"]
     score = f"best mAP {best['mAP']:.4f} rank-1 {best['rank1']:.4f} (epoch {best['epoch']})" if best else \
         result["validation"]
@@ -245,3 +265,35 @@ def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | N
     weights = ", ".join(f"{n}={w:g}" for n, w in zip(result["members"], result["weights"]))
     click.echo(f"best of {result['tried']} weightings: {weights}; test mAP {100 * result['spec_score']['mAP']:.2f} "
                f"-> {100 * result['score']['mAP']:.2f} (over-fits 50 queries easily); wrote {result['out']}")
+
+
+@main.command()
+@click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(path_type=str),
+              help="Folder for the synthetic data, runs, ranking files and scores.")
+@click.option("--players", type=int, default=72, show_default=True, help="Synthetic players (60/20/20 split).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data.")
+@click.option("--device", default=None, help="cpu, cuda, ... [default: cuda if available].")
+def demo(out_dir: str, players: int, seed: int, device: str | None) -> None:
+    """Run the whole flow offline on synthetic players: prepare, train, predict, evaluate."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from submit.demo import run_demo
+    from submit.predict import score_table
+
+    console = Console()
+    result = run_demo(out_dir, players=players, seed=seed, device=device,
+                      log=lambda text: console.print(f"[bold cyan]{text}", highlight=False))
+    console.print(score_table(result["predict_test"]))
+    table = Table(title="reident-submit demo")
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    test = result["test"]
+    table.add_row("test mAP / rank-1", f"{100 * test['mAP']:.2f} / {100 * test['rank1']:.2f} "
+                  f"({test['num_valid_queries']} queries)")
+    table.add_row("challenge file", f"{result['files']['challenge']} (valid; not scorable: no identities)")
+    table.add_row("test file", result["files"]["test"])
+    table.add_row("runs", ", ".join(r["run_dir"] for r in result["runs"]))
+    table.add_row("data", result["data_dir"])
+    table.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items()))
+    console.print(table)

@@ -64,6 +64,15 @@ class TTAOverride:
 
 
 @dataclass(frozen=True)
+class TrainFrom:
+    """How a member's run is produced: a recipe (path relative to the spec), an optional seed and overrides."""
+
+    recipe: str
+    seed: int | None = None
+    overrides: tuple[str, ...] = ()  # `--set` style, e.g. "train.epochs=2"
+
+
+@dataclass(frozen=True)
 class MemberSpec:
     """One ensemble member: a fine-tuned run (or a recipe's pretrained backbone), its checkpoint, TTA, weight."""
 
@@ -73,6 +82,7 @@ class MemberSpec:
     tta: TTAOverride = field(default_factory=TTAOverride)
     weight: float = 1.0
     name: str | None = None  # label in the score table; default: the run folder or recipe file name
+    train: TrainFrom | None = None  # lets `train --ensemble` (and the demo) produce the run
 
 
 @dataclass(frozen=True)
@@ -94,8 +104,11 @@ class EnsembleSpec:
     postprocess_on: Literal["member", "fused"] = "member"
 
 
-def load_spec(path: str | Path, runs_dir: str | Path | None = None) -> EnsembleSpec:
-    """Load, validate and resolve an ensemble spec: member paths become absolute and must exist."""
+def load_spec(path: str | Path, runs_dir: str | Path | None = None, require_runs: bool = True) -> EnsembleSpec:
+    """Load, validate and resolve an ensemble spec: member paths become absolute and must exist.
+
+    `require_runs=False` (used before training the members) resolves run paths without checking them.
+    """
     path = Path(path)
     where = str(path)
     spec = config.load(EnsembleSpec, path)
@@ -106,7 +119,7 @@ def load_spec(path: str | Path, runs_dir: str | Path | None = None) -> EnsembleS
     if spec.postprocess_on == "fused" and spec.fusion != "mean" and spec.postprocess:
         raise SubmitError(f"{where}: key 'postprocess_on': 'fused' needs fusion 'mean' (got {spec.fusion!r})")
     check_steps(spec.postprocess, where)
-    members = tuple(_resolve_member(m, path.parent, runs_dir, where, f"members[{i}]")
+    members = tuple(_resolve_member(m, path.parent, runs_dir, where, f"members[{i}]", require_runs)
                     for i, m in enumerate(spec.members))
     return dataclasses.replace(spec, members=_unique_names(members))
 
@@ -136,10 +149,18 @@ def check_steps(steps: Sequence[StepSpec], where: str) -> None:
             raise SubmitError(f"{where}: key 'postprocess[{i}]': k_reciprocal returns distances, so it must be the last step")
 
 
-def _resolve_member(m: MemberSpec, base: Path, runs_dir: str | Path | None, where: str, key: str) -> MemberSpec:
+def _resolve_member(m: MemberSpec, base: Path, runs_dir: str | Path | None, where: str, key: str,
+                    require_runs: bool = True) -> MemberSpec:
     """Absolute paths for run/recipe/checkpoint; one-line errors for missing files or bad combinations."""
     if (m.run is None) == (m.recipe is None):
         raise SubmitError(f"{where}: key {key!r}: give exactly one of 'run' or 'recipe'")
+    if m.train is not None:
+        if m.run is None:
+            raise SubmitError(f"{where}: key '{key}.train': only run members can be trained")
+        recipe = _path(m.train.recipe, base, runs_dir, where, f"{key}.train.recipe")
+        if not recipe.is_file():
+            raise SubmitError(f"{where}: key '{key}.train.recipe': recipe file {recipe} not found")
+        m = dataclasses.replace(m, train=dataclasses.replace(m.train, recipe=str(recipe)))
     if m.weight < 0:
         raise SubmitError(f"{where}: key '{key}.weight': expected >= 0, got {m.weight}")
     if m.recipe is not None:
@@ -153,6 +174,8 @@ def _resolve_member(m: MemberSpec, base: Path, runs_dir: str | Path | None, wher
                               "a zero-shot member needs them (or use a trained run)")
         return dataclasses.replace(m, recipe=str(recipe), name=m.name or recipe.stem)
     run = _path(m.run or "", base, runs_dir, where, f"{key}.run")
+    if not require_runs:
+        return dataclasses.replace(m, run=str(run), name=m.name or run.name)
     if not (run / "recipe.yaml").is_file():
         raise SubmitError(f"{where}: key '{key}.run': {run} is not a training run dir (no recipe.yaml)")
     ckpt = m.checkpoint
@@ -185,6 +208,31 @@ def _unique_names(members: tuple[MemberSpec, ...]) -> tuple[MemberSpec, ...]:
         seen[name] = seen.get(name, 0) + 1
         out.append(m if seen[name] == 1 else dataclasses.replace(m, name=f"{name}#{seen[name]}"))
     return tuple(out)
+
+def train_members(spec_path: str | Path, data_dir: str | Path, runs_dir: str | Path | None = None,
+                  device: str | None = None, progress: bool = True) -> list[dict]:
+    """Train every member that has a `train` block into its run dir; a run with `last.pt` is resumed.
+
+    Resuming a finished run is a no-op, so re-running (the demo, a benchmark) retrains nothing.
+    """
+    from submit import training
+
+    spec = load_spec(spec_path, runs_dir, require_runs=False)
+    results = []
+    for member in spec.members:
+        if member.train is None:
+            continue
+        recipe = load_recipe(member.train.recipe)
+        seed = [] if member.train.seed is None else [f"seed={member.train.seed}"]
+        recipe = training.apply_overrides(recipe, [*seed, *member.train.overrides],
+                                          where=f"{spec_path}: member {member.name} train.overrides")
+        run = Path(member.run or "")
+        results.append(training.train(recipe, data_dir, run, resume=(run / "last.pt").is_file(),
+                                      device=device, progress=progress))
+    if not results:
+        raise SubmitError(f"{spec_path}: no member has a 'train' block, so there is nothing to train")
+    return results
+
 
 FUSIONS = ("mean", "rank", "reliability", "mean+reliability")
 

@@ -191,7 +191,7 @@ def test_bare_names_resolve_in_the_repo_ensembles_folder() -> None:
         predict_mod.resolve_spec_path("nosuch")
 
 
-@pytest.mark.parametrize("name, runs", [("demo", ["cpu-small-seed0", "cpu-small-seed1"]),
+@pytest.mark.parametrize("name, runs", [("demo", ["demo-cnn-seed0", "demo-cnn-seed1"]),
                                         ("best", ["vit-l-14-openai", "vit-l-14-336-openai", "eva02-l-14"])])
 def test_shipped_specs_validate(tmp_path, name, runs) -> None:
     for run in runs:
