@@ -23,6 +23,11 @@ The spec (`ensembles/*.yaml`, loaded by `load_spec` into the frozen `EnsembleSpe
     postprocess:                   # applied in order; k_reciprocal (distances out) must come last
       - {op: k_reciprocal, params: {k1: 20, k2: 6, lambda_value: 0.3}}
     postprocess_on: member         # member: each member's features, then fuse | fused: see below
+    jersey:                        # optional: shirt-number agreement on the final distances
+      numbers: numbers.csv         # from `reident-submit jersey`, or `model`/`pretrained` to read zero-shot
+      bonus: 0.1                   # subtracted where both confident numbers agree
+      penalty: 0.1                 # added where both are confident and differ
+      threshold: 0.5               # a number counts when its probability reaches this
 
 Relative paths resolve against the spec file's folder. A path starting with `${RUNS}` is taken from
 the `runs_dir` argument (`predict --runs-dir`), so one spec can name the runs of any output folder
@@ -43,6 +48,7 @@ import numpy as np
 
 from submit import config
 from submit.errors import SubmitError
+from submit.jersey import JerseySpec
 from submit.recipe import TTASpec, load_recipe
 
 RUNS_PLACEHOLDER = "${RUNS}"
@@ -102,6 +108,7 @@ class EnsembleSpec:
     reliability_k: int = 15
     postprocess: tuple[StepSpec, ...] = ()
     postprocess_on: Literal["member", "fused"] = "member"
+    jersey: JerseySpec | None = None  # shirt-number agreement on the final distances (see `submit.jersey`)
 
 
 def load_spec(path: str | Path, runs_dir: str | Path | None = None, require_runs: bool = True) -> EnsembleSpec:
@@ -119,9 +126,24 @@ def load_spec(path: str | Path, runs_dir: str | Path | None = None, require_runs
     if spec.postprocess_on == "fused" and spec.fusion != "mean" and spec.postprocess:
         raise SubmitError(f"{where}: key 'postprocess_on': 'fused' needs fusion 'mean' (got {spec.fusion!r})")
     check_steps(spec.postprocess, where)
+    spec = dataclasses.replace(spec, jersey=_resolve_jersey(spec.jersey, path.parent, where))
     members = tuple(_resolve_member(m, path.parent, runs_dir, where, f"members[{i}]", require_runs)
                     for i, m in enumerate(spec.members))
     return dataclasses.replace(spec, members=_unique_names(members))
+
+
+def _resolve_jersey(step: JerseySpec | None, base: Path, where: str) -> JerseySpec | None:
+    """The jersey step with an absolute, existing `numbers` file; exactly one number source."""
+    if step is None:
+        return None
+    if (step.model is None) == (step.numbers is None):
+        raise SubmitError(f"{where}: key 'jersey': give exactly one of 'model' (zero-shot) or 'numbers' (a CSV)")
+    if step.numbers is None:
+        return step
+    numbers = (base / step.numbers).resolve()
+    if not numbers.is_file():
+        raise SubmitError(f"{where}: key 'jersey.numbers': {numbers} not found (write it with `reident-submit jersey`)")
+    return dataclasses.replace(step, numbers=str(numbers))
 
 
 def member_checkpoint(member: MemberSpec) -> Path | None:

@@ -67,6 +67,12 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
     score = _scorer(query, gallery) if split == "test" else None
     stages: dict[str, np.ndarray] = {}
     final = fuse_members(spec, data_dir, query, gallery, device, workers, progress, stages, score is not None)
+    if spec.jersey is not None:
+        from submit.jersey import apply_jersey
+
+        final = apply_jersey(final, query, gallery, data_dir, spec.jersey, base_dir=spec_file.parent,
+                             device=device, progress=progress)
+        stages["+ shirt numbers"] = final
     q_ids, g_ids = query["image_id"].to_numpy(), gallery["image_id"].to_numpy()
     write_ranking(out, final, q_ids, g_ids)
     written, _, _ = read_ranking(out, expect_queries=q_ids, expect_gallery=g_ids)

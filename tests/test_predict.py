@@ -245,3 +245,38 @@ def test_fit_weights_cli(world, tmp_path) -> None:
     assert "best of 3 weightings: tiny-0=" in ok.output and (tmp_path / "w.yaml").is_file()
     bad = CliRunner().invoke(main, [*base, "--grid", "1,x"])
     assert bad.exit_code == 2 and "error: --grid '1,x': expected comma-separated numbers" in bad.output
+
+
+def test_jersey_step_moves_distances_by_the_bonus_and_penalty(world, tmp_path) -> None:
+    """With true shirt numbers read confidently, agreeing pairs move by -bonus and differing ones by +penalty."""
+    import pandas as pd
+
+    df = read_manifest(world["data"])
+    truth = pd.read_csv(world["data"] / "numbers.csv")
+    number_of = {f"images/{p}": n for p, n in zip(truth["path"], truth["number"])}
+    rows = df[df["split"] == "test"]
+    pd.DataFrame({"path": rows["path"], "image_id": rows["image_id"],
+                  "number": [number_of[p] for p in rows["path"]], "prob": 1.0}).to_csv(tmp_path / "n.csv", index=False)
+    spec = _spec(tmp_path, f"""
+        members: [{{run: '${{RUNS}}/tiny-0'}}]
+        jersey: {{numbers: n.csv, bonus: 0.2, penalty: 0.3}}
+    """)
+    result = _predict(world, spec, "test", tmp_path / "t.csv")
+    assert list(result["scores"])[-1] == "+ shirt numbers"
+    plain = _predict(world, _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0'}]\n", "plain.yaml"), "test",
+                     tmp_path / "p.csv")
+    with_numbers, plain_d = _check_file(world, tmp_path / "t.csv", "test"), _check_file(world, tmp_path / "p.csv", "test")
+    q, g = select(df, "test", "query"), select(df, "test", "gallery")
+    same = np.equal.outer(q["path"].map(number_of).to_numpy(), g["path"].map(number_of).to_numpy())
+    expected = plain_d + np.where(same, -0.2, 0.3)
+    assert np.abs(with_numbers - expected).max() < 2e-5  # both files carry 5 decimals
+    assert result["scores"]["+ shirt numbers"]["mAP"] >= plain["scores"][list(plain["scores"])[-1]]["mAP"]
+
+
+def test_jersey_step_needs_one_number_source(world, tmp_path) -> None:
+    spec = _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0'}]\njersey: {bonus: 0.1}\n")
+    with pytest.raises(SubmitError, match="key 'jersey': give exactly one of 'model'"):
+        load_spec(spec, runs_dir=world["runs"])
+    spec = _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0'}]\njersey: {numbers: none.csv}\n", "b.yaml")
+    with pytest.raises(SubmitError, match=r"key 'jersey.numbers': .*none.csv not found"):
+        load_spec(spec, runs_dir=world["runs"])
