@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from submit import config
-from submit.device import autocast, pick_device
+from submit.device import amp_dtype, autocast, pick_device
 from submit.errors import SubmitError
 from submit.manifest import fingerprint
 from submit.recipe import TTASpec
@@ -93,10 +93,14 @@ def checkpoint_identity(checkpoint: str | Path, extra: object = None) -> str:
     return f"ckpt:{file_hash(checkpoint)}:{json.dumps(config.to_mapping(extra), sort_keys=True, default=str)}"
 
 
-def cache_key(identity: str, tta: TTASpec, rows: pd.DataFrame, model: torch.nn.Module | None = None) -> str:
-    """The feature-cache key: model identity, TTA views, manifest rows (and the model's input geometry if given)."""
+def cache_key(identity: str, tta: TTASpec, rows: pd.DataFrame, model: torch.nn.Module | None = None,
+              amp: torch.dtype | None = None) -> str:
+    """The feature-cache key: model identity, TTA views, manifest rows; plus the model's input geometry when a
+    model is given and the autocast dtype when there is one (bf16/fp16 features differ from fp32 ones)."""
     parts: dict[str, object] = {"version": CACHE_VERSION, "identity": identity, "views": tta_views(tta),
                                 "rows": fingerprint(rows)}
+    if amp is not None:
+        parts["amp"] = str(amp)
     if model is not None:
         parts["size"] = list(model.input_size)
         parts["mean"] = [float(v) for v in model.mean]
@@ -120,7 +124,8 @@ def embed(model: torch.nn.Module | Callable[[], torch.nn.Module], data_dir: str 
     may be a zero-argument loader, called only on a cache miss (a hit then loads no weights at all).
     """
     module = model if isinstance(model, torch.nn.Module) else None
-    path = cache_path(data_dir, cache_key(identity, tta, rows, module)) if identity else None
+    amp = amp_dtype(pick_device(str(device) if device is not None else None), precision)
+    path = cache_path(data_dir, cache_key(identity, tta, rows, module, amp)) if identity else None
     if path is not None and path.is_file():
         feats = _load_cached(path, len(rows))
         if feats is not None:

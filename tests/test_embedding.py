@@ -203,3 +203,12 @@ def test_empty_or_non_positive_scales_are_refused(model, data) -> None:
     for scales in ((), (1.0, 0.0)):
         with pytest.raises(SubmitError, match=r"tta.scales: expected one or more positive scales"):
             _embed(model, root, rows, TTASpec(scales=scales))
+
+
+def test_cache_key_separates_autocast_dtypes(data) -> None:
+    _, rows = data
+    tta = TTASpec()
+    plain = embedding.cache_key("id", tta, rows)
+    assert plain == embedding.cache_key("id", TTASpec(batch_size=7), rows)  # batch size does not change features
+    assert len({plain, embedding.cache_key("id", tta, rows, amp=torch.bfloat16),
+                embedding.cache_key("id", tta, rows, amp=torch.float16)}) == 3
