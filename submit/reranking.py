@@ -366,11 +366,12 @@ def _chain(score: np.ndarray) -> np.ndarray:
     return np.array(path)
 
 
-def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool) -> _Pass:
+def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool, answer: np.ndarray) -> _Pass:
     """One pass over the upper-triangle tiles (diagonal tiles first, to seed the thresholds).
 
     Keeps every entry within 4 err of its row's running need-th smallest distance (a superset of what the
-    neighbour sets can need) and within 2 err of its row's running maximum.
+    neighbour sets can need) and within 2 err of its row's running maximum. The query x gallery entries of
+    each tile are written into `answer` on the way (no second pass over those pairs).
     """
     x = tiles.x
     run, near, far = _Running(x.n, need), _Buffer(), _Buffer()
@@ -382,6 +383,9 @@ def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool) -> _Pass:
         feats = {b: feats[b] if b in feats else x.take_sorted(blocks[b]) for b in (i, j)}
         rows, cols = blocks[i], blocks[j]
         s = tiles.scores(rows, cols, feats[i], feats[j])
+        _store_query_gallery(tiles, s, rows, cols, answer)
+        if i != j:
+            _store_query_gallery(tiles, s.T, cols, rows, answer)
         if i == j:
             run.seed(rows, tiles.dist(s))
         _side(tiles, s, 1, rows, cols, run, near, far, seeded=i == j)
@@ -396,18 +400,14 @@ def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool) -> _Pass:
     return _Pass(rows[keep], cols[keep], vals[keep], fr, fc, fv)
 
 
-def _original(tiles: _Tiles, answer: np.ndarray) -> None:
-    """Write the float32 query x gallery distances into answer, in index order, 256 x 4096 at a time."""
-    x = tiles.x
-    nq = x.n_query
-    for a in range(0, nq, 256):
-        a1 = min(a + 256, nq)
-        for b in range(nq, x.n, 4096):
-            b1 = min(b + 4096, x.n)
-            s = tiles.scores(np.arange(a, a1), np.arange(b, b1), x.block(a, a1), x.block(b, b1))
-            s *= np.float32(-2.0)
-            s += tiles.offset
-            answer[a:a1, b - nq:b1 - nq] = s
+def _store_query_gallery(tiles: _Tiles, s: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                         answer: np.ndarray) -> None:
+    """Write the tile's (query row, gallery column) distances into answer; rows and cols are ascending, so the
+    queries are a prefix of rows and the gallery a suffix of cols."""
+    nq = tiles.x.n_query
+    a, b = int(np.searchsorted(rows, nq)), int(np.searchsorted(cols, nq))
+    if a and b < len(cols):
+        answer[np.ix_(rows[:a], cols[b:] - nq)] = tiles.dist(s[:a, b:])
 
 
 def _compact_far(far: _Buffer, row_max: np.ndarray, margin: float) -> None:
@@ -659,7 +659,8 @@ def k_reciprocal(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int = 2
     tiles = _Tiles.build(x, _norms(x))
     half = int(np.around(k1 / 2))
     widths = [min(k1 + 1, n), min(half + 1, n)] + ([min(k2, n)] if k2 != 1 else [])
-    p = _tile_pass(tiles, min(max(widths) + 1, n), block, progress)
+    answer = np.empty((n_query, n - n_query), dtype=np.float32)
+    p = _tile_pass(tiles, min(max(widths) + 1, n), block, progress, answer)
     col_max = _exact_row_max(x, tiles.sq, p)
     cand = _sort_candidates(p, n)
     del p
@@ -669,8 +670,6 @@ def k_reciprocal(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int = 2
     del cand
     if k2 != 1:
         indptr, indices, data = _local_expansion(indptr, indices, data, sets[widths[2]])
-    answer = np.empty((n_query, n - n_query), dtype=np.float32)
-    _original(tiles, answer)
     answer /= col_max[:n_query, None]
     _jaccard_into(answer, indptr, indices, data, n_query, lambda_value)
     return answer
