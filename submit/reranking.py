@@ -389,8 +389,7 @@ def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool, answer: np.
     x = tiles.x
     run, near, far = _Running(x.n, need), _Buffer(), _Buffer()
     blocks = _blocks(x, tiles, block, run)
-    # Diagonal tiles first, then by distance from the diagonal: each block meets its neighbours early.
-    pairs = [(i, i + k) for k in range(len(blocks)) for i in range(len(blocks) - k)]
+    pairs = _tile_order(len(blocks))
     feats: dict[int, np.ndarray] = {}
     for i, j in _progress(pairs, "re-ranking: distance tiles", progress):
         feats = {b: feats[b] if b in feats else x.take_sorted(blocks[b]) for b in (i, j)}
@@ -411,6 +410,17 @@ def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool, answer: np.
     keep = vals <= run.tau[rows] + np.float32(4 * tiles.err)
     fr, fc, fv = far.take()
     return _Pass(rows[keep], cols[keep], vals[keep], fr, fc, fv)
+
+
+def _tile_order(n_blocks: int) -> list[tuple[int, int]]:
+    """Diagonal tiles, then the first off-diagonal band (each block meets its neighbours early, so thresholds
+    are tight), then the rest row block by row block in a snake order, so that each tile reuses one or both
+    gathered blocks of the previous one."""
+    pairs = [(i, i) for i in range(n_blocks)] + [(i, i + 1) for i in range(n_blocks - 1)]
+    for i in range(n_blocks - 2):
+        cols = range(i + 2, n_blocks)
+        pairs += [(i, j) for j in (cols if i % 2 == 0 else reversed(cols))]
+    return pairs
 
 
 def _store_query_gallery(tiles: _Tiles, s: np.ndarray, rows: np.ndarray, cols: np.ndarray,
