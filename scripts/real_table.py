@@ -1,0 +1,113 @@
+"""Helpers of scripts/real_benchmark.sh: a per-seed copy of an ensemble spec, and the markdown result table.
+
+    python scripts/real_table.py spec ENSEMBLE.yaml SEED OUT.yaml
+        copy the spec with every member's train.seed shifted by SEED and its recipe path made absolute
+    python scripts/real_table.py table OUT_DIR DATA_DIR SEED_DIR [SEED_DIR ...]
+        score every stage of each seed's ensemble on the test split (cached features, so cheap), and
+        write OUT_DIR/results.md: per stage mAP / rank-1 / mINP (mean and spread over seeds), train and
+        predict times, the machine, the date and the load average
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REFERENCE_MAP = 28.0  # issue 6: plain ResNet-18 from scratch, InfoNCE, 15 minutes (not re-measured here)
+REFERENCE_RANK1 = 43.0
+
+
+def seed_spec(spec_path: str, seed: int, out: str) -> None:
+    """Write the spec with train seeds offset by `seed` and recipe paths absolute (it may live elsewhere)."""
+    spec_file = Path(spec_path).resolve()
+    data = yaml.safe_load(spec_file.read_text())
+    for member in data["members"]:
+        train = member.get("train")
+        if train:
+            train["recipe"] = str((spec_file.parent / train["recipe"]).resolve())
+            train["seed"] = int(train.get("seed") or 0) + seed
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(f"# {spec_file.name} with train seeds + {seed}\n" + yaml.safe_dump(data, sort_keys=False))
+
+
+def seed_scores(seed_dir: Path, data_dir: str) -> tuple[dict, dict]:
+    """Stage scores of one seed's ensemble on the test split, and its timings (train per member, predict)."""
+    from submit.predict import predict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = predict(seed_dir / "spec.yaml", data_dir, "test", Path(tmp) / "test.csv",
+                         runs_dir=seed_dir / "runs", progress=False)
+    times = json.loads((seed_dir / "times.json").read_text()) if (seed_dir / "times.json").is_file() else {}
+    for run in sorted((seed_dir / "runs").iterdir()):
+        metrics = run / "metrics.json"
+        if metrics.is_file():
+            history = json.loads(metrics.read_text())["history"]
+            times[f"train {run.name}"] = sum(row["seconds"] for row in history)
+    return result, times
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+def table(out_dir: str, data_dir: str, seed_dirs: list[str]) -> str:
+    """The markdown results for every seed dir; also written to OUT_DIR/results.md."""
+    results = [seed_scores(Path(d), data_dir) for d in seed_dirs]
+    stages = list(results[0][0]["scores"])
+    lines = [f"machine: {_machine()}; date {time.strftime('%Y-%m-%dT%H:%M:%S')}; "
+             f"load average {os.getloadavg()[0]:.1f}; seeds: {len(results)}",
+             f"post-processing: {results[0][0]['postprocess']}", "",
+             "| stage (test split, 50 queries x 255 gallery) | mAP | rank-1 | mINP | mAP / reference |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for stage in stages:
+        cols = [[100 * r["scores"][stage][k] for r, _ in results if stage in r["scores"]]
+                for k in ("mAP", "rank1", "mINP")]
+        ratio = statistics.mean(cols[0]) / REFERENCE_MAP
+        bold = "**" if stage == stages[-1] else ""
+        lines.append(f"| {bold}{stage}{bold} | {bold}{_cell(cols[0])}{bold} | {_cell(cols[1])} | {_cell(cols[2])} "
+                     f"| {ratio:.2f}x |")
+    lines.append(f"| reference (issue 6 figure, not re-measured): plain ResNet-18, InfoNCE, 15 min | {REFERENCE_MAP:.2f} "
+                 f"| {REFERENCE_RANK1:.2f} | - | 1.00x |")
+    lines += ["", "| time (s) | " + " | ".join(f"seed dir {Path(d).name}" for d in seed_dirs) + " |",
+              "| --- |" + " ---: |" * len(seed_dirs)]
+    keys = list(dict.fromkeys(k for _, t in results for k in t))
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{t.get(key, float('nan')):.0f}" for _, t in results) + " |")
+    text = "\n".join(lines) + "\n"
+    Path(out_dir, "results.md").write_text(text)
+    return text
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) == 4 and argv[0] == "spec":
+        seed_spec(argv[1], int(argv[2]), argv[3])
+    elif len(argv) >= 4 and argv[0] == "table":
+        print(table(argv[1], argv[2], argv[3:]), end="")
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
