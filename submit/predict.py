@@ -91,7 +91,8 @@ def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
     """Grid-search member weights on the TEST split (best mAP, then rank-1) and write the spec with them to `out`.
 
     Every weight vector from `grid`^members (not all zero, proportional duplicates skipped) fuses the members'
-    cached distances with the spec's rule. 50 test queries make this easy to over-fit: prefer coarse grids.
+    cached distances with the spec's rule (before any `jersey` step, which is copied unchanged). 50 test
+    queries make this easy to over-fit: prefer coarse grids.
     """
     spec_file = resolve_spec_path(spec_path)
     spec = ensembling.load_spec(spec_file, runs_dir)
@@ -134,12 +135,17 @@ def write_weighted_spec(spec_file: Path, out: str | Path, weights: tuple[float, 
     """Copy `spec_file` to `out` with new member weights; relative member paths are re-based on `out`'s folder."""
     out = Path(out)
     data = config.read_yaml(spec_file)
+    old, new = spec_file.parent, out.parent
     for member, weight in zip(data["members"], weights):
         member["weight"] = float(weight)
         for key in ("run", "recipe", "checkpoint"):
             value = member.get(key)
             if isinstance(value, str) and not (key == "checkpoint" and value in ("best", "last")):
-                member[key] = _rebase(value, spec_file.parent, out.parent)
+                member[key] = _rebase(value, old, new)
+        if isinstance(member.get("train"), dict) and isinstance(member["train"].get("recipe"), str):
+            member["train"]["recipe"] = _rebase(member["train"]["recipe"], old, new)
+    if isinstance(data.get("jersey"), dict) and isinstance(data["jersey"].get("numbers"), str):
+        data["jersey"]["numbers"] = _rebase(data["jersey"]["numbers"], old, new)
     text = f"# {note}\n# from {spec_file}\n" + yaml.safe_dump(data, sort_keys=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -219,17 +219,20 @@ def test_weight_grid_skips_zero_and_proportional_duplicates() -> None:
 def test_fit_weights_writes_a_spec_that_reproduces_its_score(world, tmp_path) -> None:
     (tmp_path / "specs").mkdir()
     spec = _spec(tmp_path / "specs", """
-        members: [{run: '${RUNS}/tiny-0'}, {run: ../runs_copy/tiny-1, checkpoint: last}]
+        members:
+          - {run: '${RUNS}/tiny-0'}
+          - {run: ../runs_copy/tiny-1, checkpoint: last, train: {recipe: ../runs_copy/tiny-1/recipe.yaml}}
         fusion: rank
         """)
     (tmp_path / "runs_copy").symlink_to(world["runs"], target_is_directory=True)
-    out = tmp_path / "fitted" / "fit.yaml"
+    out = tmp_path / "fitted" / "deeper" / "fit.yaml"
     result = predict_mod.fit_weights(spec, world["data"], out, grid=(0.0, 1.0, 3.0), device="cpu",
                                      runs_dir=world["runs"], workers=0, progress=False)
     assert result["tried"] == 5 and tuple(result["weights"]) in predict_mod.weight_grid(2, (0.0, 1.0, 3.0))
     assert result["score"]["mAP"] >= result["spec_score"]["mAP"]
     text = out.read_text()
-    assert text.startswith("# fitted on the test split") and "../runs_copy/tiny-1" in text and "${RUNS}/tiny-0" in text
+    assert text.startswith("# fitted on the test split") and "${RUNS}/tiny-0" in text
+    assert "run: ../../runs_copy/tiny-1\n" in text and "recipe: ../../runs_copy/tiny-1/recipe.yaml" in text
     again = _predict(world, out, "test", tmp_path / "fitted.csv")
     assert again["scores"]["fused (rank)"]["mAP"] == pytest.approx(result["score"]["mAP"], abs=1e-4)
     with pytest.raises(SubmitError, match="--grid"):
