@@ -231,6 +231,7 @@ def _unique_names(members: tuple[MemberSpec, ...]) -> tuple[MemberSpec, ...]:
         out.append(m if seen[name] == 1 else dataclasses.replace(m, name=f"{name}#{seen[name]}"))
     return tuple(out)
 
+
 def train_members(spec_path: str | Path, data_dir: str | Path, runs_dir: str | Path | None = None,
                   device: str | None = None, progress: bool = True) -> list[dict]:
     """Train every member that has a `train` block into its run dir; a run with `last.pt` is resumed.
