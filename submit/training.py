@@ -153,9 +153,13 @@ class PairDataset(Dataset):
 
         anchor, positive, aug_seed = item
         images = [open_image(self.root / self.paths[i]) for i in (anchor, positive)]
-        with torch.random.fork_rng(devices=[]):  # the pair's own seed: same result in any worker, on resume
-            torch.manual_seed(aug_seed)
+        rng = torch.default_generator  # PairAugment draws from it: seed it per pair, then restore it
+        saved = rng.get_state()
+        rng.manual_seed(aug_seed)  # the pair's own seed: the same crops in any worker and after a resume
+        try:
             a, p = self.augment(images[0], images[1])
+        finally:
+            rng.set_state(saved)
         return torch.stack([a, p])
 
 
@@ -594,6 +598,7 @@ class _Trainer:
         if s.batch_in_epoch == 0:
             self._epoch_start = tick
         global_images = 2 * self.sampler.global_pairs
+        step_s: float | None = None
         for batch in self.loader:
             lr = self.schedule(s.step)
             for group in self.optimizer.param_groups:
@@ -604,7 +609,8 @@ class _Trainer:
             s.loss_sum += loss
             s.loss_count += 1
             now = time.perf_counter()
-            ips, tick = global_images / max(now - tick, 1e-9), now
+            step_s = now - tick if step_s is None else 0.9 * step_s + 0.1 * (now - tick)  # smoothed for display
+            ips, tick = global_images / max(step_s, 1e-9), now
             bar.update(task, advance=1, loss=loss, lr=lr, temp=float(self.model.temperature().detach()), ips=ips)
             self.on_step(s.step)
             if s.step >= stop:
