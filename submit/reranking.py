@@ -15,8 +15,8 @@ How it stays exact without the dense matrix:
   and the column-max normalisation equal the dense algorithm's.
 - Only neighbour SETS matter to the algorithm (top k1+1, top round(k1/2)+1, top k2), never the order inside.
 - The Jaccard term is computed only for the query x gallery block, from sparse V rows, by summing
-  min(V[q, k], V[g, k]) over the shared columns k, query chunk by query chunk; the original-distance term is
-  likewise computed for that block only.
+  min(V[q, k], V[g, k]) over the shared columns k, query chunk by query chunk; the original-distance term of
+  that block is copied out of the same tiles during the pass (no second sgemm).
 
 Public API: `k_reciprocal`, `query_expansion`, `database_augmentation`, `cosine_distance`, `postprocess`
 (a chain of those), `estimate_rerank_memory`, `available_memory`.
