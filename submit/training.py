@@ -719,11 +719,28 @@ def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: boo
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     info, dev = init_distributed(pick_device(device))
+    threads = torch.get_num_threads()
     try:
+        cpu_threads(dev, recipe.data.workers)
         return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress)
     finally:
+        torch.set_num_threads(threads)
         if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def cpu_threads(device: torch.device, workers: int) -> int:
+    """On CPU, leave one core per DataLoader worker: compute threads = cores per process - workers (>= 1).
+
+    OpenMP threads spin at barriers; with as many compute threads as cores, loader workers preempt them
+    and a step can take several times longer. OMP_NUM_THREADS, when set, wins.
+    """
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, per_process - workers))
+    return torch.get_num_threads()
 
 
 def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool, device: torch.device, info: DistInfo,
@@ -739,7 +756,9 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool, device: 
     if info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_recipe(out_dir, recipe)
-        _log(f"training {recipe.name}: {len(trainer.splits.train)} images, global batch "
+        where = (f"{device}" if device.type != "cpu" else
+                 f"cpu, {torch.get_num_threads()} compute thread(s) + {recipe.data.workers} loader worker(s)")
+        _log(f"training {recipe.name} on {where}: {len(trainer.splits.train)} images, global batch "
              f"{trainer.sampler.global_pairs} pairs ({info.world_size} process(es)), lr {recipe.train.lr:g} for "
              f"that batch, {sum(trainer.steps_per_epoch)} steps; {trainer.splits.note}"
              + (f"; {trainer.sampler.skipped} single-image identities skipped" if trainer.sampler.skipped else ""))

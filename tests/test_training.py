@@ -338,3 +338,13 @@ def test_cli_train_with_overrides_and_errors(data_dir, tmp_path):
     assert bad.exit_code == 2 and "train.lrr" in bad.output and len(bad.output.strip().splitlines()) == 1
     again = runner.invoke(main, args)
     assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_cpu_threads_leave_a_core_per_loader_worker_unless_omp_is_set(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert training.cpu_threads(torch.device("cpu"), workers=1) == max(1, cores - 1)
+    assert training.cpu_threads(torch.device("cpu"), workers=cores + 3) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    assert training.cpu_threads(torch.device("cpu"), workers=0) == 1  # the user's setting wins
