@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from submit import config
 from submit.device import autocast, pick_device
 from submit.errors import SubmitError
+from submit.manifest import read_csv, read_manifest, select
 
 NONE = -1  # the "no readable number" class
 CLASSES: tuple[int, ...] = (*range(100), NONE)
@@ -200,12 +201,7 @@ class NumberScore:
 def read_truth(path: str | Path) -> dict[str, int]:
     """A `path,number` CSV -> {posix path: number}, with one-line errors naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise SubmitError(f"{path}: ground-truth numbers file not found")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SubmitError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
+    df = read_csv(path, missing="ground-truth numbers file not found")
     if not {"path", "number"} <= set(df.columns):
         raise SubmitError(f"{path}: expected columns path,number")
     numbers = pd.to_numeric(df["number"], errors="coerce")
@@ -246,7 +242,6 @@ def score_numbers(pred: pd.DataFrame, truth: np.ndarray, top_confusions: int = 1
 
 def select_rows(data_dir: str | Path, split: str, role: str) -> pd.DataFrame:
     """Manifest rows of a split for role query, gallery, train or all (query then gallery, or train)."""
-    from submit.manifest import read_manifest, select
 
     df = read_manifest(data_dir)
     if role != "all":
@@ -285,12 +280,7 @@ def run_jersey(data_dir: str | Path, split: str, role: str, model: str, pretrain
 def read_predictions(path: str | Path) -> pd.DataFrame:
     """A numbers CSV written by `run_jersey` (path,image_id,number,prob[,top5]), validated."""
     path = Path(path)
-    if not path.is_file():
-        raise SubmitError(f"{path}: shirt-number file not found")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SubmitError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
+    df = read_csv(path, missing="shirt-number file not found")
     missing = [c for c in ("path", "number", "prob") if c not in df.columns]
     if missing:
         raise SubmitError(f"{path}: missing column(s) {', '.join(missing)}; expected path,image_id,number,prob")

@@ -57,11 +57,18 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
     path = manifest_path(data_dir)
     if not path.is_file():
         raise SubmitError(f"{path}: no manifest; run `reident-submit prepare SOURCE --out {data_dir}` first")
+    return validate(read_csv(path), str(path))
+
+
+def read_csv(path: str | Path, missing: str = "file not found") -> pd.DataFrame:
+    """Read any CSV the toolkit takes as input; one-line errors for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubmitError(f"{path}: {missing}")
     try:
-        df = pd.read_csv(path)
+        return pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SubmitError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
-    return validate(df, str(path))
 
 
 def write_manifest(df: pd.DataFrame, data_dir: str | Path) -> Path:
