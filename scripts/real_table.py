@@ -50,7 +50,7 @@ def seed_scores(seed_dir: Path, data_dir: str) -> tuple[dict, dict]:
         metrics = run / "metrics.json"
         if metrics.is_file():
             history = json.loads(metrics.read_text())["history"]
-            times[f"train {run.name}"] = sum(row["seconds"] for row in history)
+            times[f"{run.name}: epochs, without validation"] = sum(row["seconds"] for row in history)
     return result, times
 
 
