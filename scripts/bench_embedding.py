@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -31,20 +30,11 @@ from submit.embedding import embed, tta_views
 from submit.manifest import read_manifest
 from submit.recipe import BackboneSpec, TTASpec
 from submit.transforms import CropDataset
+from submit.device import cpu_model
 
 MODELS = {"vit-b-16": BackboneSpec("open_clip:ViT-B-16"),
           "resnet18-128x64": BackboneSpec("timm:resnet18", image_size=(128, 64))}
 
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or platform's guess)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def synthetic_rows(n: int, root: Path) -> pd.DataFrame:

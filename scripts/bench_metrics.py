@@ -12,25 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import time
 
 import numpy as np
 from sklearn.metrics import average_precision_score
 
 from submit.metrics import average_precision, evaluate_distances
+from submit.device import cpu_model
 
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_problem(n_q: int, n_g: int, per_id: int, seed: int, noise: float = 1.2

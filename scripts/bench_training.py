@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -30,20 +29,10 @@ from submit.losses import InfoNCELoss, LogitScale
 from submit.prepare import prepare
 from submit.recipe import Recipe, load_recipe
 from submit.synthetic import make_dataset
+from submit.device import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def bare_images_per_s(recipe: Recipe, steps: int, warmup: int) -> float:

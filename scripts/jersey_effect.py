@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import tempfile
 from pathlib import Path
 
@@ -32,18 +31,8 @@ from submit.embedding import embed_views
 from submit.metrics import evaluate_distances
 from submit.prepare import prepare
 from submit.synthetic import make_dataset
+from submit.device import cpu_model
 
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def base_distances(data_dir: Path, q: pd.DataFrame, g: pd.DataFrame, run: str | None, model: str) -> np.ndarray:

@@ -35,3 +35,17 @@ def autocast(device: torch.device, precision: str = "auto") -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (else platform's guess), for benchmark reports."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
