@@ -39,6 +39,7 @@ class DataSpec:
     folds: int = 10
     fold: int = 0
     workers: int = 2
+    cache_images: bool = False  # keep letterboxed training crops in RAM per loader process (H x W x 3 B each)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from submit.sampler import PairBatchSampler
 
 FORMAT = "reident-submit/train-v1"
 METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
-RESUME_MAY_CHANGE = ("train.epochs", "train.checkpoint_every", "data.workers")
+RESUME_MAY_CHANGE = ("train.epochs", "train.checkpoint_every", "data.workers", "data.cache_images")
 CSV_COLUMNS = ("epoch", "step", "loss", "lr", "temperature", "images_per_s", "seconds", *METRIC_KEYS)
 
 
@@ -135,24 +135,37 @@ def _by_id(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 class PairDataset(Dataset):
-    """Item `(anchor, positive, aug_seed)` -> (2, 3, H, W): both crops letterboxed, jointly augmented."""
+    """Item `(anchor, positive, aug_seed)` -> (2, 3, H, W): both crops letterboxed, jointly augmented.
+
+    With `cache`, each crop is decoded and letterboxed once per process and kept in memory (H x W x 3
+    bytes per crop); letterboxing an already letterboxed crop is an exact copy, so results are unchanged.
+    """
 
     def __init__(self, root: str | Path, paths: Sequence[str], size_hw: tuple[int, int],
-                 mean: Sequence[float], std: Sequence[float], augment: AugmentSpec) -> None:
+                 mean: Sequence[float], std: Sequence[float], augment: AugmentSpec, cache: bool = False) -> None:
         from submit.transforms import PairAugment
 
         self.root = Path(root)
         self.paths = list(paths)
+        self.size_hw = (int(size_hw[0]), int(size_hw[1]))
         self.augment = PairAugment(augment, size_hw, mean, std)
+        self.cache: dict[int, Any] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item: tuple[int, int, int]) -> torch.Tensor:
-        from submit.transforms import open_image
+    def _image(self, index: int) -> Any:
+        from submit.transforms import letterbox, open_image
 
+        if self.cache is None:
+            return open_image(self.root / self.paths[index])
+        if index not in self.cache:
+            self.cache[index] = letterbox(open_image(self.root / self.paths[index]), self.size_hw)
+        return self.cache[index]
+
+    def __getitem__(self, item: tuple[int, int, int]) -> torch.Tensor:
         anchor, positive, aug_seed = item
-        images = [open_image(self.root / self.paths[i]) for i in (anchor, positive)]
+        images = [self._image(anchor), self._image(positive)]
         rng = torch.default_generator  # PairAugment draws from it: seed it per pair, then restore it
         saved = rng.get_state()
         rng.manual_seed(aug_seed)  # the pair's own seed: the same crops in any worker and after a resume
@@ -438,7 +451,7 @@ class _Trainer:
         self.schedule = LRSchedule(t.lr, t.min_lr, round(t.warmup_epochs * self.steps_per_epoch[0]),
                                    sum(self.steps_per_epoch), t.schedule, t.poly_power)
         images = PairDataset(data_dir, self.splits.train["path"].tolist(), tuple(embedder.input_size),
-                             tuple(embedder.mean), tuple(embedder.std), t.augment)
+                             tuple(embedder.mean), tuple(embedder.std), t.augment, recipe.data.cache_images)
         workers = recipe.data.workers
         self.loader = DataLoader(images, batch_sampler=self.sampler, num_workers=workers,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -730,16 +743,19 @@ def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: boo
 
 
 def cpu_threads(device: torch.device, workers: int) -> int:
-    """On CPU, leave one core per DataLoader worker: compute threads = cores per process - workers (>= 1).
+    """On CPU, pick the compute threads: the cores this process may use, minus one per DataLoader worker
+    and minus the cores other programs keep busy (1-minute load average), at least 1.
 
-    OpenMP threads spin at barriers; with as many compute threads as cores, loader workers preempt them
-    and a step can take several times longer. OMP_NUM_THREADS, when set, wins.
+    OpenMP threads spin at barriers: when a loader worker or another program preempts one of them, a
+    step can take many times longer (on a busy 2-core VM, 2 threads ran 27x slower than 1). An explicit
+    OMP_NUM_THREADS always wins.
     """
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, per_process - workers))
+    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+    torch.set_num_threads(max(1, min(cores - workers, cores - busy)))
     return torch.get_num_threads()
 
 

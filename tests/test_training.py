@@ -150,6 +150,22 @@ def test_accumulation_keeps_whole_batch_negatives_same_gradients(data_dir, tmp_p
         assert torch.allclose(full[name], ckpt[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_pair_dataset_is_seeded_per_pair_and_caching_changes_nothing(data_dir):
+    from submit.recipe import AugmentSpec
+
+    paths = read_manifest(data_dir).query("split == 'train'")["path"].tolist()
+    spec = AugmentSpec(hflip=0.5, random_erasing=0.5, color_jitter=0.3)
+    plain = training.PairDataset(data_dir, paths, (32, 16), (0.5,) * 3, (0.25,) * 3, spec)
+    cached = training.PairDataset(data_dir, paths, (32, 16), (0.5,) * 3, (0.25,) * 3, spec, cache=True)
+    before = torch.get_rng_state()
+    first = plain[(0, 1, 7)]
+    assert first.shape == (2, 3, 32, 16) and torch.equal(before, torch.get_rng_state())  # global RNG untouched
+    assert torch.equal(first, plain[(0, 1, 7)]) and not torch.equal(first, plain[(0, 1, 8)])
+    for seed in (7, 8, 9):
+        assert torch.equal(plain[(0, 1, seed)], cached[(0, 1, seed)])
+    assert cached.cache is not None and set(cached.cache) == {0, 1}
+
+
 def test_accumulation_gives_same_weights_as_one_full_batch(data_dir, tmp_path):
     training.train(tiny("train.pairs_per_batch=8"), data_dir, tmp_path / "full", max_steps=4, progress=False)
     training.train(tiny("train.pairs_per_batch=4", "train.accum_steps=2"), data_dir, tmp_path / "accum",
@@ -340,11 +356,15 @@ def test_cli_train_with_overrides_and_errors(data_dir, tmp_path):
     assert again.exit_code == 2 and "--resume" in again.output
 
 
-def test_cpu_threads_leave_a_core_per_loader_worker_unless_omp_is_set(monkeypatch):
+def test_cpu_threads_leave_cores_to_loader_workers_and_busy_cpus_unless_omp_is_set(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert training.cpu_threads(torch.device("cpu"), workers=0) == cores
     assert training.cpu_threads(torch.device("cpu"), workers=1) == max(1, cores - 1)
     assert training.cpu_threads(torch.device("cpu"), workers=cores + 3) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))  # every core busy elsewhere
+    assert training.cpu_threads(torch.device("cpu"), workers=0) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     assert training.cpu_threads(torch.device("cpu"), workers=0) == 1  # the user's setting wins
