@@ -25,14 +25,13 @@ import torch
 
 from submit import training
 from submit.backbones import build_embedder
+from submit.device import cpu_model
 from submit.losses import InfoNCELoss, LogitScale
 from submit.prepare import prepare
 from submit.recipe import Recipe, load_recipe
 from submit.synthetic import make_dataset
-from submit.device import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
-
 
 
 def bare_images_per_s(recipe: Recipe, steps: int, warmup: int) -> float:
