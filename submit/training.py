@@ -8,6 +8,9 @@ Run dir (`out_dir`):
 - `best.pt`       inference weights (EMA when enabled) of the epoch with the best validation mAP, or of
                   the latest epoch when validation is skipped (`data.split: all`).
 - `metrics.csv`, `metrics.json`  one row per validated epoch (loss, lr, temperature, images/s, mAP, ...).
+Both checkpoints and metrics.json record `manifest`: the fingerprint of the manifest the run trained on
+(`manifest.fingerprint`, a hash of its rows with DATA_DIR-relative paths), so resume and predict can refuse
+to mix runs trained on different data.
 Checkpoints hold only tensors and plain Python types, so they load with `torch.load(weights_only=True)`.
 
 Batches: `train.pairs_per_batch` pairs per process and micro-batch; the global (effective) batch is
@@ -51,7 +54,7 @@ from submit import config
 from submit.device import amp_dtype, autocast, pick_device
 from submit.errors import SubmitError
 from submit.losses import LogitScale, build_loss
-from submit.manifest import read_manifest
+from submit.manifest import fingerprint, read_manifest
 from submit.recipe import AugmentSpec, DataSpec, Recipe
 from submit.sampler import PairBatchSampler
 
@@ -308,18 +311,27 @@ def save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with weights_only=True; one-line errors for a missing or foreign file."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """Load a checkpoint with weights_only=True; one-line errors for a missing or foreign file.
+
+    `mmap` maps the tensors instead of reading them: cheap when only the plain fields are needed.
+    """
     path = Path(path)
     if not path.is_file():
         raise SubmitError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise SubmitError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise SubmitError(f"{path}: not a reident-submit training checkpoint (format {FORMAT})")
     return obj
+
+
+def recorded_manifest(path: str | Path) -> str | None:
+    """The manifest fingerprint a checkpoint's run trained on; None for runs saved before it was recorded."""
+    value = load_checkpoint(path, mmap=True).get("manifest")
+    return value if isinstance(value, str) else None
 
 
 def _rng_state() -> dict:
@@ -427,7 +439,9 @@ class _Trainer:
 
         self.recipe, self.data_dir, self.out_dir, self.device, self.info = recipe, data_dir, out_dir, device, info
         t = recipe.train
-        self.splits = make_splits(read_manifest(data_dir), recipe.data, recipe.seed)
+        manifest = read_manifest(data_dir)
+        self.manifest = fingerprint(manifest)  # recorded in checkpoints and metrics.json
+        self.splits = make_splits(manifest, recipe.data, recipe.seed)
         _seed_all(recipe.seed)
         embedder = build_embedder(recipe.backbone)
         if t.grad_checkpointing:
@@ -466,6 +480,7 @@ class _Trainer:
         """Restore the full training state from `last.pt`."""
         ckpt = load_checkpoint(path)
         _check_same_recipe(ckpt["recipe"], self.recipe, path)
+        _check_same_manifest(ckpt.get("manifest"), self.manifest, path, self.data_dir)
         saved_pairs = ckpt["sampler"]["global_pairs"]
         if saved_pairs != self.sampler.global_pairs:
             raise SubmitError(f"{path}: the run used a global batch of {saved_pairs} pairs, this launch gives "
@@ -493,7 +508,7 @@ class _Trainer:
             return
         s = self.state
         obj = {
-            "format": FORMAT, "kind": "last", "recipe": config.to_mapping(self.recipe),
+            "format": FORMAT, "kind": "last", "recipe": config.to_mapping(self.recipe), "manifest": self.manifest,
             "model": self.model.embedder.state_dict(), "temperature": self.model.temperature.state_dict(),
             "ema": self.ema.model.embedder.state_dict() if self.ema else None,
             "ema_temperature": self.ema.model.temperature.state_dict() if self.ema else None,
@@ -513,8 +528,8 @@ class _Trainer:
             return
         source = self.ema.model if self.ema else self.model
         save_atomic({"format": FORMAT, "kind": "best", "recipe": config.to_mapping(self.recipe),
-                     "model": source.embedder.state_dict(), "temperature": source.temperature.state_dict(),
-                     "metrics": row}, self.out_dir / "best.pt")
+                     "manifest": self.manifest, "model": source.embedder.state_dict(),
+                     "temperature": source.temperature.state_dict(), "metrics": row}, self.out_dir / "best.pt")
 
     # -- one optimizer step --
 
@@ -660,7 +675,8 @@ class _Trainer:
         if is_best:
             self.save_best(row)
         if self.info.main:
-            write_metrics(self.out_dir, s.history, {"recipe": self.recipe.name, "validation": self.splits.note,
+            write_metrics(self.out_dir, s.history, {"recipe": self.recipe.name, "manifest": self.manifest,
+                                                    "validation": self.splits.note,
                                                     "world_size": self.info.world_size,
                                                     "global_batch_pairs": self.sampler.global_pairs})
             _log(_row_text(row, partial))
@@ -673,6 +689,13 @@ def _check_same_recipe(saved: dict, recipe: Recipe, path: Path) -> None:
         if key not in RESUME_MAY_CHANGE and not key.startswith("tta."):
             raise SubmitError(f"{path}: the run was trained with {key}={a!r}, the recipe now says {b!r}; "
                               "resume with the run's recipe.yaml")
+
+
+def _check_same_manifest(saved: str | None, now: str, path: Path, data_dir: Path) -> None:
+    """Resuming on other data would silently mix runs; a run saved before fingerprints were recorded passes."""
+    if saved is not None and saved != now:
+        raise SubmitError(f"{path.parent}: the run was trained on manifest {saved[:12]}, {data_dir}/manifest.csv "
+                          f"is {now[:12]}; resume with the run's data or train into another --out")
 
 
 def _flat_diff(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:

@@ -3,8 +3,10 @@ kill/resume with a real SIGKILL, NaN stop, splits, EMA, load_trained and the CLI
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from click.testing import CliRunner
 from submit import training
 from submit.cli import main
 from submit.errors import SubmitError
-from submit.manifest import read_manifest
+from submit.manifest import fingerprint, read_manifest, write_manifest
 from submit.prepare import prepare
 from submit.recipe import load_recipe
 from submit.sampler import PairBatchSampler
@@ -223,6 +225,33 @@ def test_existing_run_needs_resume_and_resume_needs_same_recipe(data_dir, tmp_pa
     with pytest.raises(SubmitError, match="not a reident-submit training checkpoint"):
         torch.save({"x": 1}, tmp_path / "foreign.pt")
         training.load_trained(tmp_path, str(tmp_path / "foreign.pt"))
+
+
+def test_run_records_its_manifest_and_resume_on_other_data_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    training.train(tiny(), data_dir, out, max_steps=2, progress=False)
+    expected = fingerprint(read_manifest(data_dir))
+    for name in ("last.pt", "best.pt"):
+        assert torch.load(out / name, weights_only=True)["manifest"] == expected, name
+    assert json.loads((out / "metrics.json").read_text())["manifest"] == expected
+    assert training.recorded_manifest(out / "best.pt") == expected
+    moved = tmp_path / "moved"  # the same prepared data in another folder: same fingerprint, resume goes on
+    shutil.copytree(data_dir, moved)
+    assert training.train(tiny(), moved, out, resume=True, max_steps=3, progress=False)["steps"] == 3
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    df = read_manifest(other)
+    write_manifest(df[df["pid"] != df.loc[df["split"] == "train", "pid"].iloc[0]], other)  # one player fewer
+    with pytest.raises(SubmitError) as err:
+        training.train(tiny(), other, out, resume=True, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{out}: the run was trained on manifest {expected[:12]}")
+    assert fingerprint(read_manifest(other))[:12] in message
+    legacy = torch.load(out / "last.pt", weights_only=True)
+    del legacy["manifest"]  # a run saved before manifests were recorded resumes anywhere
+    torch.save(legacy, out / "last.pt")
+    assert training.recorded_manifest(out / "last.pt") is None
+    assert training.train(tiny(), other, out, resume=True, max_steps=4, progress=False)["steps"] == 4
 
 
 KILLED_RUN = textwrap.dedent("""
