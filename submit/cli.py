@@ -262,6 +262,8 @@ def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | N
     except ValueError:
         raise SubmitError(f"--grid {grid!r}: expected comma-separated numbers, e.g. 0,0.5,1,2") from None
     result = run_fit(spec, data_dir, out, grid=values, device=device, runs_dir=runs_dir, workers=workers)
+    for note in result["notes"]:
+        click.echo(f"note: {note}", err=True)
     weights = ", ".join(f"{n}={w:g}" for n, w in zip(result["members"], result["weights"]))
     click.echo(f"best of {result['tried']} weightings: {weights}; test mAP {100 * result['spec_score']['mAP']:.2f} "
                f"-> {100 * result['score']['mAP']:.2f} (over-fits 50 queries easily); wrote {result['out']}")

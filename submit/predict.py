@@ -23,7 +23,7 @@ import yaml
 from submit import config, embedding, ensembling
 from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec
 from submit.errors import SubmitError
-from submit.manifest import read_manifest, select
+from submit.manifest import fingerprint, read_manifest, select
 from submit.recipe import BackboneSpec, load_recipe
 
 if TYPE_CHECKING:
@@ -64,6 +64,10 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
     spec = ensembling.load_spec(spec_file, runs_dir)
     manifest = read_manifest(data_dir)
     query, gallery = select(manifest, split, "query"), select(manifest, split, "gallery")
+    trained, data_fp = trained_manifests(spec), fingerprint(manifest)
+    notes = manifest_notes(trained, data_fp, data_dir)  # refuses members trained on different data
+    if split == "test":
+        notes += leak_notes(spec, trained, data_fp)
     score = _scorer(query, gallery) if split == "test" else None
     stages: dict[str, np.ndarray] = {}
     final = fuse_members(spec, data_dir, query, gallery, device, workers, progress, stages, score is not None)
@@ -82,7 +86,7 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
         f"{chain_text(spec.postprocess)}" if spec.postprocess else "no post-processing"
     return {"out": str(out), "spec": str(spec_file), "split": split, "members": [m.name for m in spec.members],
             "shape": [int(final.shape[0]), int(final.shape[1])], "postprocess": chain, "scores": scores,
-            "notes": leak_notes(spec) if split == "test" else []}
+            "notes": notes}
 
 
 def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
@@ -102,6 +106,8 @@ def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
         raise SubmitError(f"--grid {list(grid)}: expected non-negative weights, at least one positive")
     manifest = read_manifest(data_dir)
     query, gallery = select(manifest, "test", "query"), select(manifest, "test", "gallery")
+    trained, data_fp = trained_manifests(spec), fingerprint(manifest)
+    notes = manifest_notes(trained, data_fp, data_dir) + leak_notes(spec, trained, data_fp)
     score = _scorer(query, gallery)
     raw, processed, _ = member_matrices(spec, data_dir, query, gallery, device, workers, progress)
     mats = processed or raw
@@ -116,7 +122,7 @@ def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
                         f"{100 * before['mAP']:.2f} with the spec's weights -> {100 * tried[best]['mAP']:.2f}")
     ensembling.load_spec(out, runs_dir)  # the written spec must load as written
     return {"out": str(out), "members": [m.name for m in spec.members], "weights": list(best),
-            "score": tried[best], "spec_score": before, "tried": len(tried)}
+            "score": tried[best], "spec_score": before, "tried": len(tried), "notes": notes}
 
 
 def weight_grid(members: int, grid: tuple[float, ...]) -> list[tuple[float, ...]]:
@@ -161,15 +167,58 @@ def _rebase(value: str, old: Path, new: Path) -> str:
     return os.path.relpath(os.path.abspath(old / Path(value).expanduser()), os.path.abspath(new))
 
 
-def leak_notes(spec: EnsembleSpec) -> list[str]:
-    """Warnings for run members whose training rows include the test split (data.split all or kfold)."""
+def trained_manifests(spec: EnsembleSpec) -> dict[str, str | None]:
+    """Member name -> fingerprint of the manifest its checkpoint was trained on (None: pretrained, or not recorded).
+
+    Read from the checkpoint the member loads, memory-mapped, so no weights are read.
+    """
+    from submit.training import recorded_manifest
+
+    out: dict[str, str | None] = {}
+    for m in spec.members:
+        ckpt = ensembling.member_checkpoint(m)
+        out[m.name or "member"] = None if ckpt is None else recorded_manifest(ckpt)
+    return out
+
+
+def manifest_notes(trained: dict[str, str | None], data_manifest: str, data_dir: str | Path) -> list[str]:
+    """Refuse run members trained on different manifests; notes for unrecorded ones and for other --data.
+
+    Members that agree with each other but not with `data_dir` pass: predicting another set is legitimate.
+    """
+    known = {name: fp for name, fp in trained.items() if fp is not None}
+    first = next(iter(known.items()), None)
+    for name, fp in known.items():
+        if first and fp != first[1]:
+            raise SubmitError(f"members {first[0]} and {name} were trained on different manifests "
+                              f"({first[1][:12]} vs {fp[:12]}); ensemble runs trained on the same prepared data")
+    notes = []
+    unknown = [name for name, fp in trained.items() if fp is None]
+    if unknown:
+        notes.append(f"member(s) {', '.join(unknown)} record no training manifest (pretrained, or trained before "
+                     "fingerprints were kept), so they are not checked against the others")
+    if first is not None and first[1] != data_manifest:
+        notes.append(f"run members were trained on manifest {first[1][:12]}, not on {Path(data_dir) / 'manifest.csv'} "
+                     f"({data_manifest[:12]}): other data, fine when intended")
+    return notes
+
+
+def leak_notes(spec: EnsembleSpec, trained: dict[str, str | None] | None = None,
+               data_manifest: str | None = None) -> list[str]:
+    """Warnings for test-split scores that are optimistic: members trained on test crops (data.split all or
+    kfold), and `checkpoint: best` of data.split train runs, whose best.pt was picked by test-split mAP
+    (unless the run trained on another manifest than `data_manifest`, per `trained`)."""
     notes = []
     for m in spec.members:
-        if m.run is not None:
-            data_split = load_recipe(Path(m.run) / "recipe.yaml").data.split
-            if data_split in ("all", "kfold"):
-                notes.append(f"member {m.name} trained on test-split crops (data.split: {data_split}); "
-                             "its test scores are optimistic")
+        if m.run is None:
+            continue
+        data_split = load_recipe(Path(m.run) / "recipe.yaml").data.split
+        if data_split in ("all", "kfold"):
+            notes.append(f"member {m.name} trained on test-split crops (data.split: {data_split}); "
+                         "its test scores are optimistic")
+        elif m.checkpoint == "best" and (trained or {}).get(m.name or "member") in (None, data_manifest):
+            notes.append(f"member {m.name} uses best.pt, chosen by test-split mAP during training (data.split: "
+                         "train), so its test scores are optimistic; use checkpoint: last for a fair score")
     return notes
 
 

@@ -15,7 +15,7 @@ from submit import training
 from submit.cli import main
 from submit.ensembling import load_spec
 from submit.errors import SubmitError
-from submit.manifest import read_manifest, select
+from submit.manifest import fingerprint, read_manifest, select
 from submit.metrics import evaluate_distances
 from submit.prepare import prepare
 from submit.ranking_file import read_ranking
@@ -133,9 +133,88 @@ def test_members_trained_on_the_test_split_get_a_note(world, tmp_path) -> None:
     (run / "best.pt").write_bytes((world["runs"] / "tiny-0" / "best.pt").read_bytes())
     spec = _spec(tmp_path, "members: [{run: leaky}, {run: '${RUNS}/tiny-0'}]\n")
     result = _predict(world, spec, "test", tmp_path / "l.csv")
-    assert result["notes"] == ["member leaky trained on test-split crops (data.split: all); its test scores are optimistic"]
+    leak = "member leaky trained on test-split crops (data.split: all); its test scores are optimistic"
+    assert result["notes"] == [leak, BEST_ON_TEST.format("tiny-0")]
     # the same weights under another run dir hit the same cached features (identity = content hash)
     assert result["scores"]["leaky"] == result["scores"]["tiny-0"]
+
+
+BEST_ON_TEST = ("member {} uses best.pt, chosen by test-split mAP during training (data.split: train), so its "
+                "test scores are optimistic; use checkpoint: last for a fair score")
+
+
+def _tiny_run(data: Path, run: Path) -> Path:
+    """One optimizer step of the tiny recipe on `data` (enough to record the manifest it trained on)."""
+    recipe = training.apply_overrides(load_recipe(TINY), ["data.workers=0", "train.checkpoint_every=0",
+                                                          "train.epochs=1", "tta.hflip=true"])
+    training.train(recipe, data, run, max_steps=1, progress=False)
+    return run
+
+
+def _no_embedding(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("members were embedded before their manifests were checked")
+    monkeypatch.setattr(predict_mod.embedding, "embed", refuse)
+
+
+def test_members_trained_on_different_manifests_are_refused_before_embedding(world, tmp_path, monkeypatch) -> None:
+    make_dataset(tmp_path / "src", players=16, seqs=2, frames=3, seed=5)
+    prepare(tmp_path / "src", tmp_path / "data", progress=False)
+    _tiny_run(tmp_path / "data", tmp_path / "elsewhere")
+    theirs, ours = fingerprint(read_manifest(tmp_path / "data")), fingerprint(read_manifest(world["data"]))
+    assert theirs != ours
+    # agreeing members trained on other data than --data: allowed (another year's data), with a note
+    result = _predict(world, _spec(tmp_path, "members: [{run: elsewhere}]\n", "one.yaml"), "test", tmp_path / "o.csv")
+    assert result["notes"] == [f"run members were trained on manifest {theirs[:12]}, not on "
+                               f"{world['data'] / 'manifest.csv'} ({ours[:12]}): other data, fine when intended"]
+    _no_embedding(monkeypatch)
+    spec = _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0'}, {run: '${RUNS}/tiny-1'}, {run: elsewhere}]\n")
+    for call in (lambda: _predict(world, spec, "challenge", tmp_path / "x.csv"),
+                 lambda: predict_mod.fit_weights(spec, world["data"], tmp_path / "w.yaml", runs_dir=world["runs"],
+                                                 workers=0, progress=False)):
+        with pytest.raises(SubmitError) as err:
+            call()
+        assert str(err.value) == (f"members tiny-0 and elsewhere were trained on different manifests ({ours[:12]} vs "
+                                  f"{theirs[:12]}); ensemble runs trained on the same prepared data")
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "w.yaml").exists()
+
+
+def test_the_same_data_prepared_into_another_folder_is_the_same_manifest(world, tmp_path) -> None:
+    prepare(world["root"] / "src", tmp_path / "copy", progress=False)  # the same source, prepared again elsewhere
+    _tiny_run(tmp_path / "copy", tmp_path / "copy-run")
+    spec = _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0'}, {run: copy-run, checkpoint: last}]\n")
+    ours, copied = fingerprint(read_manifest(world["data"])), fingerprint(read_manifest(tmp_path / "copy"))
+    assert ours == copied
+    assert predict_mod.trained_manifests(load_spec(spec, world["runs"])) == {"tiny-0": ours, "copy-run@last": copied}
+    result = predict_mod.predict(spec, tmp_path / "copy", "test", tmp_path / "c.csv", device="cpu",
+                                 runs_dir=world["runs"], workers=0, progress=False)
+    assert result["notes"] == [BEST_ON_TEST.format("tiny-0")]  # no refusal, no "other data" note
+
+
+def test_unrecorded_manifests_and_best_chosen_on_test_get_notes(world, tmp_path) -> None:
+    old = tmp_path / "old-run"  # a run saved before manifests were recorded
+    old.mkdir()
+    (old / "recipe.yaml").write_text((world["runs"] / "tiny-0" / "recipe.yaml").read_text())
+    ckpt = torch.load(world["runs"] / "tiny-0" / "best.pt", weights_only=True)
+    del ckpt["manifest"]
+    torch.save(ckpt, old / "best.pt")
+    weights = tmp_path / "tiny.pt"
+    torch.save(_visual_state(world), weights)
+    (tmp_path / "zero.yaml").write_text(f"name: zero\nbackbone: {{name: 'open_clip:reident-tiny-vit', pretrained: "
+                                        f"'{weights}', image_size: [32, 32]}}\n")
+    spec = _spec(tmp_path, """
+        members:
+          - {run: old-run}
+          - {recipe: zero.yaml}
+          - {run: '${RUNS}/tiny-1', checkpoint: last}
+          - {run: '${RUNS}/tiny-0'}
+        """)
+    unknown = ("member(s) old-run, zero record no training manifest (pretrained, or trained before fingerprints "
+               "were kept), so they are not checked against the others")
+    test = _predict(world, spec, "test", tmp_path / "t.csv")
+    assert test["notes"] == [unknown, BEST_ON_TEST.format("old-run"), BEST_ON_TEST.format("tiny-0")]
+    challenge = _predict(world, spec, "challenge", tmp_path / "c.csv")
+    assert challenge["notes"] == [unknown]  # best.pt is no leak on the challenge split
 
 
 def test_concatenated_features_give_the_weighted_mean_cosine_distance() -> None:
