@@ -168,16 +168,18 @@ def _rebase(value: str, old: Path, new: Path) -> str:
 
 
 def trained_manifests(spec: EnsembleSpec) -> dict[str, str | None]:
-    """Member name -> fingerprint of the manifest its checkpoint was trained on (None: pretrained, or not recorded).
+    """Run member name -> fingerprint of the manifest its checkpoint was trained on (None: not recorded).
 
-    Read from the checkpoint the member loads, memory-mapped, so no weights are read.
+    Read from the checkpoint the member loads, memory-mapped, so no weights are read. Pretrained (zero-shot)
+    members are left out: they were never trained on a manifest.
     """
     from submit.training import recorded_manifest
 
     out: dict[str, str | None] = {}
     for m in spec.members:
         ckpt = ensembling.member_checkpoint(m)
-        out[m.name or "member"] = None if ckpt is None else recorded_manifest(ckpt)
+        if ckpt is not None:
+            out[m.name or "member"] = recorded_manifest(ckpt)
     return out
 
 
@@ -195,7 +197,7 @@ def manifest_notes(trained: dict[str, str | None], data_manifest: str, data_dir:
     notes = []
     unknown = [name for name, fp in trained.items() if fp is None]
     if unknown:
-        notes.append(f"member(s) {', '.join(unknown)} record no training manifest (pretrained, or trained before "
+        notes.append(f"member(s) {', '.join(unknown)} record no training manifest (trained before "
                      "fingerprints were kept), so they are not checked against the others")
     if first is not None and first[1] != data_manifest:
         notes.append(f"run members were trained on manifest {first[1][:12]}, not on {Path(data_dir) / 'manifest.csv'} "

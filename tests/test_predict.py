@@ -209,8 +209,8 @@ def test_unrecorded_manifests_and_best_chosen_on_test_get_notes(world, tmp_path)
           - {run: '${RUNS}/tiny-1', checkpoint: last}
           - {run: '${RUNS}/tiny-0'}
         """)
-    unknown = ("member(s) old-run, zero record no training manifest (pretrained, or trained before fingerprints "
-               "were kept), so they are not checked against the others")
+    unknown = ("member(s) old-run record no training manifest (trained before fingerprints "
+               "were kept), so they are not checked against the others")  # the zero-shot member never trained
     test = _predict(world, spec, "test", tmp_path / "t.csv")
     assert test["notes"] == [unknown, BEST_ON_TEST.format("old-run"), BEST_ON_TEST.format("tiny-0")]
     challenge = _predict(world, spec, "challenge", tmp_path / "c.csv")
