@@ -8,7 +8,7 @@ each child reports its wall time, CPU time and peak RSS (VmHWM), and the parent 
 largest difference between the two outputs. `--large` runs ours alone on 10,000 x 100,000 (256-d).
 
     python scripts/bench_reranking.py            # challenge size, ours vs dense
-    python scripts/bench_reranking.py --threads 1   # same, one BLAS thread each (fairer on a loaded machine)
+    python scripts/bench_reranking.py --threads 1   # same, one thread each (ours: threads=1, others: 1 BLAS thread)
     python scripts/bench_reranking.py --large    # 10k x 100k, ours only
 """
 
@@ -86,7 +86,7 @@ def _peak_rss() -> int:
     return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(which: str, feats: str, out: str, block: int) -> None:
+def child(which: str, feats: str, out: str, block: int, threads: int | None) -> None:
     """Run one implementation on saved features; write its output and a JSON line of measurements."""
     sys.path.insert(0, str(ROOT / "tests"))
     from dense_rerank_oracle import dense_k_reciprocal
@@ -102,7 +102,7 @@ def child(which: str, feats: str, out: str, block: int) -> None:
     elif which == "toolkit":
         dist = dense_k_reciprocal(q, g, toolkit=True)
     else:
-        dist = k_reciprocal(q, g, block=block)
+        dist = k_reciprocal(q, g, block=block, threads=threads)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     np.save(out, dist)
     print(json.dumps({"wall": wall, "cpu": cpu, "peak": _peak_rss(), "base": base}))
@@ -112,6 +112,7 @@ def run_child(which: str, feats: Path, out: Path, block: int, threads: int | Non
     cmd = [sys.executable, __file__, "--child", which, "--feats", str(feats), "--out", str(out), "--block", str(block)]
     env = dict(os.environ)
     if threads:
+        cmd += ["--threads", str(threads)]
         env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -139,13 +140,14 @@ def main() -> None:
     ap.add_argument("--gallery", type=int)
     ap.add_argument("--dim", type=int)
     ap.add_argument("--block", type=int, default=1024)
-    ap.add_argument("--threads", type=int, help="BLAS threads for both children (default: the library's)")
+    ap.add_argument("--threads", type=int, help="threads of ours (k_reciprocal's `threads`, default: the usable "
+                    "cores) and BLAS threads of the dense references (default: the library's)")
     ap.add_argument("--child", choices=["dense", "toolkit", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--feats", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.feats, args.out, args.block)
+        child(args.child, args.feats, args.out, args.block, args.threads)
         return
     nq, ng, dim = (10_000, 100_000, 256) if args.large else (618, 9_505, 1_024)
     nq, ng, dim = args.queries or nq, args.gallery or ng, args.dim or dim
@@ -153,7 +155,7 @@ def main() -> None:
     print(f"date:    {datetime.datetime.now().isoformat(timespec='seconds')}, "
           f"load average {os.getloadavg()[0]:.1f} (the machine is shared: wall times vary)")
     print(f"size:    {nq} queries x {ng} gallery, {dim}-d, k1=20 k2=6 lambda=0.3, block={args.block}, "
-          f"BLAS threads: {args.threads or 'default'}")
+          f"threads: {args.threads or f'default (ours: {len(os.sched_getaffinity(0))}, BLAS: the library default)'}")
     with tempfile.TemporaryDirectory() as tmp:
         feats = Path(tmp) / "feats.npz"
         q, g = clustered_features(nq, ng, dim)

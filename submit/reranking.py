@@ -13,6 +13,10 @@ How it stays exact without the dense matrix:
   a tile are skipped after one reduction. Float32 tile error is bounded by a margin (`_Tiles.build`);
   wherever it could change a neighbour set or the row maximum, the pairs are recomputed exactly, so the sets
   and the column-max normalisation equal the dense algorithm's.
+- Two (or more) threads share the tiles, each with one BLAS thread; the running thresholds and maxima only
+  tighten, tiles are scanned against a snapshot of them and merged under a lock, and the kept entries are
+  filtered with the final values, so the result is the same bit for bit whatever the thread count or order.
+  The row-wise steps after the pass are split between the threads as well.
 - Only neighbour SETS matter to the algorithm (top k1+1, top round(k1/2)+1, top k2), never the order inside.
 - The Jaccard term is computed only for the query x gallery block, from sparse V rows, by summing
   min(V[q, k], V[g, k]) over the shared columns k, query chunk by query chunk; the original-distance term of
@@ -32,10 +36,16 @@ float16 for V (results move by ~1e-3); otherwise the results agree to float roun
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import math
 import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -63,7 +73,8 @@ def _as_features(x: Any, name: str) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.number):
         raise SubmitError(f"{name}: expected numbers, got dtype {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
+    step = max(1, (1 << 20) // arr.shape[1])  # small temporaries: fresh pages are slow to fault in on some VMs
+    if not all(np.isfinite(arr[s:s + step]).all() for s in range(0, len(arr), step)):
         raise SubmitError(f"{name}: contains NaN or infinite values")
     return arr
 
@@ -90,13 +101,7 @@ def _check_float(value: Any, name: str, low: float, high: float) -> float:
 
 # ----------------------------------------------------------------------------------------------- memory
 def available_memory() -> int:
-    """Bytes of memory available to a new allocation (psutil when installed, else /proc/meminfo)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
+    """Bytes of memory available to a new allocation (/proc/meminfo, else psutil when installed)."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -104,11 +109,17 @@ def available_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 def estimate_rerank_memory(n_query: int, n_gallery: int, dim: int = 1024, k1: int = 20, k2: int = 6,
-                           block: int = 1024) -> int:
+                           block: int = 1024, threads: int = 1) -> int:
     """Bytes `k_reciprocal` needs at its peak, inputs not counted: an upper estimate (the measured peak is
     1.5-3x lower on re-id-like features). Dominated by the (Q, G) float32 answer for large jobs."""
     n = n_query + n_gallery
@@ -116,6 +127,7 @@ def estimate_rerank_memory(n_query: int, n_gallery: int, dim: int = 1024, k1: in
     b = min(block, n)
     per_row = n * (need * 4 + 32)  # running top-need distances, thresholds, maxima, norms, cells
     tile = b * b * 12 + 2 * b * dim * 4  # score tile, its masks and partition copy, two gathered row blocks
+    tile += (threads - 1) * (b * b * 8 + 2 * b * dim * 4)  # each further worker's tile and blocks
     candidates = n * 3 * need * 24  # (row, col, distance) kept by the pass, and their sort
     v_row = min(n, 2 * (k1 + 1))  # expanded k-reciprocal set
     qe_row = min(n, k2 * (k1 + 1)) if k2 > 1 else v_row
@@ -124,9 +136,9 @@ def estimate_rerank_memory(n_query: int, n_gallery: int, dim: int = 1024, k1: in
     return int(n_query * n_gallery * 4 + per_row + tile + candidates + sparse + chunks)
 
 
-def _check_memory(n_query: int, n_gallery: int, dim: int, k1: int, k2: int, block: int,
+def _check_memory(n_query: int, n_gallery: int, dim: int, k1: int, k2: int, block: int, threads: int,
                   memory_limit: int | None) -> None:
-    needed = estimate_rerank_memory(n_query, n_gallery, dim, k1, k2, block)
+    needed = estimate_rerank_memory(n_query, n_gallery, dim, k1, k2, block, threads)
     limit = available_memory() if memory_limit is None else int(memory_limit)
     if needed > limit:
         raise SubmitError(
@@ -160,9 +172,9 @@ class _Rows:
         out[~in_q] = self.g[idx[~in_q] - self.n_query]
         return out
 
-    def take_sorted(self, idx: np.ndarray) -> np.ndarray:
-        """Rows at ascending indices (queries first), gathered with two np.take calls."""
-        out = np.empty((len(idx), self.dim), dtype=np.float32)
+    def take_sorted(self, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows at ascending indices (queries first), gathered with two np.take calls (into `out` if given)."""
+        out = np.empty((len(idx), self.dim), dtype=np.float32) if out is None else out
         k = int(np.searchsorted(idx, self.n_query))
         np.take(self.q, idx[:k], axis=0, out=out[:k])
         np.take(self.g, idx[k:] - self.n_query, axis=0, out=out[k:])
@@ -176,21 +188,26 @@ class _Rows:
 def _norms(x: _Rows) -> np.ndarray:
     """Squared norms computed in float64, rounded to float32 (the oracle does the same)."""
     out = np.empty(x.n, dtype=np.float32)
-    for s in x.starts(2048):
-        e = min(s + 2048, x.n, x.n_query if s < x.n_query else x.n)
+    step = max(1, (2 << 20) // (8 * x.dim))  # 2 MB float64 copies
+    for s in x.starts(step):
+        e = min(s + step, x.n, x.n_query if s < x.n_query else x.n)
         x64 = x.block(s, e).astype(np.float64)
         out[s:e] = np.einsum("ij,ij->i", x64, x64)
     return out
 
 
-def _exact_dist(x: _Rows, sq: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _exact_dist(x: _Rows, sq: np.ndarray, rows: np.ndarray, cols: np.ndarray, threads: int = 1) -> np.ndarray:
     """d(i, j) for index pairs exactly as the oracle computes them: float64 dots rounded to float32."""
     out = np.empty(len(rows), dtype=np.float32)
-    step = max(1, (4 << 20) // (x.dim * 8))
-    for s in range(0, len(rows), step):
-        r, c = rows[s:s + step], cols[s:s + step]
-        dots = np.einsum("ij,ij->i", x.take(r).astype(np.float64), x.take(c).astype(np.float64))
-        out[s:s + step] = (sq[r] + sq[c]) - np.float32(2.0) * dots.astype(np.float32)
+    step = max(1, (1 << 20) // (x.dim * 8))  # 1 MB float64 copies
+
+    def fill(a: int, b: int) -> None:
+        for s in range(a, b, step):
+            r, c = rows[s:min(s + step, b)], cols[s:min(s + step, b)]
+            dots = np.einsum("ij,ij->i", x.take(r).astype(np.float64), x.take(c).astype(np.float64))
+            out[s:s + len(r)] = (sq[r] + sq[c]) - np.float32(2.0) * dots.astype(np.float32)
+
+    _in_parts(fill, len(rows), threads, grain=256)
     return out
 
 
@@ -217,20 +234,21 @@ class _Tiles:
             return cls(x, sq, None, np.float32(float(sq.max()) + float(sq.min())), err + spread)
         return cls(x, sq, (sq / np.float32(2.0)).astype(np.float32), np.float32(0.0), err)
 
-    def scores(self, rows: np.ndarray, cols: np.ndarray, x_rows: np.ndarray, x_cols: np.ndarray) -> np.ndarray:
+    def scores(self, rows: np.ndarray, cols: np.ndarray, x_rows: np.ndarray, x_cols: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
         """S for the given row and column indices, whose features are x_rows, x_cols (one sgemm, plus two
-        passes for features of unequal norms)."""
-        s = x_rows @ x_cols.T
+        passes for features of unequal norms), into `out` if given."""
+        s = np.matmul(x_rows, x_cols.T, out=out)
         if self.half_sq is not None:
             s -= self.half_sq[rows, None]
             s -= self.half_sq[None, cols]
         return s
 
-    def square_scores(self, rows: np.ndarray, x_rows: np.ndarray) -> np.ndarray:
+    def square_scores(self, rows: np.ndarray, x_rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """S of a row block against itself: three quarters of the sgemm, the lower-left quarter mirrored from
         the upper-right one (S is symmetric up to rounding, which `err` covers)."""
         b, h = len(rows), len(rows) // 2
-        s = np.empty((b, b), dtype=np.float32)
+        s = np.empty((b, b), dtype=np.float32) if out is None else out
         np.matmul(x_rows[:h], x_rows.T, out=s[:h])
         np.matmul(x_rows[h:], x_rows[h:].T, out=s[h:, h:])
         s[h:, :h] = s[:h, h:].T
@@ -239,8 +257,12 @@ class _Tiles:
             s -= self.half_sq[None, rows]
         return s
 
-    def dist(self, s: np.ndarray) -> np.ndarray:
-        return self.offset - np.float32(2.0) * s
+    def dist(self, s: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """offset - 2 S (into `out` if given: the same two roundings)."""
+        if out is None:
+            return self.offset - np.float32(2.0) * s
+        np.multiply(s, np.float32(2.0), out=out)
+        return np.subtract(self.offset, out, out=out)
 
     def score_limit(self, d: np.ndarray) -> np.ndarray:
         """The score below which d(i, j) would exceed d."""
@@ -281,21 +303,16 @@ class _Buffer:
 
 
 class _Running:
-    """Per row: the `need` smallest tile distances seen so far (their max bounds the need-th neighbour), and
-    the largest one."""
+    """Per row: the `need` smallest tile distances seen so far (their max, tau, bounds the need-th neighbour), and
+    the largest one. tau only falls and max only rises, so an earlier snapshot of either is a looser bound."""
 
     def __init__(self, n: int, need: int) -> None:
         self.top = np.full((n, need), np.inf, dtype=np.float32)
         self.tau = np.full(n, np.inf, dtype=np.float32)
         self.max = np.full(n, -np.inf, dtype=np.float32)
 
-    def seed(self, rows: np.ndarray, d: np.ndarray) -> None:
-        """Start `rows` from the distances of a full tile (their diagonal tile)."""
-        need = self.top.shape[1]
-        if d.shape[1] > need:
-            d = np.partition(d, need - 1, axis=1)[:, :need]
-        top = np.full((len(rows), need), np.inf, dtype=np.float32)
-        top[:, : d.shape[1]] = d
+    def start(self, rows: np.ndarray, top: np.ndarray) -> None:
+        """Start `rows` from their smallest distances in their diagonal tile (`_smallest`)."""
         self.top[rows] = top
         self.tau[rows] = top.max(axis=1)
 
@@ -319,33 +336,78 @@ class _Running:
         self.tau[uniq] = merged[:, :need].max(axis=1)
 
 
-def _side(tiles: _Tiles, s: np.ndarray, axis: int, rows: np.ndarray, cols: np.ndarray, run: _Running,
-          near: _Buffer, far: _Buffer, seeded: bool = False) -> None:
-    """For the rows on one side of a score tile, keep entries within 4 err of the row's running threshold
-    and within 2 err of its running maximum. axis=1: the tile's rows are `rows`; axis=0: its columns are.
-    Only rows whose best (worst) tile entry qualifies are scanned entry by entry."""
+def _smallest(tiles: _Tiles, s: np.ndarray, need: int) -> np.ndarray:
+    """The `need` smallest distances of each row of score tile s (any order), padded with inf when s is narrower;
+    256 rows at a time (small copies)."""
+    top = np.full((len(s), need), np.inf, dtype=np.float32)
+    for a in range(0, len(s), 256):
+        d = tiles.dist(s[a:a + 256])
+        if d.shape[1] > need:
+            d.partition(need - 1, axis=1)
+        top[a:a + 256, : min(need, d.shape[1])] = d[:, :need]
+    return top
+
+
+def _near_limit(tau: np.ndarray, err: float) -> np.ndarray:
+    """Largest distance kept as a neighbour candidate: the row's threshold + 4 err. The per-tile test and the
+    final filter use this one expression, so the kept set does not depend on the order of the tiles."""
+    return tau + np.float32(4 * err)
+
+
+def _far_limit(row_max: np.ndarray, err: float) -> np.ndarray:
+    """Smallest distance kept as a candidate for the row maximum: the running maximum - 2 err."""
+    return row_max - np.float32(2 * err)
+
+
+Triplets = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass
+class _Side:
+    """What one side of a tile (its rows, or its columns) found: entries within `_near_limit` (near), the
+    rows' largest tile distances, and entries within `_far_limit` of the new maxima (far)."""
+
+    rows: np.ndarray
+    tile_max: np.ndarray
+    near: Triplets
+    far: Triplets
+
+
+def _side(tiles: _Tiles, s: np.ndarray, axis: int, rows: np.ndarray, cols: np.ndarray, tau: np.ndarray,
+          old_max: np.ndarray) -> _Side:
+    """Scan one side of a score tile against a snapshot (tau, old_max) of its rows' running state. axis=1: the
+    tile's rows are `rows`; axis=0: its columns are. Only rows whose best (worst) tile entry qualifies are
+    scanned entry by entry; that score test is looser by err than the distance test, covering its rounding."""
     err = np.float32(tiles.err)
-    lim = tiles.score_limit(run.tau[rows] + 4 * err)
-    live = np.nonzero(s.max(axis=axis) >= lim)[0]
-    if len(live):
-        sub = s[live] if axis == 1 else s[:, live].T
-        r, c = np.nonzero(sub >= lim[live][:, None])
-        found, vals = rows[live[r]], tiles.dist(sub[r, c])
-        near.add(found, cols[c], vals)
-        if not seeded:  # a seeded tile's smallest values are already in the running top
-            run.update(found.astype(np.int64), vals)
+    near_lim = _near_limit(tau, tiles.err)
+    lim = tiles.score_limit(near_lim + err)
+    live, c, v = _scan(tiles, s, axis, np.nonzero(s.max(axis=axis) >= lim)[0], lim, above=True)
+    keep = v <= near_lim[live]
+    near = rows[live[keep]], cols[c[keep]], v[keep]
     tile_max = tiles.dist(s.min(axis=axis))
-    old_max = run.max[rows]
-    live = np.nonzero(tile_max >= old_max - 2 * err)[0]
-    new_max = np.maximum(old_max, tile_max)
-    run.max[rows] = new_max
-    if len(live):
-        sub = s[live] if axis == 1 else s[:, live].T
-        r, c = np.nonzero(sub <= tiles.score_limit(new_max[live] - 2 * err)[:, None])
-        far.add(rows[live[r]], cols[c], tiles.dist(sub[r, c]))
+    far_lim = _far_limit(np.maximum(old_max, tile_max), tiles.err)
+    lim = tiles.score_limit(far_lim - err)
+    live, c, v = _scan(tiles, s, axis, np.nonzero(tile_max >= far_lim)[0], lim, above=False)
+    keep = v >= far_lim[live]
+    return _Side(rows, tile_max, near, (rows[live[keep]], cols[c[keep]], v[keep]))
 
 
-def _blocks(x: _Rows, tiles: "_Tiles", block: int, run: "_Running", seed: int = 0) -> list[np.ndarray]:
+def _scan(tiles: _Tiles, s: np.ndarray, axis: int, live: np.ndarray, lim: np.ndarray,
+          above: bool) -> Triplets:
+    """(index into the side's rows, column, distance) of the entries of the `live` rows whose score is >= (above)
+    or <= their row's limit."""
+    parts = []
+    for chunk in np.array_split(live, max(1, len(live) // 256)):  # 256 rows at a time: small copies
+        sub = s[chunk] if axis == 1 else np.take(s, chunk, axis=1).T  # take: ~5x faster than s[:, chunk] here
+        r, c = np.nonzero(sub >= lim[chunk][:, None] if above else sub <= lim[chunk][:, None])
+        parts.append((chunk[r], c, tiles.dist(sub[r, c])))
+    if not parts:
+        return live, live, np.empty(0, dtype=np.float32)
+    return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
+
+
+def _blocks(x: _Rows, tiles: "_Tiles", block: int, run: "_Running", threads: int = 1,
+            seed: int = 0) -> list[np.ndarray]:
     """Row blocks of the tile pass: rows grouped by their nearest random pivot, pivots chained nearest to
     nearest, so that a row's neighbours tend to sit in its own or adjacent blocks (its threshold gets tight
     early and later tiles are mostly skipped row by row). Also seeds each row's running maximum with its
@@ -356,11 +418,15 @@ def _blocks(x: _Rows, tiles: "_Tiles", block: int, run: "_Running", seed: int = 
     piv = np.sort(rng.choice(x.n, min(2048, max(2, x.n // max(16, x.dim // 16))), replace=False))
     p = x.take(piv)
     cell = np.empty(x.n, dtype=np.int64)
-    for s in x.starts(2048):
-        e = min(s + 2048, x.n, x.n_query if s < x.n_query else x.n)
-        score = tiles.scores(np.arange(s, e), piv, x.block(s, e), p)
-        cell[s:e] = np.argmax(score, axis=1)
-        run.max[s:e] = tiles.dist(score.min(axis=1))
+    chunks = [(s, min(s + 2048, x.n, x.n_query if s < x.n_query else x.n)) for s in x.starts(2048)]
+
+    def assign(a: int, b: int) -> None:
+        for s, e in chunks[a:b]:
+            score = tiles.scores(np.arange(s, e), piv, x.block(s, e), p)
+            cell[s:e] = np.argmax(score, axis=1)
+            run.max[s:e] = tiles.dist(score.min(axis=1))
+
+    _in_parts(assign, len(chunks), threads, grain=1)
     rank = np.empty(len(piv), dtype=np.int64)
     rank[_chain(tiles.scores(piv, piv, p, p))] = np.arange(len(piv))
     order = np.argsort(rank[cell], kind="stable")
@@ -379,82 +445,230 @@ def _chain(score: np.ndarray) -> np.ndarray:
     return np.array(path)
 
 
-def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool, answer: np.ndarray) -> _Pass:
-    """One pass over the upper-triangle tiles (diagonal tiles first, to seed the thresholds).
+class _Workspace:
+    """One worker's reusable buffers: a score tile and two gathered row blocks. Reusing them instead of
+    allocating per tile keeps the memory of several threads low (no allocator churn across threads)."""
 
-    Keeps every entry within 4 err of its row's running need-th smallest distance (a superset of what the
-    neighbour sets can need) and within 2 err of its row's running maximum. The query x gallery entries of
-    each tile are written into `answer` on the way (no second pass over those pairs).
+    def __init__(self, block: int, dim: int) -> None:
+        self.dim = dim
+        self.scores = np.empty(block * block, dtype=np.float32)
+        self.held: dict[int, tuple[np.ndarray, np.ndarray | None]] = {
+            -1: (np.empty(block * dim, dtype=np.float32), None), -2: (np.empty(block * dim, dtype=np.float32), None)}
+
+    def tile(self, rows: int, cols: int) -> np.ndarray:
+        """The score tile buffer viewed as a C-contiguous (rows, cols) array."""
+        return self.scores[: rows * cols].reshape(rows, cols)
+
+    def features(self, x: _Rows, blocks: list[np.ndarray], i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """The gathered features of row blocks i and j, reusing a block gathered for the previous tile."""
+        keep = {b: self.held.pop(b) for b in (i, j) if b in self.held}
+        spare = [buf for buf, _ in self.held.values()]
+        for b in (i, j):
+            if b not in keep:
+                buf = spare.pop()
+                keep[b] = buf, x.take_sorted(blocks[b], out=buf[: len(blocks[b]) * self.dim].reshape(-1, self.dim))
+        self.held = {**keep, **{-1 - k: (buf, None) for k, buf in enumerate(spare)}}
+        return keep[i][1], keep[j][1]  # type: ignore[return-value]
+
+
+class _TilePass:
+    """The tile pass's shared running state and kept entries. Workers compute their tiles and scan them against
+    a snapshot of the state, and merge what they found under one lock; the kept sets (after the final filters)
+    and so the results do not depend on the order in which tiles are merged."""
+
+    def __init__(self, tiles: _Tiles, blocks: list[np.ndarray], run: _Running, answer: np.ndarray) -> None:
+        self.tiles, self.blocks, self.run, self.answer = tiles, blocks, run, answer
+        self.near, self.far = _Buffer(), _Buffer()
+        self.lock = threading.Lock()
+        self.spaces: dict[int, _Workspace] = {}  # worker number -> workspace, kept from one visit to the next
+
+    def visit(self, pairs: list[tuple[int, int]], threads: int, advance: Callable[[], None]) -> None:
+        """Visit the tiles (i, j) of `pairs`, handed out in order to `threads` threads with one BLAS thread each
+        (threads=1: in this thread, BLAS as configured)."""
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for pair in pairs:
+            todo.put(pair)
+        if threads == 1:
+            self._work(todo, advance, 0)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="rerank") as pool:
+            for job in [pool.submit(_on_one_blas_thread, self._work, todo, advance, k) for k in range(threads)]:
+                job.result()
+
+    def _work(self, todo: queue.SimpleQueue, advance: Callable[[], None], worker: int) -> None:
+        """Take tiles until none is left, in the worker's workspace."""
+        if worker not in self.spaces:
+            self.spaces[worker] = _Workspace(max(len(b) for b in self.blocks), self.tiles.x.dim)
+        space = self.spaces[worker]
+        while True:
+            try:
+                i, j = todo.get_nowait()
+            except queue.Empty:
+                return
+            self._tile(i, j, space)
+            advance()
+
+    def _tile(self, i: int, j: int, space: _Workspace) -> None:
+        """Compute tile (i, j), store its query x gallery part, scan both sides, merge. A diagonal tile starts
+        its rows' running state (diagonal tiles are visited first, on disjoint rows)."""
+        tiles, rows, cols = self.tiles, self.blocks[i], self.blocks[j]
+        x_rows, x_cols = space.features(tiles.x, self.blocks, i, j)
+        diagonal = i == j
+        s = space.tile(len(rows), len(cols))
+        if diagonal:
+            tiles.square_scores(rows, x_rows, out=s)
+        else:
+            tiles.scores(rows, cols, x_rows, x_cols, out=s)
+        _store_query_gallery(tiles, s, rows, cols, self.answer)
+        sides = [(1, rows, cols)]
+        if diagonal:
+            top = _smallest(tiles, s, self.run.top.shape[1])
+        else:
+            _store_query_gallery(tiles, s.T, cols, rows, self.answer)
+            sides.append((0, cols, rows))
+        with self.lock:
+            if diagonal:
+                self.run.start(rows, top)
+            snapshots = [(self.run.tau[r], self.run.max[r]) for _, r, _ in sides]
+        found = [_side(tiles, s, axis, r, c, tau, mx) for (axis, r, c), (tau, mx) in zip(sides, snapshots)]
+        with self.lock:
+            for side in found:
+                self._merge(side, seeded=diagonal)
+
+    def _merge(self, side: _Side, seeded: bool) -> None:
+        """Add one side's findings to the running state (call with the lock held)."""
+        self.near.add(*side.near)
+        if not seeded:  # a seeded tile's smallest values are already in the running top
+            self.run.update(side.near[0].astype(np.int64), side.near[2])
+        self.run.max[side.rows] = np.maximum(self.run.max[side.rows], side.tile_max)
+        self.far.add(*side.far)
+        if self.far.size > 4 * len(self.run.max):
+            _compact_far(self.far, self.run.max, self.tiles.err)
+
+    def result(self) -> _Pass:
+        """The kept entries, filtered with the final thresholds and maxima."""
+        self.spaces.clear()
+        _compact_far(self.far, self.run.max, self.tiles.err)
+        rows, cols, vals = self.near.take()
+        keep = vals <= _near_limit(self.run.tau[rows], self.tiles.err)
+        return _Pass(rows[keep], cols[keep], vals[keep], *self.far.take())
+
+
+def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool, answer: np.ndarray, threads: int) -> _Pass:
+    """One pass over the upper-triangle tiles, on `threads` threads (diagonal tiles first, to seed the thresholds).
+
+    Keeps every entry within 4 err of its row's need-th smallest distance (a superset of what the neighbour
+    sets can need) and within 2 err of its row's maximum. The query x gallery entries of each tile are written
+    into `answer` on the way (no second pass over those pairs).
     """
-    x = tiles.x
-    run, near, far = _Running(x.n, need), _Buffer(), _Buffer()
-    blocks = _blocks(x, tiles, block, run)
-    pairs = _tile_order(len(blocks))
-    feats: dict[int, np.ndarray] = {}
-    for i, j in _progress(pairs, "re-ranking: distance tiles", progress):
-        feats = {b: feats[b] if b in feats else x.take_sorted(blocks[b]) for b in (i, j)}
-        rows, cols = blocks[i], blocks[j]
-        s = tiles.square_scores(rows, feats[i]) if i == j else tiles.scores(rows, cols, feats[i], feats[j])
-        _store_query_gallery(tiles, s, rows, cols, answer)
-        if i != j:
-            _store_query_gallery(tiles, s.T, cols, rows, answer)
-        if i == j:
-            run.seed(rows, tiles.dist(s))
-        _side(tiles, s, 1, rows, cols, run, near, far, seeded=i == j)
-        if i != j:
-            _side(tiles, s, 0, cols, rows, run, near, far)
-        if far.size > 4 * x.n:
-            _compact_far(far, run.max, 2 * tiles.err)
-    _compact_far(far, run.max, 2 * tiles.err)
-    rows, cols, vals = near.take()
-    keep = vals <= run.tau[rows] + np.float32(4 * tiles.err)
-    fr, fc, fv = far.take()
-    return _Pass(rows[keep], cols[keep], vals[keep], fr, fc, fv)
+    run = _Running(tiles.x.n, need)
+    blocks = _blocks(tiles.x, tiles, block, run, threads)
+    diagonal, rest = _tile_order(len(blocks))
+    state = _TilePass(tiles, blocks, run, answer)
+    with _progress(len(diagonal) + len(rest), "re-ranking: distance tiles", progress) as advance:
+        state.visit(diagonal, max(1, min(threads, len(diagonal))), advance)
+        state.visit(rest, max(1, min(threads, len(rest))), advance)
+    return state.result()
 
 
-def _tile_order(n_blocks: int) -> list[tuple[int, int]]:
-    """Diagonal tiles, then the first off-diagonal band (each block meets its neighbours early, so thresholds
+def _tile_order(n_blocks: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The diagonal tiles; then the first off-diagonal band (each block meets its neighbours early, so thresholds
     are tight), then the rest row block by row block in a snake order, so that each tile reuses one or both
     gathered blocks of the previous one."""
-    pairs = [(i, i) for i in range(n_blocks)] + [(i, i + 1) for i in range(n_blocks - 1)]
+    rest = [(i, i + 1) for i in range(n_blocks - 1)]
     for i in range(n_blocks - 2):
         cols = range(i + 2, n_blocks)
-        pairs += [(i, j) for j in (cols if i % 2 == 0 else reversed(cols))]
-    return pairs
+        rest += [(i, j) for j in (cols if i % 2 == 0 else reversed(cols))]
+    return [(i, i) for i in range(n_blocks)], rest
 
 
 def _store_query_gallery(tiles: _Tiles, s: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                          answer: np.ndarray) -> None:
     """Write the tile's (query row, gallery column) distances into answer; rows and cols are ascending, so the
-    queries are a prefix of rows and the gallery a suffix of cols."""
+    queries are a prefix of rows and the gallery a suffix of cols. Each pair lies in one tile only."""
     nq = tiles.x.n_query
     a, b = int(np.searchsorted(rows, nq)), int(np.searchsorted(cols, nq))
     if a and b < len(cols):
         answer[np.ix_(rows[:a], cols[b:] - nq)] = tiles.dist(s[:a, b:])
 
 
-def _compact_far(far: _Buffer, row_max: np.ndarray, margin: float) -> None:
+def _compact_far(far: _Buffer, row_max: np.ndarray, err: float) -> None:
     fr, fc, fv = far.take()
-    keep = fv >= row_max[fr] - np.float32(margin)
+    keep = fv >= _far_limit(row_max[fr], err)
     far.add(fr[keep], fc[keep], fv[keep])
 
 
-def _progress(items: Sequence, label: str, show: bool) -> Iterator:
+@contextlib.contextmanager
+def _progress(total: int, label: str, show: bool) -> Iterator[Callable[[], None]]:
+    """A function to call once per finished item (thread-safe), advancing a rich progress bar when `show`."""
     if not show:
-        yield from items
+        yield lambda: None
         return
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
-        task = bar.add_task(label, total=len(items))
-        for item in items:
-            yield item
-            bar.advance(task)
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
 
 
-def _exact_row_max(x: _Rows, sq: np.ndarray, p: _Pass) -> np.ndarray:
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run the calling thread's BLAS calls on one thread, so that worker threads use one core each (OpenBLAS's
+    per-thread setting, >= 0.3.27; other threads keep theirs). A no-op where numpy's BLAS has no such setting."""
+    setter = _openblas_thread_setter()
+    if setter is None:
+        yield
+        return
+    previous = setter(1)
+    try:
+        yield
+    finally:
+        setter(previous)
+
+
+def _on_one_blas_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) with this thread's BLAS calls on one thread (for worker threads)."""
+    with _one_blas_thread():
+        return fn(*args)
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas_thread_setter() -> Callable[[int], int] | None:
+    """`openblas_set_num_threads_local` of the OpenBLAS library this process loaded (numpy's), or None."""
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted({line.split()[-1] for line in fh if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            setter = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+        return setter
+    return None
+
+
+def _default_threads() -> int:
+    """The number of cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _in_parts(fn: Callable[[int, int], Any], n: int, threads: int, grain: int = 128) -> list[Any]:
+    """[fn(a, b) for contiguous ranges a:b splitting range(n)], one range per thread (at most `threads`, at
+    least `grain` items each; one BLAS thread each). For item-wise work whose results do not depend on the split."""
+    parts = max(1, min(threads, n // max(1, grain)))
+    if parts == 1:
+        return [fn(0, n)]
+    bounds = [n * i // parts for i in range(parts + 1)]
+    with ThreadPoolExecutor(parts, thread_name_prefix="rerank") as pool:
+        return list(pool.map(functools.partial(_on_one_blas_thread, fn), bounds[:-1], bounds[1:]))
+
+
+def _exact_row_max(x: _Rows, sq: np.ndarray, p: _Pass, threads: int = 1) -> np.ndarray:
     """The exact per-row maximum distance (= column maximum, the matrix being symmetric)."""
-    exact = _exact_dist(x, sq, p.far_rows, p.far_cols)
+    exact = _exact_dist(x, sq, p.far_rows, p.far_cols, threads)
     out = np.full(x.n, -np.inf, dtype=np.float32)
     np.maximum.at(out, p.far_rows, exact)
     if not np.all(out > 0):
@@ -473,8 +687,16 @@ class _Sorted:
     start: np.ndarray
 
 
-def _sort_candidates(p: _Pass, n: int) -> _Sorted:
-    order = np.lexsort((p.cols, p.vals, p.rows))
+def _sort_candidates(p: _Pass, n: int, threads: int = 1) -> _Sorted:
+    """Sort the kept candidates; (row, col) pairs are unique, so the order is too, however the rows are split."""
+
+    def part(a: int, b: int) -> np.ndarray:
+        if (a, b) == (0, n):
+            return np.lexsort((p.cols, p.vals, p.rows))
+        sel = np.flatnonzero((p.rows >= a) & (p.rows < b))
+        return sel[np.lexsort((p.cols[sel], p.vals[sel], p.rows[sel]))]
+
+    order = np.concatenate(_in_parts(part, n, threads))
     rows = p.rows[order]
     return _Sorted(rows, p.cols[order], p.vals[order], np.searchsorted(rows, np.arange(n + 1)))
 
@@ -517,73 +739,94 @@ def _neighbour_set(x: _Rows, sq: np.ndarray, c: _Sorted, col_max: np.ndarray, wi
 
 
 # ----------------------------------------------------------------------------------------------- V, Jaccard
-def _reciprocal(lists: np.ndarray) -> np.ndarray:
+def _reciprocal(lists: np.ndarray, threads: int = 1) -> np.ndarray:
     """Padded (-1) k-reciprocal sets: j among i's nearest (the row of `lists`) and i among j's."""
     n, width = lists.shape
-    fwd = lists
-    out = np.full_like(fwd, -1)
+    out = np.full_like(lists, -1)
     step = max(1, (4 << 20) // (width * width * 4))
-    for s in range(0, n, step):
-        f = fwd[s:s + step]
-        back = lists[f]
-        mutual = (back == np.arange(s, s + len(f))[:, None, None]).any(axis=2)
-        out[s:s + step] = np.where(mutual, f, -1)
+
+    def fill(a: int, b: int) -> None:
+        for s in range(a, b, step):
+            f = lists[s:min(s + step, b)]
+            mutual = (lists[f] == np.arange(s, s + len(f))[:, None, None]).any(axis=2)
+            out[s:s + len(f)] = np.where(mutual, f, -1)
+
+    _in_parts(fill, n, threads)
     return out
 
 
-def _expanded_sets(r_sets: np.ndarray, h_sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _csr(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Join row-range parts (entries per row, then per-entry arrays) into one CSR (indptr, per-entry arrays)."""
+    counts = np.concatenate([p[0] for p in parts])
+    indptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return (indptr,) + tuple(np.concatenate([p[k] for p in parts]) for k in range(1, len(parts[0])))
+
+
+def _expanded_sets(r_sets: np.ndarray, h_sets: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """CSR (indptr, indices) of R(i) plus every R_half(c), c in R(i), sharing > 2/3 of its members with R(i)."""
-    n, a = r_sets.shape
+    parts = _in_parts(lambda a, b: _expanded_rows(r_sets, h_sets, a, b), len(r_sets), threads)
+    indptr, indices = _csr(parts)
+    return indptr, indices.astype(np.int32)
+
+
+def _expanded_rows(r_sets: np.ndarray, h_sets: np.ndarray, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(set size per row, members) of the expanded sets of rows a:b, chunk by chunk."""
+    n, width = r_sets.shape
     hb = h_sets.shape[1]
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    parts = []
-    step = max(1, min(n, (4 << 20) // n))
+    counts, parts = [], []
+    step = max(1, min(b - a, (4 << 20) // n))
     marker = np.zeros((step, n), dtype=bool)  # marker[i, j]: j in R(i), for one chunk of rows
-    for s in range(0, n, step):
-        rs = r_sets[s:s + step]
+    for s in range(a, b, step):
+        rs = r_sets[s:min(s + step, b)]
         m = len(rs)
         loc, pos = np.nonzero(rs >= 0)
         marker[loc, rs[loc, pos]] = True
-        hc = np.where((rs >= 0)[:, :, None], h_sets[np.maximum(rs, 0)], -1)  # (m, a, hb)
+        hc = np.where((rs >= 0)[:, :, None], h_sets[np.maximum(rs, 0)], -1)  # (m, width, hb)
         valid = hc >= 0
         shared = (marker[np.arange(m)[:, None, None], np.maximum(hc, 0)] & valid).sum(axis=2)
         marker[loc, rs[loc, pos]] = False
         accept = (rs >= 0) & (shared > 2 / 3 * valid.sum(axis=2))
-        extra = np.where(accept[:, :, None], hc, -1).reshape(m, a * hb)
+        extra = np.where(accept[:, :, None], hc, -1).reshape(m, width * hb)
         members = np.sort(np.concatenate([rs, extra], axis=1), axis=1)
         first = np.ones_like(members, dtype=bool)
         first[:, 1:] = members[:, 1:] != members[:, :-1]
         first &= members >= 0
-        indptr[s + 1:s + 1 + m] = first.sum(axis=1)
+        counts.append(first.sum(axis=1))
         parts.append(members[first])
-    np.cumsum(indptr, out=indptr)
-    return indptr, np.concatenate(parts).astype(np.int32)
+    return np.concatenate(counts), np.concatenate(parts)
 
 
-def _pair_values(x: _Rows, sq: np.ndarray, p: _Sorted, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Tile distances for pairs, looked up among the kept candidates or computed when not kept."""
-    n = x.n
-    known = p.rows.astype(np.int64) * n + p.cols
+def _pair_values(x: _Rows, sq: np.ndarray, p: _Sorted, rows: np.ndarray, cols: np.ndarray, a: int,
+                 b: int) -> np.ndarray:
+    """Tile distances for pairs of rows in a:b, looked up among those rows' kept candidates (a contiguous run
+    of the sorted candidates) or computed when not kept."""
+    seg = slice(p.start[a], p.start[b])
+    known = p.rows[seg].astype(np.int64) * x.n + p.cols[seg]
     order = np.argsort(known)
     known = known[order]
-    want = rows.astype(np.int64) * n + cols
-    at = np.minimum(np.searchsorted(known, want), len(known) - 1)
-    hit = known[at] == want
+    want = rows.astype(np.int64) * x.n + cols
+    at = np.minimum(np.searchsorted(known, want), max(0, len(known) - 1))
+    hit = known[at] == want if len(known) else np.zeros(len(want), dtype=bool)
     out = np.empty(len(rows), dtype=np.float32)
-    out[hit] = p.vals[order[at[hit]]]
+    out[hit] = p.vals[seg][order[at[hit]]]
     miss = ~hit
     out[miss] = _exact_dist(x, sq, rows[miss], cols[miss])
     return out
 
 
 def _weights(x: _Rows, sq: np.ndarray, p: _Sorted, col_max: np.ndarray, indptr: np.ndarray,
-             indices: np.ndarray) -> np.ndarray:
+             indices: np.ndarray, threads: int = 1) -> np.ndarray:
     """V values: exp(-original distance) over each expanded set, normalised to sum 1 per row."""
-    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    dist = (_pair_values(x, sq, p, rows, indices) / col_max[rows]).astype(np.float32)
-    w = np.exp(-dist.astype(np.float64))
-    sums = np.bincount(rows, weights=w, minlength=len(indptr) - 1)
-    return w / sums[rows]
+
+    def part(a: int, b: int) -> np.ndarray:
+        rows = np.repeat(np.arange(a, b), np.diff(indptr[a:b + 1]))
+        dist = (_pair_values(x, sq, p, rows, indices[indptr[a]:indptr[b]], a, b) / col_max[rows]).astype(np.float32)
+        w = np.exp(-dist.astype(np.float64))
+        sums = np.bincount(rows - a, weights=w, minlength=b - a)
+        return w / sums[rows - a]
+
+    return np.concatenate(_in_parts(part, len(indptr) - 1, threads))
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -593,67 +836,89 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts, lengths) + offsets
 
 
-def _local_expansion(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
-                     lists: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """V_qe[i] = mean of V over i's k2 nearest (the row of `lists`), as CSR, chunk by chunk."""
+def _local_expansion(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, lists: np.ndarray,
+                     threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """V_qe[i] = mean of V over i's k2 nearest (the row of `lists`), as CSR (indptr, columns, values)."""
     n = len(indptr) - 1
-    k = lists.shape[1]
-    out_ptr = np.zeros(n + 1, dtype=np.int64)
-    cols_parts, vals_parts = [], []
     nnz_row = np.diff(indptr)
-    step = max(1, 100_000 // max(1, k * int(nnz_row.mean() if n else 1)))
-    for s in range(0, n, step):
-        nb = lists[s:s + step].ravel()
-        lengths = nnz_row[nb]
-        pos = _ranges(indptr[nb], lengths)
-        local = np.repeat(np.repeat(np.arange(len(nb) // k), k), lengths)
-        code = local.astype(np.int64) * n + indices[pos]
-        uniq, inverse = np.unique(code, return_inverse=True)
-        sums = np.bincount(inverse, weights=data[pos], minlength=len(uniq)) / k
-        urow = uniq // n
-        out_ptr[s + 1:s + 1 + len(nb) // k] = np.bincount(urow, minlength=len(nb) // k)
-        cols_parts.append((uniq % n).astype(np.int32))
-        vals_parts.append(sums)
-    np.cumsum(out_ptr, out=out_ptr)
-    return out_ptr, np.concatenate(cols_parts), np.concatenate(vals_parts)
+    step = max(1, 100_000 // max(1, lists.shape[1] * int(nnz_row.mean() if n else 1)))
+    parts = _in_parts(lambda a, b: [_local_rows(indptr, indices, data, lists, s, min(s + step, b))
+                                    for s in range(a, b, step)], n, threads)
+    return _csr([chunk for part in parts for chunk in part])  # type: ignore[return-value]
+
+
+def _local_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, lists: np.ndarray, a: int,
+                b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(entries per row, columns, values) of V_qe for rows a:b."""
+    n, k = len(indptr) - 1, lists.shape[1]
+    nb = lists[a:b].ravel()
+    lengths = np.diff(indptr)[nb]
+    pos = _ranges(indptr[nb], lengths)
+    local = np.repeat(np.repeat(np.arange(b - a), k), lengths)
+    code = local.astype(np.int64) * n + indices[pos]
+    uniq, inverse = np.unique(code, return_inverse=True)
+    sums = np.bincount(inverse, weights=data[pos], minlength=len(uniq)) / k
+    return np.bincount(uniq // n, minlength=b - a), (uniq % n).astype(np.int32), sums
+
+
+@dataclass
+class _GalleryColumns:
+    """The gallery rows of V, transposed: for each column k, the gallery rows with V[g, k] > 0 and the values."""
+
+    ptr: np.ndarray
+    rows: np.ndarray
+    vals: np.ndarray
+
+    @classmethod
+    def build(cls, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_query: int) -> "_GalleryColumns":
+        n = len(indptr) - 1
+        g0 = indptr[n_query]
+        g_rows = (np.repeat(np.arange(n_query, n), np.diff(indptr[n_query:])) - n_query).astype(np.int32)
+        by_col = np.argsort(indices[g0:], kind="stable")
+        ptr = np.searchsorted(indices[g0:][by_col], np.arange(n + 1))
+        return cls(ptr, g_rows[by_col], data[g0:][by_col])
 
 
 def _jaccard_into(answer: np.ndarray, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
-                  n_query: int, lambda_value: float) -> None:
-    """answer = (1 - lambda) * Jaccard distance + lambda * answer, for queries x gallery only.
+                  col_max: np.ndarray, lambda_value: float, threads: int = 1) -> None:
+    """answer = (1 - lambda) * Jaccard distance + lambda * answer / col_max, for queries x gallery only.
 
     Jaccard = 1 - t / (2 - t) with t = sum_k min(V[q, k], V[g, k]); t is 0 (Jaccard 1) except where q and g
     share a column of V, so the dense part is one fused update and the overlaps are summed sparsely, over
     (query entry, gallery entry in the same column) pairs, query chunk by query chunk.
     """
-    n = len(indptr) - 1
-    n_gallery = n - n_query
-    g0 = indptr[n_query]
-    g_rows = (np.repeat(np.arange(n_query, n), np.diff(indptr[n_query:])) - n_query).astype(np.int32)
-    g_cols = indices[g0:]
-    by_col = np.argsort(g_cols, kind="stable")
-    col_ptr = np.searchsorted(g_cols[by_col], np.arange(n + 1))
-    col_rows, col_vals = g_rows[by_col], data[g0:][by_col]
-    del g_rows, g_cols, by_col
-    col_len = np.diff(col_ptr)
+    n_query = len(answer)
+    cols = _GalleryColumns.build(indptr, indices, data, n_query)
     q_rows = np.repeat(np.arange(n_query), np.diff(indptr[: n_query + 1]))
-    work = np.bincount(q_rows, weights=col_len[indices[: indptr[n_query]]], minlength=n_query)
-    answer *= np.float32(lambda_value)
-    answer += np.float32(1 - lambda_value)
-    s = 0
-    while s < n_query:
-        e = _chunk_end(work, s)
-        q_local = np.repeat(np.arange(e - s), np.diff(indptr[s:e + 1]))
-        q_cols = indices[indptr[s]:indptr[e]]
-        lengths = col_len[q_cols]
-        pos = _ranges(col_ptr[q_cols], lengths)
-        mins = np.minimum(np.repeat(data[indptr[s]:indptr[e]], lengths), col_vals[pos])
-        code = np.repeat(q_local, lengths).astype(np.int64) * n_gallery + col_rows[pos]
-        del pos, lengths
-        uniq, inverse = np.unique(code, return_inverse=True)
-        t = np.bincount(inverse, weights=mins, minlength=len(uniq))
-        answer[s + uniq // n_gallery, uniq % n_gallery] -= ((1 - lambda_value) * t / (2 - t)).astype(np.float32)
-        s = e
+    work = np.bincount(q_rows, weights=np.diff(cols.ptr)[indices[: indptr[n_query]]], minlength=n_query)
+
+    def rows(a: int, b: int) -> None:
+        answer[a:b] /= col_max[a:b, None]
+        answer[a:b] *= np.float32(lambda_value)
+        answer[a:b] += np.float32(1 - lambda_value)
+        s = a
+        while s < b:
+            e = min(b, _chunk_end(work, s))
+            _jaccard_chunk(answer, indptr, indices, data, cols, s, e, lambda_value)
+            s = e
+
+    _in_parts(rows, n_query, threads, grain=16)
+
+
+def _jaccard_chunk(answer: np.ndarray, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                   cols: _GalleryColumns, s: int, e: int, lambda_value: float) -> None:
+    """Subtract (1 - lambda) t / (2 - t) from the answer rows s:e where the query shares V columns."""
+    n_gallery = answer.shape[1]
+    q_local = np.repeat(np.arange(e - s), np.diff(indptr[s:e + 1]))
+    q_cols = indices[indptr[s]:indptr[e]]
+    lengths = np.diff(cols.ptr)[q_cols]
+    pos = _ranges(cols.ptr[q_cols], lengths)
+    mins = np.minimum(np.repeat(data[indptr[s]:indptr[e]], lengths), cols.vals[pos])
+    code = np.repeat(q_local, lengths).astype(np.int64) * n_gallery + cols.rows[pos]
+    del pos, lengths
+    uniq, inverse = np.unique(code, return_inverse=True)
+    t = np.bincount(inverse, weights=mins, minlength=len(uniq))
+    answer[s + uniq // n_gallery, uniq % n_gallery] -= ((1 - lambda_value) * t / (2 - t)).astype(np.float32)
 
 
 def _chunk_end(work: np.ndarray, s: int) -> int:
@@ -665,36 +930,39 @@ def _chunk_end(work: np.ndarray, s: int) -> int:
 # ----------------------------------------------------------------------------------------------- public API
 def k_reciprocal(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int = 20, k2: int = 6,
                  lambda_value: float = 0.3, block: int = 1024, memory_limit: int | None = None,
-                 progress: bool = False) -> np.ndarray:
+                 progress: bool = False, threads: int | None = None) -> np.ndarray:
     """k-reciprocal re-ranked (Q, G) float32 distances (Zhong et al. 2017), equal to the dense algorithm's.
 
     Features are normally L2-normalised (any real features work). `block` is the side of the distance tile
     held at a time; `memory_limit` (bytes, default: available memory) makes a job that would not fit fail
-    early with a SubmitError; `progress` shows a progress bar over the distance tiles.
+    early with a SubmitError; `progress` shows a progress bar over the distance tiles. `threads` (default: the
+    cores this process may use) share the distance tiles, one BLAS thread each; 1 runs them in this thread
+    with BLAS as configured. The result does not depend on it.
     """
     q, g = _pair(query_feats, gallery_feats)
     k1, k2 = _check_int(k1, "k1"), _check_int(k2, "k2")
     lambda_value = _check_float(lambda_value, "lambda_value", 0.0, 1.0)
     block = _check_int(block, "block", 16)
-    _check_memory(len(q), len(g), q.shape[1], k1, k2, block, memory_limit)
+    threads = _default_threads() if threads is None else _check_int(threads, "threads")
+    _check_memory(len(q), len(g), q.shape[1], k1, k2, block, threads, memory_limit)
     x = _Rows(q, g)
     n, n_query = x.n, x.n_query
     tiles = _Tiles.build(x, _norms(x))
     half = int(np.around(k1 / 2))
     widths = [min(k1 + 1, n), min(half + 1, n)] + ([min(k2, n)] if k2 != 1 else [])
     answer = np.empty((n_query, n - n_query), dtype=np.float32)
-    p = _tile_pass(tiles, min(max(widths) + 1, n), block, progress, answer)
-    col_max = _exact_row_max(x, tiles.sq, p)
-    cand = _sort_candidates(p, n)
+    p = _tile_pass(tiles, min(max(widths) + 1, n), block, progress, answer, threads)
+    col_max = _exact_row_max(x, tiles.sq, p, threads)
+    cand = _sort_candidates(p, n, threads)
     del p
     sets = {w: _neighbour_set(x, tiles.sq, cand, col_max, w, tiles.err) for w in set(widths)}
-    indptr, indices = _expanded_sets(_reciprocal(sets[widths[0]]), _reciprocal(sets[widths[1]]))
-    data = _weights(x, tiles.sq, cand, col_max, indptr, indices)
+    r_sets, h_sets = _reciprocal(sets[widths[0]], threads), _reciprocal(sets[widths[1]], threads)
+    indptr, indices = _expanded_sets(r_sets, h_sets, threads)
+    data = _weights(x, tiles.sq, cand, col_max, indptr, indices, threads)
     del cand
     if k2 != 1:
-        indptr, indices, data = _local_expansion(indptr, indices, data, sets[widths[2]])
-    answer /= col_max[:n_query, None]
-    _jaccard_into(answer, indptr, indices, data, n_query, lambda_value)
+        indptr, indices, data = _local_expansion(indptr, indices, data, sets[widths[2]], threads)
+    _jaccard_into(answer, indptr, indices, data, col_max, lambda_value, threads)
     return answer
 
 

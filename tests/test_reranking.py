@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
 
 import numpy as np
@@ -105,6 +106,60 @@ def test_block_size_does_not_change_the_result():
     np.testing.assert_allclose(k_reciprocal(q, g, block=16), k_reciprocal(q, g, block=4096), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["ties", "duplicates", "clustered"])
+def test_threads_do_not_change_the_result(case):
+    rng = np.random.default_rng(17)
+    if case == "ties":
+        x = lattice(17, 400)
+    elif case == "duplicates":
+        x = (3 * rng.standard_normal((20, 8))).astype(np.float32)[rng.integers(0, 20, 500)]
+        x[::5] *= 2.0
+    else:
+        x = clustered(17, 900, 24, clusters=60)
+    q, g = x[:60], x[60:]
+    one = k_reciprocal(q, g, block=32, threads=1)
+    for threads in (2, 3):
+        np.testing.assert_array_equal(k_reciprocal(q, g, block=32, threads=threads), one)
+    if case != "clustered":
+        np.testing.assert_allclose(one, dense_k_reciprocal(q, g), atol=1e-5, rtol=0)
+
+
+def test_threads_share_the_tiles(monkeypatch):
+    tile = reranking._TilePass._tile
+    seen: list[str] = []
+
+    def spy(self, *args):
+        seen.append(threading.current_thread().name)
+        return tile(self, *args)
+
+    monkeypatch.setattr(reranking._TilePass, "_tile", spy)
+    x = clustered(18, 300, 8, clusters=10)
+    k_reciprocal(x[:30], x[30:], block=32, threads=1)
+    assert set(seen) == {threading.current_thread().name} and len(seen) == 55  # 10 blocks: 10 + 45 tiles
+    seen.clear()
+    k_reciprocal(x[:30], x[30:], block=32, threads=2)
+    assert len(seen) == 55 and all(name.startswith("rerank") for name in seen)
+
+
+def test_one_blas_thread_is_per_thread_and_restored():
+    setter = reranking._openblas_thread_setter()
+    if setter is None:
+        pytest.skip("numpy's BLAS offers no per-thread thread count")
+    seen = {}
+
+    def probe():
+        first = setter(5)
+        setter(first)
+        with reranking._one_blas_thread():
+            seen["inside"] = setter(1)
+        seen["after"], seen["first"] = setter(first), first
+
+    worker = threading.Thread(target=probe)
+    worker.start()
+    worker.join()
+    assert seen["inside"] == 1 and seen["after"] == seen["first"]
+
+
 def test_never_allocates_a_dense_n_by_n_matrix():
     n_query, n_gallery = 300, 7700
     x = clustered(10, n_query + n_gallery, 16, clusters=500, noise=0.2)
@@ -137,6 +192,7 @@ def test_memory_estimate_scales_and_fits_the_large_case():
     small = estimate_rerank_memory(618, 9505, 1024)
     assert small < 0.5 * 24 * (618 + 9505) ** 2  # far below the dense algorithm's ~24 N^2 bytes
     assert estimate_rerank_memory(618, 9505, 1024, block=512) < small
+    assert small < estimate_rerank_memory(618, 9505, 1024, threads=2) <= small + 16 * 2**20  # + a tile, 2 blocks
     large = estimate_rerank_memory(10_000, 100_000, 256)
     assert 10_000 * 100_000 * 4 < large < 16 * 2**30
 
@@ -146,6 +202,7 @@ def test_memory_estimate_scales_and_fits_the_large_case():
     (dict(k2=2.5), r"k2: expected an integer >= 1, got 2.5"),
     (dict(lambda_value=1.5), r"lambda_value: expected a number in \[0, 1\], got 1.5"),
     (dict(block=4), r"block: expected an integer >= 16, got 4"),
+    (dict(threads=0), r"threads: expected an integer >= 1, got 0"),
 ])
 def test_bad_parameters(kwargs, message):
     x = clustered(12, 30, 4, clusters=3)
