@@ -397,12 +397,10 @@ def _scan(tiles: _Tiles, s: np.ndarray, axis: int, live: np.ndarray, lim: np.nda
     """(index into the side's rows, column, distance) of the entries of the `live` rows whose score is >= (above)
     or <= their row's limit."""
     parts = []
-    for chunk in np.array_split(live, max(1, len(live) // 256)):  # 256 rows at a time: small copies
+    for chunk in np.array_split(live, max(1, len(live) // 256)):  # 256 rows at a time (>= 1 chunk)
         sub = s[chunk] if axis == 1 else np.take(s, chunk, axis=1).T  # take: ~5x faster than s[:, chunk] here
         r, c = np.nonzero(sub >= lim[chunk][:, None] if above else sub <= lim[chunk][:, None])
         parts.append((chunk[r], c, tiles.dist(sub[r, c])))
-    if not parts:
-        return live, live, np.empty(0, dtype=np.float32)
     return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
