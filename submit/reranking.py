@@ -173,11 +173,12 @@ class _Rows:
         return out
 
     def take_sorted(self, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows at ascending indices (queries first), gathered with two np.take calls (into `out` if given)."""
+        """Rows at ascending indices (queries first), gathered with two np.take calls (into `out` if given).
+        mode="clip": the indices are valid, and take buffers `out` (a ~3x slower copy) in its default mode."""
         out = np.empty((len(idx), self.dim), dtype=np.float32) if out is None else out
         k = int(np.searchsorted(idx, self.n_query))
-        np.take(self.q, idx[:k], axis=0, out=out[:k])
-        np.take(self.g, idx[k:] - self.n_query, axis=0, out=out[k:])
+        np.take(self.q, idx[:k], axis=0, out=out[:k], mode="clip")
+        np.take(self.g, idx[k:] - self.n_query, axis=0, out=out[k:], mode="clip")
         return out
 
     def starts(self, block: int) -> list[int]:
@@ -398,8 +399,10 @@ def _scan(tiles: _Tiles, s: np.ndarray, axis: int, live: np.ndarray, lim: np.nda
     or <= their row's limit."""
     parts = []
     for chunk in np.array_split(live, max(1, len(live) // 256)):  # 256 rows at a time (>= 1 chunk)
-        sub = s[chunk] if axis == 1 else np.take(s, chunk, axis=1).T  # take: ~5x faster than s[:, chunk] here
-        r, c = np.nonzero(sub >= lim[chunk][:, None] if above else sub <= lim[chunk][:, None])
+        sub = s[chunk] if axis == 1 else np.take(s, chunk, axis=1, mode="clip").T  # ~5x faster than s[:, chunk]
+        # flatnonzero + divmod: ~10x faster than the 2-D np.nonzero on a mostly-False mask
+        r, c = np.divmod(np.flatnonzero(sub >= lim[chunk][:, None] if above else sub <= lim[chunk][:, None]),
+                         sub.shape[1])
         parts.append((chunk[r], c, tiles.dist(sub[r, c])))
     return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
