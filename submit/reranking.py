@@ -477,7 +477,7 @@ class _TilePass:
     a snapshot of the state, and merge what they found under one lock; the kept sets (after the final filters)
     and so the results do not depend on the order in which tiles are merged."""
 
-    def __init__(self, tiles: _Tiles, blocks: list[np.ndarray], run: _Running, answer: np.ndarray) -> None:
+    def __init__(self, tiles: _Tiles, blocks: list[np.ndarray], run: _Running, answer: _QueryGallery) -> None:
         self.tiles, self.blocks, self.run, self.answer = tiles, blocks, run, answer
         self.near, self.far = _Buffer(), _Buffer()
         self.lock = threading.Lock()
@@ -520,12 +520,12 @@ class _TilePass:
             tiles.square_scores(rows, x_rows, out=s)
         else:
             tiles.scores(rows, cols, x_rows, x_cols, out=s)
-        _store_query_gallery(tiles, s, rows, cols, self.answer)
+        self.answer.store(tiles, s, rows, j)
         sides = [(1, rows, cols)]
         if diagonal:
             top = _smallest(tiles, s, self.run.top.shape[1])
         else:
-            _store_query_gallery(tiles, s.T, cols, rows, self.answer)
+            self.answer.store(tiles, s.T, cols, i)
             sides.append((0, cols, rows))
         with self.lock:
             if diagonal:
@@ -565,10 +565,12 @@ def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool, answer: np.
     run = _Running(tiles.x.n, need)
     blocks = _blocks(tiles.x, tiles, block, run, threads)
     diagonal, rest = _tile_order(len(blocks))
-    state = _TilePass(tiles, blocks, run, answer)
+    held = _QueryGallery(answer, blocks, tiles.x.n_query)
+    state = _TilePass(tiles, blocks, run, held)
     with _progress(len(diagonal) + len(rest), "re-ranking: distance tiles", progress) as advance:
         state.visit(diagonal, max(1, min(threads, len(diagonal))), advance)
         state.visit(rest, max(1, min(threads, len(rest))), advance)
+    held.finish(threads)
     return state.result()
 
 
@@ -583,14 +585,34 @@ def _tile_order(n_blocks: int) -> tuple[list[tuple[int, int]], list[tuple[int, i
     return [(i, i) for i in range(n_blocks)], rest
 
 
-def _store_query_gallery(tiles: _Tiles, s: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                         answer: np.ndarray) -> None:
-    """Write the tile's (query row, gallery column) distances into answer; rows and cols are ascending, so the
-    queries are a prefix of rows and the gallery a suffix of cols. Each pair lies in one tile only."""
-    nq = tiles.x.n_query
-    a, b = int(np.searchsorted(rows, nq)), int(np.searchsorted(cols, nq))
-    if a and b < len(cols):
-        answer[np.ix_(rows[:a], cols[b:] - nq)] = tiles.dist(s[:a, b:])
+class _QueryGallery:
+    """The (query, gallery) distances, written tile by tile into `answer`. Its gallery columns are held in the
+    tile pass's block order, so that a tile writes whole row segments (~20x faster than a scattered np.ix_
+    write); `finish` puts them back in gallery order."""
+
+    def __init__(self, answer: np.ndarray, blocks: list[np.ndarray], n_query: int) -> None:
+        self.answer, self.n_query = answer, n_query
+        gallery = [b[np.searchsorted(b, n_query):] - n_query for b in blocks]
+        self.start = np.cumsum([0] + [len(cols) for cols in gallery])  # block j's columns: start[j]:start[j + 1]
+        self.order = np.concatenate(gallery)  # held column k is gallery item order[k]
+
+    def store(self, tiles: _Tiles, s: np.ndarray, rows: np.ndarray, j: int) -> None:
+        """Write the (query row, gallery column) part of tile s, whose columns are row block j; rows and block j
+        are ascending, so the queries are a prefix of rows and the gallery a suffix of block j."""
+        a, width = int(np.searchsorted(rows, self.n_query)), self.start[j + 1] - self.start[j]
+        if a and width:
+            self.answer[rows[:a], self.start[j]:self.start[j + 1]] = tiles.dist(s[:a, s.shape[1] - width:])
+
+    def finish(self, threads: int) -> None:
+        """Put the columns back in gallery order, 64 rows at a time."""
+        inverse = np.argsort(self.order).astype(np.intp)
+
+        def part(a: int, b: int) -> None:
+            for s in range(a, b, 64):
+                rows = self.answer[s:min(s + 64, b)]
+                rows[...] = np.take(rows, inverse, axis=1, mode="clip")
+
+        _in_parts(part, len(self.answer), threads, grain=64)
 
 
 def _compact_far(far: _Buffer, row_max: np.ndarray, err: float) -> None:
@@ -693,13 +715,37 @@ def _sort_candidates(p: _Pass, n: int, threads: int = 1) -> _Sorted:
 
     def part(a: int, b: int) -> np.ndarray:
         if (a, b) == (0, n):
-            return np.lexsort((p.cols, p.vals, p.rows))
+            return _row_value_col_order(p.rows, p.vals, p.cols, n)
         sel = np.flatnonzero((p.rows >= a) & (p.rows < b))
-        return sel[np.lexsort((p.cols[sel], p.vals[sel], p.rows[sel]))]
+        return sel[_row_value_col_order(p.rows[sel], p.vals[sel], p.cols[sel], n)]
 
     order = np.concatenate(_in_parts(part, n, threads))
     rows = p.rows[order]
     return _Sorted(rows, p.cols[order], p.vals[order], np.searchsorted(rows, np.arange(n + 1)))
+
+
+def _row_value_col_order(rows: np.ndarray, vals: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
+    """np.lexsort((cols, vals, rows)) for indices below n and float32 vals; when (row, value bits, col) fit in
+    one uint64 (n <= 65,536), an argsort of that key instead (~4x faster; the keys are unique, so the same order)."""
+    bits = max(1, (n - 1).bit_length())
+    if 2 * bits + 32 > 64:
+        return np.lexsort((cols, vals, rows))
+    u = (vals.astype(np.float32) + np.float32(0.0)).view(np.uint32).astype(np.uint64)  # + 0: -0.0 -> +0.0
+    ordered = np.where(u >> np.uint64(31), u ^ np.uint64(0xFFFFFFFF), u | np.uint64(0x80000000))  # IEEE order
+    key = (rows.astype(np.uint64) << np.uint64(32 + bits)) | (ordered << np.uint64(bits)) | cols.astype(np.uint64)
+    return np.argsort(key)
+
+
+def _group(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(code, return_inverse=True) with a stable argsort (~2x faster on the run-sorted codes built here)."""
+    order = np.argsort(code, kind="stable")
+    ordered = code[order]
+    new = np.empty(len(ordered), dtype=bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    inverse = np.empty(len(ordered), dtype=np.intp)
+    inverse[order] = np.cumsum(new) - 1
+    return ordered[new], inverse
 
 
 def _neighbour_set(x: _Rows, sq: np.ndarray, c: _Sorted, col_max: np.ndarray, width: int,
@@ -857,7 +903,7 @@ def _local_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, lists
     pos = _ranges(indptr[nb], lengths)
     local = np.repeat(np.repeat(np.arange(b - a), k), lengths)
     code = local.astype(np.int64) * n + indices[pos]
-    uniq, inverse = np.unique(code, return_inverse=True)
+    uniq, inverse = _group(code)
     sums = np.bincount(inverse, weights=data[pos], minlength=len(uniq)) / k
     return np.bincount(uniq // n, minlength=b - a), (uniq % n).astype(np.int32), sums
 
@@ -917,7 +963,7 @@ def _jaccard_chunk(answer: np.ndarray, indptr: np.ndarray, indices: np.ndarray, 
     mins = np.minimum(np.repeat(data[indptr[s]:indptr[e]], lengths), cols.vals[pos])
     code = np.repeat(q_local, lengths).astype(np.int64) * n_gallery + cols.rows[pos]
     del pos, lengths
-    uniq, inverse = np.unique(code, return_inverse=True)
+    uniq, inverse = _group(code)
     t = np.bincount(inverse, weights=mins, minlength=len(uniq))
     answer[s + uniq // n_gallery, uniq % n_gallery] -= ((1 - lambda_value) * t / (2 - t)).astype(np.float32)
 

@@ -106,6 +106,27 @@ def test_block_size_does_not_change_the_result():
     np.testing.assert_allclose(k_reciprocal(q, g, block=16), k_reciprocal(q, g, block=4096), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("n", [300, 65_536, 65_537])
+def test_candidate_order_is_lexsort(n):
+    """The packed-key sort (n <= 65,536) and its lexsort fallback order (row, value, col) the same way,
+    negative values, -0.0 and equal values included."""
+    rng = np.random.default_rng(5)
+    rows, cols = rng.integers(0, n, 4000), rng.integers(0, n, 4000)
+    rows[:2000], cols[:2000] = rng.integers(0, 7, 2000), rng.integers(0, 7, 2000)
+    pairs = np.unique(np.stack([rows, cols], axis=1), axis=0)  # (row, col) pairs are unique, in any order
+    pairs = pairs[rng.permutation(len(pairs))]
+    vals = rng.choice(np.array([-1.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 0.5, 3.0], dtype=np.float32), len(pairs))
+    rows, cols = pairs[:, 0].astype(np.int32), pairs[:, 1].astype(np.int32)
+    expected = np.lexsort((cols, vals, rows))
+    np.testing.assert_array_equal(reranking._row_value_col_order(rows, vals, cols, n), expected)
+
+
+def test_group_is_unique_with_inverse():
+    code = np.random.default_rng(6).integers(0, 50, 1000).astype(np.int64)
+    for got, want in zip(reranking._group(code), np.unique(code, return_inverse=True)):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("case", ["ties", "duplicates", "clustered"])
 def test_threads_do_not_change_the_result(case):
     rng = np.random.default_rng(17)
