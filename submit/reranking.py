@@ -246,13 +246,9 @@ class _Tiles:
         return s
 
     def square_scores(self, rows: np.ndarray, x_rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """S of a row block against itself: three quarters of the sgemm, the lower-left quarter mirrored from
-        the upper-right one (S is symmetric up to rounding, which `err` covers)."""
-        b, h = len(rows), len(rows) // 2
-        s = np.empty((b, b), dtype=np.float32) if out is None else out
-        np.matmul(x_rows[:h], x_rows.T, out=s[:h])
-        np.matmul(x_rows[h:], x_rows[h:].T, out=s[h:, h:])
-        s[h:, :h] = s[:h, h:].T
+        """S of a row block against itself. numpy runs x @ x.T as one BLAS syrk (half the products, the other
+        triangle mirrored): ~0.66 of the time of a general tile."""
+        s = np.matmul(x_rows, x_rows.T, out=out)
         if self.half_sq is not None:
             s -= self.half_sq[rows, None]
             s -= self.half_sq[None, rows]
