@@ -121,6 +121,22 @@ def test_candidate_order_is_lexsort(n):
     np.testing.assert_array_equal(reranking._row_value_col_order(rows, vals, cols, n), expected)
 
 
+@pytest.mark.parametrize("width", [5, 30, 200, 1001])
+def test_smallest_per_row_equals_a_full_sort(width):
+    """The grouped bound of _smallest keeps the same `need` smallest distances as sorting whole rows (ties,
+    duplicates, tiles narrower than need and widths not divisible by the groups included)."""
+    rng = np.random.default_rng(width)
+    s = rng.choice(np.linspace(-1, 1, 40, dtype=np.float32), size=(70, width))
+    s[:, ::7] = rng.standard_normal((70, len(range(0, width, 7)))).astype(np.float32)
+    x = reranking._Rows(np.ones((1, 4), np.float32), np.ones((1, 4), np.float32))
+    tiles = reranking._Tiles.build(x, reranking._norms(x))
+    need = 22
+    full = np.sort(tiles.dist(s), axis=1)[:, :need]
+    want = np.full((70, need), np.inf, dtype=np.float32)
+    want[:, :full.shape[1]] = full
+    np.testing.assert_array_equal(np.sort(reranking._smallest(tiles, s, need), axis=1), want)
+
+
 def test_group_is_unique_with_inverse():
     code = np.random.default_rng(6).integers(0, 50, 1000).astype(np.int64)
     for got, want in zip(reranking._group(code), np.unique(code, return_inverse=True)):
