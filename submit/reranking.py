@@ -484,23 +484,28 @@ class _Workspace:
         return keep[i][1], keep[j][1]  # type: ignore[return-value]
 
 
+Tile = tuple[int, int, int, int]  # (row block i, column block j, first row, end row within block i)
+
+
 class _TilePass:
     """The tile pass's shared running state and kept entries. Workers compute their tiles and scan them against
     a snapshot of the state, and merge what they found under one lock; the kept sets (after the final filters)
-    and so the results do not depend on the order in which tiles are merged."""
+    and so the results do not depend on the order in which tiles are merged. An off-diagonal tile waits until
+    the diagonal tiles of its two blocks have started their rows' state (no barrier between the two phases)."""
 
     def __init__(self, tiles: _Tiles, blocks: list[np.ndarray], run: _Running, answer: _QueryGallery) -> None:
         self.tiles, self.blocks, self.run, self.answer = tiles, blocks, run, answer
         self.near, self.far = _Buffer(), _Buffer()
         self.lock = threading.Lock()
-        self.spaces: dict[int, _Workspace] = {}  # worker number -> workspace, kept from one visit to the next
+        self.started = [threading.Event() for _ in blocks]  # block i's rows have their running state
+        self.spaces: dict[int, _Workspace] = {}  # worker number -> workspace
 
-    def visit(self, pairs: list[tuple[int, int]], threads: int, advance: Callable[[], None]) -> None:
-        """Visit the tiles (i, j) of `pairs`, handed out in order to `threads` threads with one BLAS thread each
-        (threads=1: in this thread, BLAS as configured)."""
+    def visit(self, items: list[Tile], threads: int, advance: Callable[[], None]) -> None:
+        """Visit the tiles of `items` (diagonal ones first), handed out in order to `threads` threads with one
+        BLAS thread each (threads=1: in this thread, BLAS as configured)."""
         todo: queue.SimpleQueue = queue.SimpleQueue()
-        for pair in pairs:
-            todo.put(pair)
+        for item in items:
+            todo.put(item)
         if threads == 1:
             self._work(todo, advance, 0)
             return
@@ -515,33 +520,37 @@ class _TilePass:
         space = self.spaces[worker]
         while True:
             try:
-                i, j = todo.get_nowait()
+                item = todo.get_nowait()
             except queue.Empty:
                 return
-            self._tile(i, j, space)
+            self._tile(item, space)
             advance()
 
-    def _tile(self, i: int, j: int, space: _Workspace) -> None:
-        """Compute tile (i, j), store its query x gallery part, scan both sides, merge. A diagonal tile starts
-        its rows' running state (diagonal tiles are visited first, on disjoint rows)."""
-        tiles, rows, cols = self.tiles, self.blocks[i], self.blocks[j]
+    def _tile(self, item: Tile, space: _Workspace) -> None:
+        """Compute tile (i, j) over rows lo:hi of block i, store its query x gallery part, scan both sides,
+        merge. A diagonal tile (always whole) starts its rows' running state."""
+        i, j, lo, hi = item
+        tiles, rows, cols = self.tiles, self.blocks[i][lo:hi], self.blocks[j]
         x_rows, x_cols = space.features(tiles.x, self.blocks, i, j)
         diagonal = i == j
         s = space.tile(len(rows), len(cols))
         if diagonal:
             tiles.square_scores(rows, x_rows, out=s)
         else:
-            tiles.scores(rows, cols, x_rows, x_cols, out=s)
+            tiles.scores(rows, cols, x_rows[lo:hi], x_cols, out=s)
         self.answer.store(tiles, s, rows, j)
         sides = [(1, rows, cols)]
         if diagonal:
             top = _smallest(tiles, s, self.run.top.shape[1])
         else:
-            self.answer.store(tiles, s.T, cols, i)
+            self.answer.store(tiles, s.T, cols, i, lo)
             sides.append((0, cols, rows))
+            self.started[i].wait()
+            self.started[j].wait()
         with self.lock:
             if diagonal:
                 self.run.start(rows, top)
+                self.started[i].set()
             snapshots = [(self.run.tau[r], self.run.max[r]) for _, r, _ in sides]
         found = [_side(tiles, s, axis, r, c, tau, mx) for (axis, r, c), (tau, mx) in zip(sides, snapshots)]
         with self.lock:
@@ -576,25 +585,31 @@ def _tile_pass(tiles: _Tiles, need: int, block: int, progress: bool, answer: np.
     """
     run = _Running(tiles.x.n, need)
     blocks = _blocks(tiles.x, tiles, block, run, threads)
-    diagonal, rest = _tile_order(len(blocks))
+    items = _tile_order([len(b) for b in blocks], threads)
     held = _QueryGallery(answer, blocks, tiles.x.n_query)
     state = _TilePass(tiles, blocks, run, held)
-    with _progress(len(diagonal) + len(rest), "re-ranking: distance tiles", progress) as advance:
-        state.visit(diagonal, max(1, min(threads, len(diagonal))), advance)
-        state.visit(rest, max(1, min(threads, len(rest))), advance)
+    with _progress(len(items), "re-ranking: distance tiles", progress) as advance:
+        state.visit(items, max(1, min(threads, len(items))), advance)
     held.finish(threads)
     return state.result()
 
 
-def _tile_order(n_blocks: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def _tile_order(sizes: list[int], threads: int = 1) -> list[Tile]:
     """The diagonal tiles; then the first off-diagonal band (each block meets its neighbours early, so thresholds
     are tight), then the rest row block by row block in a snake order, so that each tile reuses one or both
-    gathered blocks of the previous one."""
-    rest = [(i, i + 1) for i in range(n_blocks - 1)]
-    for i in range(n_blocks - 2):
-        cols = range(i + 2, n_blocks)
-        rest += [(i, j) for j in (cols if i % 2 == 0 else reversed(cols))]
-    return [(i, i) for i in range(n_blocks)], rest
+    gathered blocks of the previous one. With several threads the last 2 x threads tiles are cut into row halves,
+    so that no thread waits long for the last one."""
+    n = len(sizes)
+    pairs = [(i, i + 1) for i in range(n - 1)]
+    for i in range(n - 2):
+        cols = range(i + 2, n)
+        pairs += [(i, j) for j in (cols if i % 2 == 0 else reversed(cols))]
+    cut = len(pairs) - 2 * threads if threads > 1 and len(pairs) > 2 * threads else len(pairs)
+    rest = [(i, j, 0, sizes[i]) for i, j in pairs[:cut]]
+    for i, j in pairs[cut:]:
+        h = sizes[i] // 2
+        rest += [(i, j, 0, h), (i, j, h, sizes[i])]
+    return [(i, i, 0, sizes[i]) for i in range(n)] + rest
 
 
 class _QueryGallery:
@@ -607,13 +622,16 @@ class _QueryGallery:
         gallery = [b[np.searchsorted(b, n_query):] - n_query for b in blocks]
         self.start = np.cumsum([0] + [len(cols) for cols in gallery])  # block j's columns: start[j]:start[j + 1]
         self.order = np.concatenate(gallery)  # held column k is gallery item order[k]
+        self.queries = [len(b) - len(cols) for b, cols in zip(blocks, gallery)]  # block j's queries come first
 
-    def store(self, tiles: _Tiles, s: np.ndarray, rows: np.ndarray, j: int) -> None:
-        """Write the (query row, gallery column) part of tile s, whose columns are row block j; rows and block j
-        are ascending, so the queries are a prefix of rows and the gallery a suffix of block j."""
-        a, width = int(np.searchsorted(rows, self.n_query)), self.start[j + 1] - self.start[j]
-        if a and width:
-            self.answer[rows[:a], self.start[j]:self.start[j + 1]] = tiles.dist(s[:a, s.shape[1] - width:])
+    def store(self, tiles: _Tiles, s: np.ndarray, rows: np.ndarray, j: int, lo: int = 0) -> None:
+        """Write the (query row, gallery column) part of tile s, whose columns are rows lo:lo + width of block j;
+        rows and block j are ascending, so the queries are a prefix of rows and the gallery a suffix of block j."""
+        a, queries = int(np.searchsorted(rows, self.n_query)), self.queries[j]
+        first, end = max(lo, queries), lo + s.shape[1]
+        if a and end > first:
+            cols = slice(self.start[j] + first - queries, self.start[j] + end - queries)
+            self.answer[rows[:a], cols] = tiles.dist(s[:a, first - lo:])
 
     def finish(self, threads: int) -> None:
         """Put the columns back in gallery order, 64 rows at a time."""

@@ -175,7 +175,23 @@ def test_threads_share_the_tiles(monkeypatch):
     assert set(seen) == {threading.current_thread().name} and len(seen) == 55  # 10 blocks: 10 + 45 tiles
     seen.clear()
     k_reciprocal(x[:30], x[30:], block=32, threads=2)
-    assert len(seen) == 55 and all(name.startswith("rerank") for name in seen)
+    # the last 2 x 2 tiles are cut into row halves, and both threads take some
+    assert len(seen) == 59 and {name[:-1] for name in seen} == {"rerank_"} and len(set(seen)) == 2
+
+
+def test_tile_order_covers_each_pair_once():
+    sizes = [32, 32, 32, 17]
+    for threads in (1, 2, 3):
+        items = reranking._tile_order(sizes, threads)
+        assert [it[:2] for it in items[:4]] == [(0, 0), (1, 1), (2, 2), (3, 3)]  # diagonal tiles first
+        covered: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, j, lo, hi in items:
+            covered.setdefault((i, j), []).append((lo, hi))
+        assert sorted(covered) == [(i, j) for i in range(4) for j in range(i, 4)]
+        for (i, _), parts in covered.items():  # each tile's rows once, in order, whole or in two halves
+            assert parts[0][0] == 0 and parts[-1][1] == sizes[i] and len(parts) <= 2
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert len(items) == 10 + {1: 0, 2: 4, 3: 0}[threads]  # 3 threads: 6 pairs are not more than 2 x 3
 
 
 def test_one_blas_thread_is_per_thread_and_restored():
