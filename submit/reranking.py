@@ -186,14 +186,18 @@ class _Rows:
         return list(range(0, self.n_query, block)) + list(range(self.n_query, self.n, block))
 
 
-def _norms(x: _Rows) -> np.ndarray:
+def _norms(x: _Rows, threads: int = 1) -> np.ndarray:
     """Squared norms computed in float64, rounded to float32 (the oracle does the same)."""
     out = np.empty(x.n, dtype=np.float32)
     step = max(1, (2 << 20) // (8 * x.dim))  # 2 MB float64 copies
-    for s in x.starts(step):
-        e = min(s + step, x.n, x.n_query if s < x.n_query else x.n)
-        x64 = x.block(s, e).astype(np.float64)
-        out[s:e] = np.einsum("ij,ij->i", x64, x64)
+    chunks = [(s, min(s + step, x.n, x.n_query if s < x.n_query else x.n)) for s in x.starts(step)]
+
+    def fill(a: int, b: int) -> None:
+        for s, e in chunks[a:b]:
+            x64 = x.block(s, e).astype(np.float64)
+            out[s:e] = np.einsum("ij,ij->i", x64, x64)
+
+    _in_parts(fill, len(chunks), threads, grain=4)
     return out
 
 
@@ -1024,7 +1028,7 @@ def k_reciprocal(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int = 2
     _check_memory(len(q), len(g), q.shape[1], k1, k2, block, threads, memory_limit)
     x = _Rows(q, g)
     n, n_query = x.n, x.n_query
-    tiles = _Tiles.build(x, _norms(x))
+    tiles = _Tiles.build(x, _norms(x, threads))
     half = int(np.around(k1 / 2))
     widths = [min(k1 + 1, n), min(half + 1, n)] + ([min(k2, n)] if k2 != 1 else [])
     answer = np.empty((n_query, n - n_query), dtype=np.float32)
