@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from submit.device import cpu_model, usable_cores
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -119,14 +121,8 @@ def run_child(which: str, feats: Path, out: Path, block: int, threads: int | Non
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, numpy {np.__version__}, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB, numpy {np.__version__}, Python {platform.python_version()}"
 
 
 def gib(b: float) -> str:
@@ -155,7 +151,7 @@ def main() -> None:
     print(f"date:    {datetime.datetime.now().isoformat(timespec='seconds')}, "
           f"load average {os.getloadavg()[0]:.1f} (the machine is shared: wall times vary)")
     print(f"size:    {nq} queries x {ng} gallery, {dim}-d, k1=20 k2=6 lambda=0.3, block={args.block}, "
-          f"threads: {args.threads or f'default (ours: {len(os.sched_getaffinity(0))}, BLAS: the library default)'}")
+          f"threads: {args.threads or f'default (ours: {usable_cores()}, BLAS: the library default)'}")
     with tempfile.TemporaryDirectory() as tmp:
         feats = Path(tmp) / "feats.npz"
         q, g = clustered_features(nq, ng, dim)

@@ -1,15 +1,23 @@
-"""Device choice and mixed precision: CUDA + AMP where present, CPU fp32 otherwise."""
+"""Device choice and mixed precision: CUDA + AMP where present, CPU fp32 otherwise; the usable cores.
+
+torch is imported inside the functions that need it, so that torch-free stages (re-ranking, metrics) and
+benchmark scripts can use `usable_cores` and `cpu_model` without its ~600 MiB of libraries.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import os
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def pick_device(requested: str | None = None) -> torch.device:
     """Return the requested device, else CUDA when available, else CPU."""
+    import torch
+
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -17,6 +25,8 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for `precision` ('auto', 'bf16', 'fp16', 'fp32'); None means no autocast."""
+    import torch
+
     if device.type != "cuda" or precision == "fp32":
         return None
     if precision == "fp16":
@@ -29,6 +39,8 @@ def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | No
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str = "auto") -> Iterator[None]:
     """Autocast on CUDA with the chosen dtype; a no-op on CPU (fp32)."""
+    import torch
+
     dtype = amp_dtype(device, precision)
     if dtype is None:
         yield
@@ -49,3 +61,8 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def usable_cores() -> int:
+    """The number of cores this process may run on (its CPU affinity, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

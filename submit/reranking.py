@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from submit.device import usable_cores
 from submit.errors import SubmitError
 
 __all__ = [
@@ -707,11 +708,6 @@ def _openblas_thread_setter() -> Callable[[int], int] | None:
     return None
 
 
-def _default_threads() -> int:
-    """The number of cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _in_parts(fn: Callable[[int, int], Any], n: int, threads: int, grain: int = 128) -> list[Any]:
     """[fn(a, b) for contiguous ranges a:b splitting range(n)], one range per thread (at most `threads`, at
     least `grain` items each; one BLAS thread each). For item-wise work whose results do not depend on the split."""
@@ -1024,7 +1020,7 @@ def k_reciprocal(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int = 2
     k1, k2 = _check_int(k1, "k1"), _check_int(k2, "k2")
     lambda_value = _check_float(lambda_value, "lambda_value", 0.0, 1.0)
     block = _check_int(block, "block", 16)
-    threads = _default_threads() if threads is None else _check_int(threads, "threads")
+    threads = usable_cores() if threads is None else _check_int(threads, "threads")
     _check_memory(len(q), len(g), q.shape[1], k1, k2, block, threads, memory_limit)
     x = _Rows(q, g)
     n, n_query = x.n, x.n_query

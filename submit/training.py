@@ -51,7 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from submit import config
-from submit.device import amp_dtype, autocast, pick_device
+from submit.device import amp_dtype, autocast, pick_device, usable_cores
 from submit.errors import SubmitError
 from submit.losses import LogitScale, build_loss
 from submit.manifest import fingerprint, read_manifest
@@ -775,8 +775,7 @@ def cpu_threads(device: torch.device, workers: int) -> int:
     """
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
     torch.set_num_threads(max(1, min(cores - workers, cores - busy)))
     return torch.get_num_threads()
