@@ -853,17 +853,20 @@ def _expanded_rows(r_sets: np.ndarray, h_sets: np.ndarray, a: int, b: int) -> tu
     hb = h_sets.shape[1]
     counts, parts = [], []
     step = max(1, min(b - a, (4 << 20) // n))
-    marker = np.zeros((step, n), dtype=bool)  # marker[i, j]: j in R(i), for one chunk of rows
+    marker = np.zeros(step * n, dtype=bool)  # marker[i * n + j]: j in R(i), for one chunk of rows (flat: 1-D takes)
     for s in range(a, b, step):
         rs = r_sets[s:min(s + step, b)]
         m = len(rs)
-        loc, pos = np.nonzero(rs >= 0)
-        marker[loc, rs[loc, pos]] = True
-        hc = np.where((rs >= 0)[:, :, None], h_sets[np.maximum(rs, 0)], -1)  # (m, width, hb)
+        inset = rs >= 0
+        base = (np.arange(m) * n)[:, None]
+        hit = (base + rs)[inset]
+        marker[hit] = True
+        hc = h_sets[np.maximum(rs, 0)]  # (m, width, hb)
+        hc[~inset] = -1
         valid = hc >= 0
-        shared = (marker[np.arange(m)[:, None, None], np.maximum(hc, 0)] & valid).sum(axis=2)
-        marker[loc, rs[loc, pos]] = False
-        accept = (rs >= 0) & (shared > 2 / 3 * valid.sum(axis=2))
+        shared = (np.take(marker, base[:, :, None] + np.maximum(hc, 0), mode="clip") & valid).sum(axis=2)
+        marker[hit] = False
+        accept = inset & (shared > 2 / 3 * valid.sum(axis=2))
         extra = np.where(accept[:, :, None], hc, -1).reshape(m, width * hb)
         members = np.sort(np.concatenate([rs, extra], axis=1), axis=1)
         first = np.ones_like(members, dtype=bool)
