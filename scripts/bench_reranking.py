@@ -12,6 +12,7 @@ the dense references once (18 s runs average steal out). `--large` runs ours alo
     python scripts/bench_reranking.py            # challenge size, ours vs dense
     python scripts/bench_reranking.py --threads 1   # same, one thread each (ours: threads=1, others: 1 BLAS thread)
     python scripts/bench_reranking.py --large    # 10k x 100k, ours only
+    python scripts/bench_reranking.py --steps    # also the wall time of each step of ours
 """
 
 from __future__ import annotations
@@ -101,12 +102,38 @@ def steal_seconds() -> float:
         return 0.0
 
 
-def child(which: str, feats: str, out: str, block: int, threads: int | None) -> None:
+# k_reciprocal's steps, in call order (private functions of submit.reranking: a diagnostic, `--steps`)
+STEPS = ["_norms", "_tile_pass", "_blocks", "_exact_row_max", "_sort_candidates", "_neighbour_set", "_reciprocal",
+         "_expanded_sets", "_weights", "_local_expansion", "_jaccard_into"]
+
+
+def time_steps(module: object) -> dict[str, float]:
+    """Wrap the STEPS functions of `module` so that each call adds its wall time to the returned dict."""
+    spent: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        return run
+
+    for name in STEPS:
+        setattr(module, name, timed(name, getattr(module, name)))
+    return spent
+
+
+def child(which: str, feats: str, out: str, block: int, threads: int | None, steps: bool = False) -> None:
     """Run one implementation on saved features; write its output and a JSON line of measurements."""
     sys.path.insert(0, str(ROOT / "tests"))
     from dense_rerank_oracle import dense_k_reciprocal
 
+    from submit import reranking
     from submit.reranking import k_reciprocal
+
+    spent = time_steps(reranking) if steps and which == "ours" else {}
 
     data = np.load(feats)
     q, g = data["q"], data["g"]
@@ -120,11 +147,12 @@ def child(which: str, feats: str, out: str, block: int, threads: int | None) -> 
         dist = k_reciprocal(q, g, block=block, threads=threads)
     wall, cpu, steal = time.perf_counter() - t0, time.process_time() - c0, steal_seconds() - s0
     np.save(out, dist)
-    print(json.dumps({"wall": wall, "cpu": cpu, "steal": steal, "peak": _peak_rss(), "base": base}))
+    print(json.dumps({"wall": wall, "cpu": cpu, "steal": steal, "peak": _peak_rss(), "base": base, "steps": spent}))
 
 
-def run_child(which: str, feats: Path, out: Path, block: int, threads: int | None = None) -> dict:
+def run_child(which: str, feats: Path, out: Path, block: int, threads: int | None = None, steps: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--feats", str(feats), "--out", str(out), "--block", str(block)]
+    cmd += ["--steps"] if steps else []
     env = dict(os.environ)
     if threads:
         cmd += ["--threads", str(threads)]
@@ -135,7 +163,26 @@ def run_child(which: str, feats: Path, out: Path, block: int, threads: int | Non
 
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB, numpy {np.__version__}, Python {platform.python_version()}"
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB, numpy {np.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+LINE = "{who:<8} {wall:7.2f} s wall ({cpu:.2f} s CPU, {steal:.2f} s stolen), peak RSS {p} ({a} above the loaded inputs)"
+
+
+def report_ours(runs: list[dict]) -> dict:
+    """Print each run of ours, their median and the steps of the first; return the median (and the worst peak)."""
+    ours = {k: float(np.median([r[k] for r in runs])) for k in ("wall", "cpu", "steal")}
+    ours.update({k: max(runs, key=lambda r: r["peak"])[k] for k in ("peak", "base")})
+    if len(runs) > 1:
+        print("ours, each run: " + "; ".join(
+            f"{r['wall']:.2f} s wall, {r['cpu']:.2f} s CPU, {r['steal']:.2f} s stolen" for r in runs))
+    who = "ours:" if len(runs) == 1 else f"ours (median of {len(runs)}):"
+    print(LINE.format(who=who, p=gib(ours["peak"]), a=gib(ours["peak"] - ours["base"]), **ours))
+    if runs[0]["steps"]:
+        steps = runs[0]["steps"].items()
+        print("ours, steps of run 1 (s wall): " + ", ".join(f"{k.strip('_')} {v:.3f}" for k, v in steps))
+    return ours
 
 
 def gib(b: float) -> str:
@@ -153,12 +200,14 @@ def main() -> None:
                     "cores) and BLAS threads of the dense references (default: the library's)")
     ap.add_argument("--repeat", type=int, help="runs of ours (fresh processes; the median is compared, each run "
                     "is printed); the dense references run once (default: 5, 1 with --large)")
+    ap.add_argument("--steps", action="store_true", help="also print the wall time of each step of ours (its first "
+                    "run; the tile pass includes the pivots)")
     ap.add_argument("--child", choices=["dense", "toolkit", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--feats", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.feats, args.out, args.block, args.threads)
+        child(args.child, args.feats, args.out, args.block, args.threads, args.steps)
         return
     nq, ng, dim = (10_000, 100_000, 256) if args.large else (618, 9_505, 1_024)
     nq, ng, dim = args.queries or nq, args.gallery or ng, args.dim or dim
@@ -175,16 +224,9 @@ def main() -> None:
         base_rank1 = cosine_rank1(q, g, owners)
         del q, g
         repeat = max(1, args.repeat or (1 if args.large else 5))
-        runs = [run_child("ours", feats, Path(tmp) / "ours.npy", args.block, args.threads) for _ in range(repeat)]
-        ours = {k: float(np.median([r[k] for r in runs])) for k in ("wall", "cpu", "steal")}
-        ours.update({k: max(runs, key=lambda r: r["peak"])[k] for k in ("peak", "base")})  # the worst peak
-        line = ("ours:    {wall:7.2f} s wall ({cpu:.2f} s CPU, {steal:.2f} s stolen), peak RSS {p} ({a} above the "
-                "loaded inputs)")
-        if len(runs) > 1:
-            print("ours, each run: " + "; ".join(f"{r['wall']:.2f} s wall, {r['cpu']:.2f} s CPU, {r['steal']:.2f} s stolen"
-                                              for r in runs))
-        print(line.replace("ours:   ", "ours:   " if len(runs) == 1 else f"ours (median of {len(runs)}):").format(
-            wall=ours["wall"], cpu=ours["cpu"], steal=ours["steal"], p=gib(ours["peak"]), a=gib(ours["peak"] - ours["base"])))
+        runs = [run_child("ours", feats, Path(tmp) / "ours.npy", args.block, args.threads, args.steps and k == 0)
+                for k in range(repeat)]
+        ours = report_ours(runs)
         print(f"rank-1:  {rank1(Path(tmp) / 'ours.npy', owners):.4f} re-ranked, {base_rank1:.4f} cosine")
         if args.large:
             return
@@ -192,8 +234,8 @@ def main() -> None:
         for which in ("dense", "toolkit"):
             ref[which] = run_child(which, feats, Path(tmp) / f"{which}.npy", args.block, args.threads)
             r = ref[which]
-            print(line.replace("ours:   ", f"{which}:".ljust(8)).format(
-                wall=r["wall"], cpu=r["cpu"], steal=r["steal"], p=gib(r["peak"]), a=gib(r["peak"] - r["base"])))
+            print(LINE.format(who=f"{which}:", wall=r["wall"], cpu=r["cpu"], steal=r["steal"], p=gib(r["peak"]),
+                              a=gib(r["peak"] - r["base"])))
         mine = np.load(Path(tmp) / "ours.npy")
         for which, r in ref.items():
             diff = float(np.abs(mine - np.load(Path(tmp) / f"{which}.npy")).max())
