@@ -6,8 +6,9 @@ Default: the 2023 challenge size (618 queries x 9,505 gallery, 1,024-d). All run
 clustered random features (players grouped in teams and games, so neighbourhoods look like re-id features);
 each child reports its wall time, CPU time, peak RSS (VmHWM) and the CPU time the hypervisor stole meanwhile,
 and the parent prints the ratios and the largest difference between the outputs. Ours runs 5 times (fresh
-processes, each printed, the median compared: on a shared VM a steal burst can add 0.1-0.2 s to a 0.8 s run),
-the dense references once (18 s runs average steal out). `--large` runs ours alone on 10,000 x 100,000 (256-d).
+processes, each printed, the median compared: on a shared VM a steal burst can add tenths of a second to a
+0.8 s run), the dense references once (18 s runs average steal out). `--large` runs ours alone on 10,000 x
+100,000 (256-d).
 
     python scripts/bench_reranking.py            # challenge size, ours vs dense
     python scripts/bench_reranking.py --threads 1   # same, one thread each (ours: threads=1, others: 1 BLAS thread)

@@ -3,14 +3,14 @@
 `k_reciprocal` gives the distances of the dense algorithm of Zhong et al. (CVPR 2017, "Re-ranking Person
 Re-identification with k-reciprocal Encoding") as the public re-id toolkits write it, without ever holding an
 (N, N) matrix (N = queries + gallery). The dense form needs ~24 bytes x N^2; this one needs memory linear in N
-plus one (block x block) distance tile and the (Q, G) answer.
+plus one (block x block) distance tile per thread and the (Q, G) answer.
 
 How it stays exact without the dense matrix:
-- One pass over the upper-triangle tiles of the float32 distance matrix (BLAS sgemm; each tile serves its rows
-  and, transposed, its columns) keeps, per row, the entries within a margin of its running k-th smallest
-  distance and of its running maximum. Rows are grouped into blocks by nearest random pivot, and tiles are
-  visited diagonal first, then by distance from the diagonal, so thresholds are tight early and most rows of
-  a tile are skipped after one reduction. Float32 tile error is bounded by a margin (`_Tiles.build`);
+- One pass over the upper-triangle tiles of the float32 distance matrix (BLAS sgemm, syrk on the diagonal; each
+  tile serves its rows and, transposed, its columns) keeps, per row, the entries within a margin of its running
+  k-th smallest distance and of its running maximum. Rows are grouped into blocks by nearest random pivot, and
+  tiles are visited diagonal first, then by distance from the diagonal, so thresholds are tight early and most
+  rows of a tile are skipped after one reduction. Float32 tile error is bounded by a margin (`_Tiles.build`);
   wherever it could change a neighbour set or the row maximum, the pairs are recomputed exactly, so the sets
   and the column-max normalisation equal the dense algorithm's.
 - Two (or more) threads share the tiles, each with one BLAS thread; the running thresholds and maxima only
