@@ -212,11 +212,12 @@ def _resolve_member(m: MemberSpec, base: Path, runs_dir: str | Path | None, wher
 
 
 def _path(value: str, base: Path, runs_dir: str | Path | None, where: str, key: str) -> Path:
-    """Expand `${RUNS}` from `runs_dir` and resolve relative paths against the spec folder."""
+    """Expand `${RUNS}` from `runs_dir` (a command-line path: relative to the working folder) and resolve
+    other relative paths against the spec folder."""
     if value.startswith(RUNS_PLACEHOLDER):
         if runs_dir is None:
             raise SubmitError(f"{where}: key {key!r} uses {RUNS_PLACEHOLDER}; pass the runs folder (--runs-dir)")
-        value = str(Path(runs_dir)) + value[len(RUNS_PLACEHOLDER):]
+        value = str(Path(runs_dir).expanduser().resolve()) + value[len(RUNS_PLACEHOLDER):]
     path = Path(value).expanduser()
     return (path if path.is_absolute() else base / path).resolve()
 

@@ -127,6 +127,17 @@ def test_spec_paths_resolve_against_the_spec_folder_and_runs_dir(tmp_path: Path)
     assert spec.fusion == "mean+reliability" and spec.postprocess[0].params == {"k1": 20, "k2": 6, "lambda_value": 0.3}
 
 
+def test_a_relative_runs_dir_is_relative_to_the_working_folder(tmp_path: Path, monkeypatch) -> None:
+    """`--runs-dir out/runs` means out/runs where the command runs, not inside the spec's folder (the demo
+    once trained into ensembles/demo-out/runs)."""
+    _run(tmp_path / "out" / "runs" / "b")
+    (tmp_path / "ens").mkdir()
+    path = _spec(tmp_path / "ens", "members: [{run: '${RUNS}/b'}]\n")
+    monkeypatch.chdir(tmp_path)
+    spec = ensembling.load_spec(path, runs_dir="out/runs")
+    assert Path(spec.members[0].run) == (tmp_path / "out" / "runs" / "b").resolve()
+
+
 @pytest.mark.parametrize("text, pattern", [
     ("members: [{run: runs/a, wieght: 2}]", r"unknown key 'members\[0\]\.wieght'"),
     ("members: [{run: runs/missing}]", r"'members\[0\]\.run': .*missing is not a training run dir"),
