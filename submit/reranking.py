@@ -613,7 +613,7 @@ def _tile_order(sizes: list[int], threads: int = 1) -> list[Tile]:
     rest = [(i, j, 0, sizes[i]) for i, j in pairs[:cut]]
     for i, j in pairs[cut:]:
         h = sizes[i] // 2
-        rest += [(i, j, 0, h), (i, j, h, sizes[i])]
+        rest += [(i, j, 0, h), (i, j, h, sizes[i])] if h else [(i, j, 0, sizes[i])]  # no empty halves
     return [(i, i, 0, sizes[i]) for i in range(n)] + rest
 
 

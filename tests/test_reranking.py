@@ -192,6 +192,7 @@ def test_tile_order_covers_each_pair_once():
             assert parts[0][0] == 0 and parts[-1][1] == sizes[i] and len(parts) <= 2
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
         assert len(items) == 10 + {1: 0, 2: 4, 3: 0}[threads]  # 3 threads: 6 pairs are not more than 2 x 3
+    assert all(lo < hi for _, _, lo, hi in reranking._tile_order([1, 1, 1, 1, 1, 1], 2))  # no empty halves
 
 
 def test_one_blas_thread_is_per_thread_and_restored():
