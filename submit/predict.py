@@ -64,10 +64,7 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
     spec = ensembling.load_spec(spec_file, runs_dir)
     manifest = read_manifest(data_dir)
     query, gallery = select(manifest, split, "query"), select(manifest, split, "gallery")
-    trained, data_fp = trained_manifests(spec), fingerprint(manifest)
-    notes = manifest_notes(trained, data_fp, data_dir)  # refuses members trained on different data
-    if split == "test":
-        notes += leak_notes(spec, trained, data_fp)
+    notes = member_notes(spec, manifest, data_dir, split == "test")  # refuses members trained on different data
     score = _scorer(query, gallery) if split == "test" else None
     stages: dict[str, np.ndarray] = {}
     final = fuse_members(spec, data_dir, query, gallery, device, workers, progress, stages, score is not None)
@@ -106,8 +103,7 @@ def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
         raise SubmitError(f"--grid {list(grid)}: expected non-negative weights, at least one positive")
     manifest = read_manifest(data_dir)
     query, gallery = select(manifest, "test", "query"), select(manifest, "test", "gallery")
-    trained, data_fp = trained_manifests(spec), fingerprint(manifest)
-    notes = manifest_notes(trained, data_fp, data_dir) + leak_notes(spec, trained, data_fp)
+    notes = member_notes(spec, manifest, data_dir, test_split=True)
     score = _scorer(query, gallery)
     raw, processed, _ = member_matrices(spec, data_dir, query, gallery, device, workers, progress)
     mats = processed or raw
@@ -167,6 +163,14 @@ def _rebase(value: str, old: Path, new: Path) -> str:
     return os.path.relpath(os.path.abspath(old / Path(value).expanduser()), os.path.abspath(new))
 
 
+def member_notes(spec: EnsembleSpec, manifest: pd.DataFrame, data_dir: str | Path, test_split: bool) -> list[str]:
+    """Check the run members against each other and `data_dir`'s manifest (`manifest_notes`, which refuses a mix)
+    and, for scores on the test split, add `leak_notes`."""
+    trained, data_fp = trained_manifests(spec), fingerprint(manifest)
+    notes = manifest_notes(trained, data_fp, data_dir)
+    return notes + leak_notes(spec, trained, data_fp) if test_split else notes
+
+
 def trained_manifests(spec: EnsembleSpec) -> dict[str, str | None]:
     """Run member name -> fingerprint of the manifest its checkpoint was trained on (None: not recorded).
 
@@ -205,8 +209,7 @@ def manifest_notes(trained: dict[str, str | None], data_manifest: str, data_dir:
     return notes
 
 
-def leak_notes(spec: EnsembleSpec, trained: dict[str, str | None] | None = None,
-               data_manifest: str | None = None) -> list[str]:
+def leak_notes(spec: EnsembleSpec, trained: dict[str, str | None], data_manifest: str) -> list[str]:
     """Warnings for test-split scores that are optimistic: members trained on test crops (data.split all or
     kfold), and `checkpoint: best` of data.split train runs, whose best.pt was picked by test-split mAP
     (unless the run trained on another manifest than `data_manifest`, per `trained`)."""
@@ -218,7 +221,7 @@ def leak_notes(spec: EnsembleSpec, trained: dict[str, str | None] | None = None,
         if data_split in ("all", "kfold"):
             notes.append(f"member {m.name} trained on test-split crops (data.split: {data_split}); "
                          "its test scores are optimistic")
-        elif m.checkpoint == "best" and (trained or {}).get(m.name or "member") in (None, data_manifest):
+        elif m.checkpoint == "best" and trained.get(m.name or "member") in (None, data_manifest):
             notes.append(f"member {m.name} uses best.pt, chosen by test-split mAP during training (data.split: "
                          "train), so its test scores are optimistic; use checkpoint: last for a fair score")
     return notes
