@@ -219,15 +219,19 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.lr=1e-4 (repeatable; validated like the YAML).")
+@click.option("--report-to", "report_to", default="tensorboard", show_default=True,
+              help="Training curves: tensorboard (OUT/tb), wandb (if installed; offline unless WANDB_MODE is set), "
+                   "none; comma-separated.")
 def train(recipe: str | None, data_dir: str, out_dir: str | None, spec: str | None, runs_dir: str | None,
           resume: bool, epochs: int | None, max_steps: int | None, device: str | None,
-          overrides: tuple[str, ...]) -> None:
+          overrides: tuple[str, ...], report_to: str) -> None:
     """Fine-tune a RECIPE (models/*.yaml) on DATA_DIR; under torchrun, trains with DDP on every process."""
-    from submit import training
+    from submit import reporting, training
     from submit.recipe import load_recipe
 
+    targets = reporting.parse_report_to(report_to)
     if spec is not None:
-        if recipe or out_dir or overrides or epochs or max_steps or resume:
+        if recipe or out_dir or overrides or epochs or max_steps or resume or targets != reporting.DEFAULT:
             raise SubmitError("--ensemble trains the spec's members as their `train` blocks say; "
                               "it takes only --data, --runs-dir and --device")
         from submit.ensembling import train_members
@@ -241,7 +245,8 @@ def train(recipe: str | None, data_dir: str, out_dir: str | None, spec: str | No
         raise SubmitError("train needs RECIPE and --out (or --ensemble SPEC)")
     extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
     spec_ = training.apply_overrides(load_recipe(recipe), extra, where=f"{recipe} (--set/--epochs)")
-    result = training.train(spec_, data_dir, out_dir, resume=resume, device=device, max_steps=max_steps)
+    result = training.train(spec_, data_dir, out_dir, resume=resume, device=device, max_steps=max_steps,
+                            report_to=targets)
     if result["main"]:  # under torchrun only rank 0 reports
         _report_run(result)
 

@@ -8,6 +8,7 @@ Run dir (`out_dir`):
 - `best.pt`       inference weights (EMA when enabled) of the epoch with the best validation mAP, or of
                   the latest epoch when validation is skipped (`data.split: all`).
 - `metrics.csv`, `metrics.json`  one row per validated epoch (loss, lr, temperature, images/s, mAP, ...).
+- `tb/`           TensorBoard event files (per step and per validation, `submit.reporting`; `--report-to`).
 Both checkpoints and metrics.json record `manifest`: the fingerprint of the manifest the run trained on
 (`manifest.fingerprint`, a hash of its rows with DATA_DIR-relative paths), so resume and predict can refuse
 to mix runs trained on different data.
@@ -50,7 +51,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from submit import config
+from submit import config, reporting
 from submit.device import amp_dtype, autocast, pick_device, usable_cores
 from submit.errors import SubmitError
 from submit.losses import LogitScale, build_loss
@@ -471,6 +472,7 @@ class _Trainer:
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                  generator=torch.Generator().manual_seed(recipe.seed))
         self.state = _State()
+        self.reporter: reporting.Reporter = reporting.NullReporter()  # `train` sets the --report-to one
         self._epoch_start = time.perf_counter()
         _seed_all(recipe.seed + 1000 * info.rank)  # per-rank randomness (dropout) from here on
 
@@ -639,7 +641,9 @@ class _Trainer:
             now = time.perf_counter()
             step_s = now - tick if step_s is None else 0.9 * step_s + 0.1 * (now - tick)  # smoothed for display
             ips, tick = global_images / max(step_s, 1e-9), now
-            bar.update(task, advance=1, loss=loss, lr=lr, temp=float(self.model.temperature().detach()), ips=ips)
+            temp = float(self.model.temperature().detach())
+            bar.update(task, advance=1, loss=loss, lr=lr, temp=temp, ips=ips)
+            self.reporter.step(s.step, {"loss": loss, "lr": lr, "temperature": temp, "images_per_s": ips})
             self.on_step(s.step)
             if s.step >= stop:
                 if s.batch_in_epoch < self.steps_per_epoch[s.epoch]:
@@ -679,6 +683,7 @@ class _Trainer:
                                                     "validation": self.splits.note,
                                                     "world_size": self.info.world_size,
                                                     "global_batch_pairs": self.sampler.global_pairs})
+            self.reporter.validation(row)
             _log(_row_text(row, partial))
 
 
@@ -746,11 +751,13 @@ def _row_text(row: dict, partial: bool) -> str:
 
 
 def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
-          device: str | None = None, max_steps: int | None = None, progress: bool = True) -> dict:
+          device: str | None = None, max_steps: int | None = None, progress: bool = True,
+          report_to: Sequence[str] = reporting.DEFAULT) -> dict:
     """Fine-tune `recipe` on DATA_DIR's manifest into run dir `out_dir`; returns a summary dict.
 
     `resume` continues from `out_dir/last.pt` (same recipe; `train.epochs` may grow). `max_steps` stops
     after that many optimizer steps in total (the LR schedule still follows the recipe's epochs).
+    `report_to` names where curves go besides metrics.csv (`reporting.TARGETS`; default TensorBoard in OUT/tb).
     Under torchrun (WORLD_SIZE > 1) this joins the process group and trains with DDP.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -758,7 +765,7 @@ def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: boo
     threads = torch.get_num_threads()
     try:
         cpu_threads(dev, recipe.data.workers)
-        return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress)
+        return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress, report_to)
     finally:
         torch.set_num_threads(threads)
         if info.owns_group and dist.is_initialized():
@@ -782,7 +789,8 @@ def cpu_threads(device: torch.device, workers: int) -> int:
 
 
 def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool, device: torch.device, info: DistInfo,
-           max_steps: int | None, progress: bool) -> dict:
+           max_steps: int | None, progress: bool, report_to: Sequence[str] = reporting.DEFAULT) -> dict:
+    report_to = reporting.parse_report_to(report_to)
     last = out_dir / "last.pt"
     if last.exists() and not resume:
         raise SubmitError(f"{out_dir}: already holds a run (last.pt); pass --resume or choose another --out")
@@ -803,7 +811,12 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool, device: 
     if info.world_size > 1:
         dist.barrier()
     start = time.perf_counter()
-    trainer.run(max_steps, progress)
+    trainer.reporter = reporting.open_reporter(report_to, out_dir, main=info.main, start_step=trainer.state.step,
+                                               name=recipe.name, recipe=config.to_mapping(recipe))
+    try:
+        trainer.run(max_steps, progress)
+    finally:
+        trainer.reporter.close()
     s = trainer.state
     scored = [r for r in s.history if r.get("mAP") is not None]
     best = max(scored, key=lambda r: r["mAP"]) if scored else None
