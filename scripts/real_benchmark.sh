@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Real-image benchmark (issue 6): train every member of ensembles/cpu-real.yaml from scratch on CPU, predict the
-# test and challenge splits (official ranking files, via `reident-submit predict`) and write the result table.
+# Real-image benchmark (issues 6, 11): fetch the pre-trained weights when missing, train every member of
+# ensembles/cpu-real.yaml on CPU, predict the test and challenge splits (official ranking files, via
+# `reident-submit predict`), train the extra models of ensembles/cpu-real-ablation.yaml (scratch, triplet) and
+# write the result table: the CLIP-ReIdent paper's table in miniature, then every stage of the ensemble.
 #
 #   scripts/real_benchmark.sh PREPARED_DATA_DIR OUT_DIR [SEEDS]
 #
@@ -10,7 +12,7 @@
 # Writes OUT_DIR/test.csv and OUT_DIR/challenge.csv (the first seed's), OUT_DIR/seedS/{spec.yaml,runs,*.csv,
 # times.json} and OUT_DIR/results.md (every stage: each member, + re-ranking, fused; mean ± sd over seeds;
 # train and predict seconds). Nothing is tuned here: the spec and recipes were chosen on a held-out part of
-# TRAIN (scripts/real_holdout.py); the test split is only reported. One seed takes < 30 min on 2 cores.
+# TRAIN (scripts/real_holdout.py); the test split is only reported. REAL_ABLATION=0 skips the ablation models.
 set -euo pipefail
 if [[ $# -lt 2 || $# -gt 3 ]]; then
   sed -n '2,13p' "$0"; exit 2
@@ -21,8 +23,10 @@ SEEDS=${3:-0}
 SEEDS=${SEEDS//,/ }
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 SPEC=${REAL_SPEC:-$REPO/ensembles/cpu-real.yaml}
+ABLATION=$REPO/ensembles/cpu-real-ablation.yaml
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT"
+reident-submit weights fetch "$SPEC"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -Is); load $(cut -d' ' -f1-3 /proc/loadavg)"
 DIRS=()
 for S in $SEEDS; do
@@ -39,6 +43,11 @@ for S in $SEEDS; do
   printf '{"train all members (wall)": %d, "predict test (wall)": %d, "predict challenge (wall)": %d}\n' \
     $((t1 - t0)) $((t2 - t1)) $((t3 - t2)) > "$D/times.json"
   echo "seed $S: train $((t1 - t0)) s, predict test $((t2 - t1)) s, challenge $((t3 - t2)) s; load $(cut -d' ' -f1-3 /proc/loadavg)"
+  if [[ "${REAL_ABLATION:-1}" != 0 ]]; then
+    python "$REPO/scripts/real_table.py" spec "$ABLATION" "$S" "$D/ablation.yaml"
+    reident-submit train --ensemble "$D/ablation.yaml" --runs-dir "$D/runs" --data "$DATA"
+    echo "seed $S: ablation models trained; load $(cut -d' ' -f1-3 /proc/loadavg)"
+  fi
 done
 cp "${DIRS[0]}/test.csv" "$OUT/test.csv"
 cp "${DIRS[0]}/challenge.csv" "$OUT/challenge.csv"

@@ -4,8 +4,10 @@
         copy the spec with every member's train.seed shifted by SEED and its recipe path made absolute
     python scripts/real_table.py table OUT_DIR DATA_DIR SEED_DIR [SEED_DIR ...]
         score every stage of each seed's ensemble on the test split (cached features, so cheap), and
-        write OUT_DIR/results.md: per stage mAP / rank-1 / mINP (mean and spread over seeds), train and
-        predict times, the machine, the date and the load average
+        write OUT_DIR/results.md: the paper's table in miniature (colour histogram, zero-shot, scratch,
+        pre-trained + InfoNCE / triplet, + flip TTA, + re-ranking, the ensemble) when a seed dir holds
+        ablation.yaml, then every stage of the ensemble; mean and spread over seeds, train and predict
+        times, the machine, the date and the load average
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def seed_spec(spec_path: str, seed: int, out: str) -> None:
     spec_file = Path(spec_path).resolve()
     data = yaml.safe_load(spec_file.read_text())
     for member in data["members"]:
+        if member.get("recipe"):  # a zero-shot member names its recipe directly
+            member["recipe"] = str((spec_file.parent / member["recipe"]).resolve())
         train = member.get("train")
         if train:
             train["recipe"] = str((spec_file.parent / train["recipe"]).resolve())
@@ -39,13 +43,32 @@ def seed_spec(spec_path: str, seed: int, out: str) -> None:
     Path(out).write_text(f"# {spec_file.name} with train seeds + {seed}\n" + yaml.safe_dump(data, sort_keys=False))
 
 
-def seed_scores(seed_dir: Path, data_dir: str) -> tuple[dict, dict]:
-    """Stage scores of one seed's ensemble on the test split, and its timings (train per member, predict)."""
+# The paper's table: (row label, stage of the ablation spec's predict; None = the ensemble's final stage).
+PAPER_ROWS = (
+    ("zero-shot: ImageNet MobileNetV2 features, no fine-tuning", "zero-shot"),
+    ("scratch: same architecture, input size and budget, random weights", "scratch"),
+    ("pre-trained + InfoNCE (models/cpu-pretrained.yaml)", "pre-trained + InfoNCE"),
+    ("pre-trained + batch-hard triplet, same budget", "pre-trained + triplet"),
+    ("pre-trained + InfoNCE, + flip TTA", "pre-trained + InfoNCE, flip TTA"),
+    ("pre-trained + InfoNCE, + flip TTA + re-ranking", "pre-trained + InfoNCE, flip TTA + re-rank"),
+    ("ensemble: ensembles/cpu-real.yaml", None),
+)
+
+
+def spec_scores(spec: Path, data_dir: str, runs: Path) -> dict:
+    """predict's result for a spec on the test split (features come from the cache when present)."""
     from submit.predict import predict
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = predict(seed_dir / "spec.yaml", data_dir, "test", Path(tmp) / "test.csv",
-                         runs_dir=seed_dir / "runs", progress=False)
+        return predict(spec, data_dir, "test", Path(tmp) / "test.csv", runs_dir=runs, progress=False)
+
+
+def seed_scores(seed_dir: Path, data_dir: str) -> tuple[dict, dict]:
+    """Stage scores of one seed's ensemble on the test split, and its timings (train per member, predict);
+    with an ablation.yaml beside it, its stages too (under `ablation`)."""
+    result = spec_scores(seed_dir / "spec.yaml", data_dir, seed_dir / "runs")
+    if (seed_dir / "ablation.yaml").is_file():
+        result["ablation"] = spec_scores(seed_dir / "ablation.yaml", data_dir, seed_dir / "runs")["scores"]
     times = json.loads((seed_dir / "times.json").read_text()) if (seed_dir / "times.json").is_file() else {}
     for run in sorted((seed_dir / "runs").iterdir()):
         metrics = run / "metrics.json"
@@ -96,14 +119,34 @@ def _machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
 
 
+def paper_table(results: list[tuple[dict, dict]], hist: dict) -> list[str]:
+    """The paper's table in miniature: one row per model/step, mean and spread over seeds, vs the histogram."""
+    if not all("ablation" in r for r, _ in results):
+        return []
+    lines = ["| row (test split, 50 queries x 255 gallery) | mAP | rank-1 | mINP | mAP / histogram |",
+             "| --- | ---: | ---: | ---: | ---: |",
+             f"| colour histogram ({HIST_STRIPES} stripes, HSV {'x'.join(map(str, HIST_BINS))}), measured in this run "
+             f"| {hist['mAP']:.2f} | {hist['rank1']:.2f} | {hist['mINP']:.2f} | 1.00x |"]
+    for label, stage in PAPER_ROWS:
+        found = [r["ablation"].get(stage) if stage else r["scores"][next(reversed(r["scores"]))] for r, _ in results]
+        if any(f is None for f in found):
+            continue
+        cols = [[100 * f[k] for f in found] for k in ("mAP", "rank1", "mINP")]
+        bold = "**" if stage is None else ""
+        lines.append(f"| {bold}{label}{bold} | {bold}{_cell(cols[0])}{bold} | {_cell(cols[1])} | {_cell(cols[2])} "
+                     f"| {statistics.mean(cols[0]) / hist['mAP']:.2f}x |")
+    return lines + [""]
+
+
 def table(out_dir: str, data_dir: str, seed_dirs: list[str]) -> str:
     """The markdown results for every seed dir; also written to OUT_DIR/results.md."""
     results = [seed_scores(Path(d), data_dir) for d in seed_dirs]
     hist = {k: 100 * v for k, v in histogram_scores(data_dir).items()}
     stages = list(results[0][0]["scores"])
     lines = [f"machine: {_machine()}; date {time.strftime('%Y-%m-%dT%H:%M:%S')}; "
-             f"load average {os.getloadavg()[0]:.1f}; seeds: {len(results)}",
-             f"post-processing: {results[0][0]['postprocess']}", "",
+             f"load average {os.getloadavg()[0]:.1f}; seeds: {len(results)}", "",
+             *paper_table(results, hist),
+             f"ensemble stages; post-processing: {results[0][0]['postprocess']}", "",
              "| stage (test split, 50 queries x 255 gallery) | mAP | rank-1 | mINP | mAP / histogram | mAP / 28 |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for stage in stages:

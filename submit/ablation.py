@@ -50,6 +50,8 @@ BUDGETS = {
     "ci": Budget("tiny-test.yaml", ("train.epochs=1",), players=30, seqs=2, frames=3),
     # the real from-scratch CPU recipe (minutes per run on 2 cores), on a larger demo set
     "full": Budget("cpu-small.yaml", (), players=150, seqs=2, frames=5),
+    # the pre-trained CPU recipe (ImageNet MobileNetV2, `reident-submit weights fetch mobilenetv2-imagenet`)
+    "pretrained": Budget("cpu-pretrained.yaml", (), players=150, seqs=2, frames=5),
 }
 
 
@@ -90,19 +92,55 @@ def data_dir(given: str | Path | None, work_dir: str | Path, budget_name: str) -
     return out
 
 
-def _build_demo(out: Path, b: Budget) -> None:
+def _build_demo(out: Path, b: Budget, seed: int = 0) -> None:
     """Synthetic crops in the official layout, prepared into `out` (atomic: prepare swaps a temp dir in)."""
     from submit.prepare import prepare
     from submit.synthetic import make_dataset
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".demo-src-") as tmp:
-        src = make_dataset(Path(tmp) / "src", players=b.players, seqs=b.seqs, frames=b.frames, seed=0)
+        src = make_dataset(Path(tmp) / "src", players=b.players, seqs=b.seqs, frames=b.frames, seed=seed)
         try:
             prepare(src, out, progress=False)
         except SubmitError:
             if not (out / "manifest.csv").is_file():  # not just another process finishing first
                 raise
+
+
+def pretrained_weights(budget_name: str, work_dir: str | Path, progress: bool = True) -> str:
+    """The `backbone.pretrained` value of the pre-trained vs scratch comparison for a budget.
+
+    A budget whose recipe names weights uses them (`pretrained`: ImageNet MobileNetV2). The others have
+    none to download, so they get a stand-in: the budget's recipe trained on OTHER synthetic players (demo
+    data of another seed, no identity shared with the data analysed), as a tower pre-trained elsewhere."""
+    base = recipe(budget_name)
+    if base.backbone.pretrained:
+        return base.backbone.pretrained
+    b = budget(budget_name)
+    other = Path(work_dir) / f"pretrain-data-{b.players}x{b.seqs}x{b.frames}-seed1"
+    from submit.manifest import manifest_path
+
+    if not manifest_path(other).is_file():
+        _build_demo(other, b, seed=1)
+    return str(ensure_run(base, other, work_dir, progress) / "last.pt")
+
+
+def zero_shot(rec: Recipe, data: str | Path, query: pd.DataFrame, gallery: pd.DataFrame,
+              work_dir: str | Path) -> dict[str, float]:
+    """Scores of `rec`'s pre-trained tower without any fine-tuning (the paper's zero-shot baseline)."""
+    from submit import embedding
+    from submit.backbones import build_embedder
+    from submit.predict import pretrained_identity
+
+    rows = pd.concat([query, gallery], ignore_index=True)
+    identity = pretrained_identity(rec.backbone)
+    path = Path(work_dir) / "features" / f"{embedding.cache_key(identity, rec.tta, rows)}.npy"
+    feats = _load_npy(path, len(rows))
+    if feats is None:
+        feats = embedding.embed(lambda: build_embedder(rec.backbone), data, rows, rec.tta, workers=0,
+                                precision=rec.train.precision, progress=False)
+        _save_npy(path, feats)
+    return score(cosine(feats[:len(query)], feats[len(query):]), query, gallery)
 
 
 def split_rows(data: str | Path, split: str = "test") -> tuple[pd.DataFrame, pd.DataFrame]:

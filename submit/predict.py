@@ -287,7 +287,7 @@ def member_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame
         loader = _run_loader(member)
     else:
         recipe = load_recipe(member.recipe)  # type: ignore[arg-type]
-        identity = _pretrained_identity(recipe.backbone)
+        identity = pretrained_identity(recipe.backbone)
         loader = _pretrained_loader(recipe.backbone)
     tta = member.tta.apply(recipe.tta)
     return embedding.embed(loader, data_dir, rows, tta, device=device, workers=workers, identity=identity,
@@ -310,7 +310,7 @@ def _pretrained_loader(backbone: BackboneSpec) -> Callable[[], torch.nn.Module]:
     return load
 
 
-def _pretrained_identity(backbone: BackboneSpec) -> str:
+def pretrained_identity(backbone: BackboneSpec) -> str:
     """Pretrained tags name fixed weights; a local weights file is identified by its content hash."""
     local = Path(backbone.pretrained).expanduser() if backbone.pretrained else None
     if local is not None and local.is_file():

@@ -180,3 +180,11 @@ def test_noisy_oracle_and_variant_names() -> None:
     assert ablation.variant_name({}) == "base"
     assert ablation.variant_name({"train.loss": "triplet", "backbone.name": "timm:resnet34"}) == \
         "loss=triplet, backbone=timm:resnet34"
+
+
+def test_07_pretrained_vs_scratch(work_dir: Path, kernel_env: dict[str, str]) -> None:
+    run_notebook("07_pretrained_vs_scratch", work_dir, kernel_env)
+    table = outputs(work_dir, "07_pretrained_vs_scratch")
+    assert list(table["row"]) == ["zero-shot", "scratch", "pre-trained"]
+    assert table["run"].iloc[1] != table["run"].iloc[2]  # two trainings from different starting weights
+    assert (work_dir / "runs").is_dir() and any(p.name.startswith("tiny-test") for p in (work_dir / "runs").iterdir())
