@@ -2,7 +2,7 @@
 
 This is the slow test oracle for `submit.reranking.k_reciprocal`: it builds every (N, N) matrix
 (N = queries + gallery) and loops over rows in Python, exactly like the public toolkits' `re_ranking`.
-Two deliberate differences from those toolkits, both documented in `submit/reranking.py`:
+Two deliberate differences from those toolkits, both documented in `submit/reranking/_kreciprocal.py`:
 - pairwise inner products are computed in float64 and rounded to float32, so bitwise-equal rows give
   bitwise-equal distances whatever the summation order, and neighbour ties are broken by the lower
   index (stable argsort) instead of by whatever the unstable sort happens to do;

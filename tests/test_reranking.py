@@ -10,6 +10,7 @@ import pytest
 
 from dense_rerank_oracle import dense_k_reciprocal
 from submit import reranking
+from submit.reranking import _distances, _kreciprocal, _threads, _tile_pass
 from submit.errors import SubmitError
 from submit.reranking import (cosine_distance, database_augmentation, estimate_rerank_memory, k_reciprocal,
                               postprocess, query_expansion)
@@ -118,7 +119,7 @@ def test_candidate_order_is_lexsort(n):
     vals = rng.choice(np.array([-1.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 0.5, 3.0], dtype=np.float32), len(pairs))
     rows, cols = pairs[:, 0].astype(np.int32), pairs[:, 1].astype(np.int32)
     expected = np.lexsort((cols, vals, rows))
-    np.testing.assert_array_equal(reranking._row_value_col_order(rows, vals, cols, n), expected)
+    np.testing.assert_array_equal(_kreciprocal._row_value_col_order(rows, vals, cols, n), expected)
 
 
 @pytest.mark.parametrize("width", [5, 30, 200, 1001])
@@ -128,18 +129,18 @@ def test_smallest_per_row_equals_a_full_sort(width):
     rng = np.random.default_rng(width)
     s = rng.choice(np.linspace(-1, 1, 40, dtype=np.float32), size=(70, width))
     s[:, ::7] = rng.standard_normal((70, len(range(0, width, 7)))).astype(np.float32)
-    x = reranking._Rows(np.ones((1, 4), np.float32), np.ones((1, 4), np.float32))
-    tiles = reranking._Tiles.build(x, reranking._norms(x))
+    x = _distances._Rows(np.ones((1, 4), np.float32), np.ones((1, 4), np.float32))
+    tiles = _distances._Tiles.build(x, _distances._norms(x))
     need = 22
     full = np.sort(tiles.dist(s), axis=1)[:, :need]
     want = np.full((70, need), np.inf, dtype=np.float32)
     want[:, :full.shape[1]] = full
-    np.testing.assert_array_equal(np.sort(reranking._smallest(tiles, s, need), axis=1), want)
+    np.testing.assert_array_equal(np.sort(_tile_pass._smallest(tiles, s, need), axis=1), want)
 
 
 def test_group_is_unique_with_inverse():
     code = np.random.default_rng(6).integers(0, 50, 1000).astype(np.int64)
-    for got, want in zip(reranking._group(code), np.unique(code, return_inverse=True)):
+    for got, want in zip(_kreciprocal._group(code), np.unique(code, return_inverse=True)):
         np.testing.assert_array_equal(got, want)
 
 
@@ -162,14 +163,14 @@ def test_threads_do_not_change_the_result(case):
 
 
 def test_threads_share_the_tiles(monkeypatch):
-    tile = reranking._TilePass._tile
+    tile = _tile_pass._TilePass._tile
     seen: list[str] = []
 
     def spy(self, *args):
         seen.append(threading.current_thread().name)
         return tile(self, *args)
 
-    monkeypatch.setattr(reranking._TilePass, "_tile", spy)
+    monkeypatch.setattr(_tile_pass._TilePass, "_tile", spy)
     x = clustered(18, 300, 8, clusters=10)
     k_reciprocal(x[:30], x[30:], block=32, threads=1)
     assert set(seen) == {threading.current_thread().name} and len(seen) == 55  # 10 blocks: 10 + 45 tiles
@@ -182,7 +183,7 @@ def test_threads_share_the_tiles(monkeypatch):
 def test_tile_order_covers_each_pair_once():
     sizes = [32, 32, 32, 17]
     for threads in (1, 2, 3):
-        items = reranking._tile_order(sizes, threads)
+        items = _tile_pass._tile_order(sizes, threads)
         assert [it[:2] for it in items[:4]] == [(0, 0), (1, 1), (2, 2), (3, 3)]  # diagonal tiles first
         covered: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, j, lo, hi in items:
@@ -192,11 +193,11 @@ def test_tile_order_covers_each_pair_once():
             assert parts[0][0] == 0 and parts[-1][1] == sizes[i] and len(parts) <= 2
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
         assert len(items) == 10 + {1: 0, 2: 4, 3: 0}[threads]  # 3 threads: 6 pairs are not more than 2 x 3
-    assert all(lo < hi for _, _, lo, hi in reranking._tile_order([1, 1, 1, 1, 1, 1], 2))  # no empty halves
+    assert all(lo < hi for _, _, lo, hi in _tile_pass._tile_order([1, 1, 1, 1, 1, 1], 2))  # no empty halves
 
 
 def test_one_blas_thread_is_per_thread_and_restored():
-    setter = reranking._openblas_thread_setter()
+    setter = _threads._openblas_thread_setter()
     if setter is None:
         pytest.skip("numpy's BLAS offers no per-thread thread count")
     seen = {}
@@ -204,7 +205,7 @@ def test_one_blas_thread_is_per_thread_and_restored():
     def probe():
         first = setter(5)
         setter(first)
-        with reranking._one_blas_thread():
+        with _threads._one_blas_thread():
             seen["inside"] = setter(1)
         seen["after"], seen["first"] = setter(first), first
 

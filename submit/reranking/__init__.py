@@ -1,14 +1,34 @@
-"""Post-processing of re-id features (a package; step 1 of its split: the former module, moved whole)."""
+"""Post-processing of re-id features: k-reciprocal re-ranking, alpha query expansion and DBA.
+
+Public API (all re-exported here; the modules behind it are private):
+- `k_reciprocal` (`_kreciprocal`: the algorithm and its neighbour sets, exact without any (N, N) matrix; its tile
+  pass and worker threads in `_tile_pass` / `_threads`, distances in `_distances`);
+- `query_expansion`, `database_augmentation`, `cosine_distance` (`_expansion`);
+- `STEPS`, the registry of post-processing steps, and the one chain that runs them: `run_chain` (stage by
+  stage) and `postprocess` (a list of `{name: params}`, the final distances) (`_chain`);
+- `estimate_rerank_memory`, `available_memory` (`_memory`: the estimate behind the early refusal).
+
+Importing this package does not import torch (faiss is imported when QE or DBA first runs).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from submit.reranking._chain import STEPS, Stage, Step, postprocess, run_chain, step_named
+from submit.reranking._expansion import cosine_distance, database_augmentation, query_expansion
+from submit.reranking._kreciprocal import k_reciprocal
+from submit.reranking._memory import available_memory, estimate_rerank_memory
 
-from submit.reranking import _tile_pass as _impl
-from submit.reranking._tile_pass import (__all__, available_memory, cosine_distance, database_augmentation,
-                                         estimate_rerank_memory, k_reciprocal, postprocess, query_expansion)
-
-
-def __getattr__(name: str) -> Any:
-    """Private names of the former module, until the split moves them into their own modules."""
-    return getattr(_impl, name)
+__all__ = [
+    "k_reciprocal",
+    "query_expansion",
+    "database_augmentation",
+    "postprocess",
+    "run_chain",
+    "cosine_distance",
+    "estimate_rerank_memory",
+    "available_memory",
+    "STEPS",
+    "Step",
+    "Stage",
+    "step_named",
+]
