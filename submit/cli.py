@@ -12,21 +12,30 @@ from typing import Any
 
 import click
 
+from submit.atomic import describe
 from submit.errors import SubmitError
 
 
 class _Group(click.Group):
-    """Turns SubmitError (and a few OS errors) into one-line messages instead of tracebacks."""
+    """Turns SubmitError and stray OSErrors into one-line messages (exit 2) instead of tracebacks."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SubmitError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # last resort: a write that bypassed submit.atomic, or a file vanishing mid-run
+            click.echo(f"error: {describe(exc)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's text on one line (a message must never spill onto a second line)."""
+    return " ".join(str(exc).splitlines())
 
 
 @click.group(cls=_Group)
@@ -365,3 +374,20 @@ def demo(out_dir: str, players: int, seed: int, device: str | None) -> None:
     table.add_row("data", result["data_dir"])
     table.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items()))
     console.print(table)
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(path_type=str))
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="ONNX file to write.")
+@click.option("--checkpoint", default="best", show_default=True, help="best, last or a .pt file.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (14..20).")
+def export_cmd(run_dir: str, out: str, checkpoint: str, opset: int) -> None:
+    """Export RUN_DIR's trained tower to ONNX: input float32 RGB in [0, 1], NCHW at the recipe's size
+    (normalisation inside); output L2-normalised float32 features; dynamic batch; metadata in the file."""
+    from submit.export import INPUT_DOC, export_onnx
+
+    result = export_onnx(run_dir, out, checkpoint=checkpoint, opset=opset)
+    h, w = result.input_size
+    click.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, opset {result.opset}): {result.recipe} "
+               f"({result.backbone}), input (batch, 3, {h}, {w}) {INPUT_DOC.split(', NCHW')[0]}, output "
+               f"(batch, {result.embed_dim}) L2-normalised")

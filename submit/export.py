@@ -1,0 +1,200 @@
+"""ONNX export of a trained image tower, for trackers and services that do not run this toolkit.
+
+The exported graph is the whole embedder a ranking file needs, with nothing left to the caller but resizing:
+
+- input `images`: float32 RGB in [0, 1], NCHW, shape (batch, 3, H, W) at the recipe's input size
+  (`backbone.image_size`; letterbox crops to it as `transforms.letterbox` does). The tower's mean/std
+  normalisation is folded into the graph.
+- output `embeddings`: float32 (batch, D), L2-normalised, so cosine distance is `1 - a @ b.T`.
+- the batch axis is dynamic; `metadata_props` hold input_size, mean, std, embedding_dim, recipe, backbone,
+  checkpoint and manifest (the fingerprint of the data the run trained on), all as strings (JSON for lists).
+
+The classic TorchScript exporter is used (`dynamo=False`: no onnxscript needed); the file is written
+atomically (temp file + os.replace). An operator the exporter cannot convert is named in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from submit.errors import SubmitError, first_line
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 14  # scaled-dot-product attention and the normalisation ops need 14+
+INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
+INPUT_DOC = "float32 RGB in [0, 1], NCHW (batch, 3, H, W); mean/std normalisation is inside the graph"
+_OP = re.compile(r"operator '([^']+)'|\b((?:aten|prim|onnx)::\w+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What `export_onnx` wrote: the file and the metadata stored in it."""
+
+    path: str
+    opset: int
+    input_size: tuple[int, int]
+    embed_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    recipe: str
+    backbone: str
+    checkpoint: str
+    manifest: str | None
+    bytes: int
+
+
+class NormalizedEmbedder(nn.Module):
+    """[0, 1] RGB -> (x - mean) / std -> embedder -> L2-normalised float32 features (the exported graph)."""
+
+    def __init__(self, embedder: nn.Module) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.register_buffer("mean", torch.tensor(embedder.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(embedder.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.embedder((images - self.mean) / self.std)
+        return nn.functional.normalize(feats.float(), dim=1)
+
+
+def checkpoint_path(run_dir: str | Path, checkpoint: str) -> Path:
+    """RUN_DIR/best.pt or last.pt, or an explicit .pt file (as `training.load_trained` resolves it)."""
+    if checkpoint.endswith(".pt"):
+        return Path(checkpoint)
+    if checkpoint not in ("best", "last"):
+        raise SubmitError(f"--checkpoint {checkpoint!r}: expected best, last or a .pt file")
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise SubmitError(f"{run}: not a folder (expected a training run dir with best.pt/last.pt)")
+    return run / f"{checkpoint}.pt"
+
+
+def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
+                opset: int = DEFAULT_OPSET) -> ExportResult:
+    """Export RUN_DIR's trained tower to ONNX file `out` (see the module docstring for its contract)."""
+    from submit.training import load_trained, recorded_manifest
+
+    max_opset = _max_opset()
+    if not MIN_OPSET <= opset <= max_opset:
+        raise SubmitError(f"--opset {opset}: expected {MIN_OPSET}..{max_opset} (the TorchScript exporter's range)")
+    out = _check_out(Path(out))
+    path = checkpoint_path(run_dir, checkpoint)
+    embedder, recipe = load_trained(run_dir, str(path))
+    size_hw = (int(embedder.input_size[0]), int(embedder.input_size[1]))
+    mean, std = tuple(embedder.mean), tuple(embedder.std)
+    manifest = recorded_manifest(path)
+    meta = {"input_size": json.dumps(list(size_hw)), "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
+            "embedding_dim": str(embedder.embed_dim), "recipe": recipe.name, "backbone": recipe.backbone.name,
+            "checkpoint": str(path), "manifest": manifest or "", "input": INPUT_DOC,
+            "output": "float32 (batch, embedding_dim), L2-normalised"}
+    data = _to_onnx(NormalizedEmbedder(embedder).eval(), size_hw, opset, recipe.backbone.name)
+    written = _write_with_metadata(data, out, meta)
+    return ExportResult(str(out), opset, size_hw, int(embedder.embed_dim), mean, std,  # type: ignore[arg-type]
+                        recipe.name, recipe.backbone.name, str(path), manifest, written)
+
+
+def _check_out(out: Path) -> Path:
+    """The output file path, refused early when it is a folder or its folder is missing."""
+    if out.is_dir():
+        raise SubmitError(f"--out {out}: is a folder, expected an .onnx file path")
+    if not out.parent.is_dir():
+        raise SubmitError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _max_opset() -> int:
+    """The highest opset the TorchScript exporter of this torch writes."""
+    try:
+        from torch.onnx import _constants
+
+        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
+    except (ImportError, AttributeError):
+        return 17
+
+
+def _to_onnx(model: nn.Module, size_hw: tuple[int, int], opset: int, name: str) -> bytes:
+    """Trace `model` at batch 2 with a dynamic batch axis; exporter failures become one line naming the op."""
+    example = torch.rand(2, 3, *size_hw)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), _no_mha_fastpath():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+            torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              do_constant_folding=True)
+    except Exception as exc:  # noqa: BLE001 - exporter errors vary by torch version; name the operator if any
+        raise SubmitError(unsupported_message(exc, name, opset)) from None
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    """Trace nn.MultiheadAttention's plain ops: its inference fast path (`_native_multi_head_attention`,
+    taken under no_grad) has no ONNX conversion."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def unsupported_message(exc: BaseException, backbone: str, opset: int) -> str:
+    """One line for an export failure: the operator the exporter names, else the error's first line."""
+    match = _OP.search(str(exc))
+    if match:
+        op = match.group(1) or match.group(2)
+        return (f"backbone {backbone}: cannot export to ONNX opset {opset}: operator {op} is not supported "
+                "by the exporter (try another --opset)")
+    return f"backbone {backbone}: cannot export to ONNX opset {opset}: {first_line(exc)}"
+
+
+def _write_with_metadata(data: bytes, out: Path, meta: dict[str, str]) -> int:
+    """Add metadata_props and a graph doc string, check the model, write atomically; returns the size."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    model.doc_string = f"reident-submit embedder: input {INPUT_DOC}; output L2-normalised features"
+    model.graph.input[0].doc_string = INPUT_DOC
+    onnx.checker.check_model(model)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out.stat().st_size
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata_props of an exported file (lists decoded from JSON); one-line errors for foreign files."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf errors: the file is not ONNX
+        raise SubmitError(f"{path}: not a readable ONNX file ({first_line(exc)})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    missing = [k for k in ("input_size", "mean", "std", "embedding_dim") if k not in props]
+    if missing:
+        raise SubmitError(f"{path}: not a reident-submit export (metadata lacks {', '.join(missing)})")
+    return {**props, "input_size": tuple(json.loads(props["input_size"])), "mean": tuple(json.loads(props["mean"])),
+            "std": tuple(json.loads(props["std"])), "embedding_dim": int(props["embedding_dim"])}
