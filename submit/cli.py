@@ -12,30 +12,21 @@ from typing import Any
 
 import click
 
-from submit.atomic import describe
 from submit.errors import SubmitError
 
 
 class _Group(click.Group):
-    """Turns SubmitError and stray OSErrors into one-line messages (exit 2) instead of tracebacks."""
+    """Turns SubmitError (and a few OS errors) into one-line messages instead of tracebacks."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SubmitError as exc:
-            click.echo(f"error: {_one_line(exc)}", err=True)
-            sys.exit(2)
-        except OSError as exc:  # last resort: a write that bypassed submit.atomic, or a file vanishing mid-run
-            click.echo(f"error: {describe(exc)}", err=True)
+            click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
-
-
-def _one_line(exc: BaseException) -> str:
-    """The error's text on one line (a message must never spill onto a second line)."""
-    return " ".join(str(exc).splitlines())
 
 
 @click.group(cls=_Group)
