@@ -2,12 +2,14 @@
 
 `load(cls, path)` / `from_mapping(cls, data, where)` work for any frozen dataclass tree, so every stage
 (recipes here, ensemble specs in `ensembling`) validates its YAML the same way, with one-line errors
-that name the file and the dotted key.
+that name the file and the dotted key. Numeric fields declare their allowed range where they are defined
+(`lr: float = bounded(4e-5, gt=0)`, `hflip: float = probability(0.5)`); floats are always finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,13 +22,25 @@ from submit.errors import SubmitError
 T = TypeVar("T")
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """A text input file's content; one-line errors for a binary (non-UTF-8) or unreadable file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SubmitError(f"{path}: not a {what} (not UTF-8 text)") from None
+    except IsADirectoryError:
+        raise SubmitError(f"{path}: is a folder; expected a {what}") from None
+    except OSError as exc:
+        raise SubmitError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with one-line errors for a missing file, bad syntax or a non-mapping."""
     path = Path(path)
     if not path.is_file():
         raise SubmitError(f"{path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, "YAML file"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -34,6 +48,54 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SubmitError(f"{path}: expected a YAML mapping at the top level")
     return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field (each item, for a tuple): bounds inclusive unless marked open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        lo_ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        hi_ok = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return lo_ok and hi_ok
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field whose number (or each number of a tuple) must lie in the range; checked at load."""
+    if ge is not None and gt is not None or le is not None and lt is not None:
+        raise TypeError("give one lower bound (ge or gt) and one upper bound (le or lt)")
+    rng = Range(gt if gt is not None else ge, lt if lt is not None else le, gt is not None, lt is not None)
+    return dataclasses.field(default=default, metadata={"range": rng})
+
+
+def probability(default: float) -> Any:
+    """A field holding a probability, in [0, 1]."""
+    return bounded(default, ge=0.0, le=1.0)
+
+
+def check_range(field: dataclasses.Field, value: Any, where: str, key: str) -> None:
+    """Refuse a loaded value outside the range its field declares (None means unset and is allowed)."""
+    rng = field.metadata.get("range")
+    if rng is None or value is None:
+        return
+    items = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
+    for i, item in items:
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and item not in rng:
+            name = key if i is None else f"{key}[{i}]"
+            raise SubmitError(f"{where}: key {name!r}: expected {rng}, got {item!r}")
 
 
 def load(cls: type[T], path: str | Path) -> T:
@@ -56,6 +118,7 @@ def from_mapping(cls: type[T], data: Any, where: str, key: str = "") -> T:
     for name, field in fields.items():
         if name in data:
             values[name] = _convert(hints[name], data[name], where, _join(key, name))
+            check_range(field, values[name], where, _join(key, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise SubmitError(f"{where}: missing key {_join(key, name)!r}")
     return cls(**values)
@@ -127,6 +190,8 @@ def _scalar(tp: Any, value: Any, where: str, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise SubmitError(f"{where}: key {key!r}: expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -42,6 +42,9 @@ CHALLENGE_NAME = re.compile(r"^(\d+)\.(jpe?g|png)$", re.IGNORECASE)
 MARKET_NAME = re.compile(r"^(-1|\d+)_c(\d+)(?:s\d+)?_f?(\d+)(?:_\d+)?\.(jpe?g|png)$", re.IGNORECASE)
 
 
+ID_MIN, ID_MAX = -1, 2**53  # ids are exact in int64 and in the float64 a CSV reader may pass them through
+
+
 @dataclass(frozen=True)
 class Entry:
     """One image to copy: `src` inside the source, `path` relative to DATA_DIR, and its manifest fields."""
@@ -340,4 +343,16 @@ def plan(paths: list[str], layout: str, where: str, options: Options | None = No
                               "folders (bounding_box_train/, query/, bounding_box_test/) or ROOT/{identity}/*.jpg")
     if layout not in LAYOUTS:
         raise SubmitError(f"layout {layout!r}: expected one of auto, {', '.join(LAYOUTS)}")
-    return LAYOUTS[layout].read(paths, where, options)
+    result = LAYOUTS[layout].read(paths, where, options)
+    _check_id_range(result.entries, where)
+    return result
+
+
+def _check_id_range(entries: list[Entry], where: str) -> None:
+    """Ids parsed from file names must fit the manifest's int64 columns (a 23-digit pid would wrap around)."""
+    for e in entries:
+        for name in ("pid", "seq", "frame", "image_id"):
+            value = getattr(e, name)
+            if not ID_MIN <= value <= ID_MAX:
+                raise SubmitError(f"{where}: {e.src}: {name} {value} is out of range; expected "
+                                  f"{ID_MIN} <= {name} <= {ID_MAX}")

@@ -7,12 +7,13 @@ pid (-1 unknown), seq, frame (-1 unknown), image_id (the id the ranking file use
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pandas as pd
 
+from submit import atomic
 from submit.errors import SubmitError
+from submit.layouts import ID_MAX, ID_MIN
 
 COLUMNS = ["path", "split", "role", "pid", "seq", "frame", "image_id"]
 INT_COLUMNS = ["pid", "seq", "frame", "image_id"]
@@ -37,6 +38,11 @@ def validate(df: pd.DataFrame, where: str) -> pd.DataFrame:
         if values.isna().any() or (values != values.round()).any():
             row = int(values.isna().idxmax()) if values.isna().any() else 0
             raise SubmitError(f"{where}: column {col!r} must hold integers (row {row + 2})")
+        out = (values < ID_MIN) | (values > ID_MAX)
+        if out.any():
+            row = int(out.to_numpy().argmax())
+            raise SubmitError(f"{where}: row {row + 2}: {col} {df[col].iloc[row]} is out of range; expected "
+                              f"{ID_MIN} <= {col} <= {ID_MAX}")
         df[col] = values.astype("int64")
     for col, allowed in (("split", SPLITS), ("role", ROLES)):
         bad = ~df[col].isin(allowed)
@@ -45,11 +51,22 @@ def validate(df: pd.DataFrame, where: str) -> pd.DataFrame:
     # image_id is the id the ranking file prints. Only challenge ids (file numbers) must be unique: the
     # official toolkit writes the pid as the id of every test image, so test gallery ids repeat (and so
     # do test query ids in Market-style data); rows sharing an id keep their manifest order in `select`.
+    _refuse_duplicate_rows(df, where)
     dup = df.duplicated(["split", "role", "image_id"]) & (df["split"] == "challenge")
     if dup.any():
         r = df[dup].iloc[0]
         raise SubmitError(f"{where}: image_id {r.image_id} appears twice in {r.split}/{r.role}")
     return df.reset_index(drop=True)
+
+
+def _refuse_duplicate_rows(df: pd.DataFrame, where: str) -> None:
+    """A crop listed twice (same path and role) would give the ranking file a duplicated row or column."""
+    dup = df.duplicated(["path", "split", "role"])
+    if dup.any():
+        row = int(dup.to_numpy().argmax())
+        first = int((df["path"] == df["path"].iloc[row]).to_numpy().argmax())
+        raise SubmitError(f"{where}: row {row + 2}: {df['path'].iloc[row]} is listed twice (also row {first + 2}) "
+                          f"in {df['split'].iloc[row]}/{df['role'].iloc[row]}; expected each crop once")
 
 
 def read_manifest(data_dir: str | Path) -> pd.DataFrame:
@@ -75,9 +92,8 @@ def write_manifest(df: pd.DataFrame, data_dir: str | Path) -> Path:
     """Validate and write the manifest atomically (temp file + rename)."""
     path = manifest_path(data_dir)
     df = validate(df, str(path))
-    tmp = path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
     return path
 
 

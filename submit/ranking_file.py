@@ -13,7 +13,6 @@ smaller, and its fields are plain numbers for strict CSV readers. The reader acc
 from __future__ import annotations
 
 import io
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from submit import atomic
+from submit.config import read_text
 from submit.errors import SubmitError
 
 _INT = re.compile(r"\s*[+-]?\d+\s*")
@@ -46,17 +47,10 @@ def write_ranking(path: str | Path, dist: np.ndarray, query_ids: Sequence[int] |
     g_order = np.argsort(g, kind="stable")
     d = d[q_order][:, g_order]
     row_fmt = ",".join(["%.5f"] * g.size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same dir: os.replace is atomic
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write("0," + ",".join(str(i) for i in g[g_order]) + "\n")
-            for qid, row in zip(q[q_order].tolist(), d):
-                f.write(f"{qid}," + row_fmt % tuple(row.tolist()) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic.atomic_file(path, "w", newline="\n") as f:
+        f.write("0," + ",".join(str(i) for i in g[g_order]) + "\n")
+        for qid, row in zip(q[q_order].tolist(), d):
+            f.write(f"{qid}," + row_fmt % tuple(row.tolist()) + "\n")
     return path
 
 
@@ -130,10 +124,7 @@ def _lines(path: Path) -> list[str]:
     """Non-empty text lines (a trailing newline is fine); unreadable or empty files are errors."""
     if not path.is_file():
         raise SubmitError(f"{path}: no such ranking file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SubmitError(f"{path}: not a text CSV file (not UTF-8)") from None
+    text = read_text(path, "text CSV file")
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from submit import config
+from submit.config import bounded, probability
 
 
 @dataclass(frozen=True)
@@ -16,19 +17,19 @@ class BackboneSpec:
     name: str  # "open_clip:<model>" or "timm:<model>"
     pretrained: str | None = None  # open_clip tag, "hf-hub:<org>/<repo>", or a local checkpoint file
     embedding: Literal["projected", "token"] = "projected"  # CLIP projection output or pre-projection token
-    image_size: tuple[int, int] | None = None  # (height, width); None = the model's native size
+    image_size: tuple[int, int] | None = bounded(None, ge=1)  # (height, width); None = the model's native size
     mean: tuple[float, float, float] | None = None  # None = the model's own normalisation
-    std: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = bounded(None, gt=0)
 
 
 @dataclass(frozen=True)
 class AugmentSpec:
     """Pair augmentation; `hflip` flips anchor and positive together, as the published recipe did."""
 
-    hflip: float = 0.5
-    random_erasing: float = 0.0
-    sharpen: float = 0.0
-    color_jitter: float = 0.0
+    hflip: float = probability(0.5)
+    random_erasing: float = probability(0.0)
+    sharpen: float = probability(0.0)
+    color_jitter: float = bounded(0.0, ge=0.0)  # jitter strength (brightness/contrast/saturation)
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ class DataSpec:
     """Which manifest rows train: the train split, train+test ('all'), or k-fold by identity groups."""
 
     split: Literal["train", "all", "kfold"] = "train"
-    folds: int = 10
-    fold: int = 0
-    workers: int = 2
+    folds: int = bounded(10, ge=2)
+    fold: int = bounded(0, ge=0)
+    workers: int = bounded(2, ge=0)
     cache_images: bool = False  # keep letterboxed training crops in RAM per loader process (H x W x 3 B each)
 
 
@@ -46,26 +47,26 @@ class DataSpec:
 class TrainSpec:
     """Optimisation: the published CLIP-ReIdent defaults (AdamW 4e-5, 1 warm-up epoch, poly decay to 1e-5)."""
 
-    epochs: int = 4
-    pairs_per_batch: int = 16  # per process; the global batch is this x world size x accum_steps
+    epochs: int = bounded(4, ge=1)
+    pairs_per_batch: int = bounded(16, ge=1)  # per process; the global batch is this x world size x accum_steps
     loss: Literal["infonce", "triplet"] = "infonce"
-    label_smoothing: float = 0.1
+    label_smoothing: float = bounded(0.1, ge=0.0, lt=1.0)
     learn_temperature: bool = True
-    triplet_margin: float = 0.3
-    lr: float = 4e-5
-    min_lr: float = 1e-5
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
+    triplet_margin: float = bounded(0.3, ge=0.0)
+    lr: float = bounded(4e-5, gt=0.0)
+    min_lr: float = bounded(1e-5, ge=0.0)
+    weight_decay: float = bounded(0.01, ge=0.0)
+    warmup_epochs: float = bounded(1.0, ge=0.0)
     schedule: Literal["polynomial", "cosine", "constant"] = "polynomial"
-    poly_power: float = 2.0
-    layer_decay: float | None = None
-    accum_steps: int = 1
+    poly_power: float = bounded(2.0, gt=0.0)
+    layer_decay: float | None = bounded(None, gt=0.0, le=1.0)
+    accum_steps: int = bounded(1, ge=1)
     grad_checkpointing: bool = False
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    grad_clip: float | None = None
-    ema_decay: float | None = None
-    max_logit_scale: float | None = None  # optional cap on the learnable temperature (None: not clamped)
-    checkpoint_every: int = 500  # optimizer steps between resumable checkpoints (0: only at epoch ends)
+    grad_clip: float | None = bounded(None, gt=0.0)
+    ema_decay: float | None = bounded(None, ge=0.0, lt=1.0)
+    max_logit_scale: float | None = bounded(None, gt=0.0)  # optional cap on the learnable temperature (None: not clamped)
+    checkpoint_every: int = bounded(500, ge=0)  # optimizer steps between resumable checkpoints (0: only at epoch ends)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 
 
@@ -74,8 +75,8 @@ class TTASpec:
     """Test-time augmentation: views are averaged on L2-normalised features."""
 
     hflip: bool = True
-    scales: tuple[float, ...] = (1.0,)
-    batch_size: int = 64
+    scales: tuple[float, ...] = bounded((1.0,), gt=0.0)
+    batch_size: int = bounded(64, ge=1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,225 @@
+"""One home for atomic writes: a temp beside the target, fsync, os.replace; stale temps of killed runs removed.
+
+Every file or folder the toolkit hands to a user goes through `atomic_file`, `atomic_path` or `atomic_dir`.
+A temp is named `.<target name>.<pid>-<token>.tmp` in the target's folder (`.old` for a replaced folder
+on its way out), so that:
+- an exception never leaves a half-written target: the temp is removed and the old target kept;
+- a kill -9 leaves a temp that the next write of the same target recognises (its process is gone) and
+  removes, so garbage never grows;
+- an `OSError` while writing (full disk, read-only file system, a folder in the way) becomes one
+  `SubmitError` naming the target: `PATH: cannot write (No space left on device)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from submit.errors import SubmitError
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|old)$")
+_LEGACY_TEMP = re.compile(r"^\.?(?P<name>.+?)(?:\.\d+)?\.(?:tmp|part)$")
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM,
+                          errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY})
+
+
+def temp_for(target: Path, kind: str = "tmp") -> Path:
+    """A fresh temp path beside `target` that names it and this process (so a rerun can tell it is stale)."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.{kind}")
+
+
+def target_of(path: str | os.PathLike[str]) -> str:
+    """The target a temp path stands for (a temp's own name means nothing to a user); others unchanged."""
+    p = Path(path)
+    for pattern in (_TEMP, _LEGACY_TEMP):
+        m = pattern.match(p.name)
+        if m and p.name.startswith("."):
+            return str(p.with_name(m["name"]))
+    return str(p)
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Remove temps of `target` left by processes that no longer run (a killed earlier run); return them."""
+    folder = target.parent
+    try:
+        candidates = list(folder.glob(f".{glob_escape(target.name)}.*"))
+    except OSError:
+        return []
+    removed = []
+    for path in candidates:
+        m = _TEMP.match(path.name)
+        if m and m["name"] == target.name and not _alive(int(m["pid"])):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob metacharacters escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def write_error(exc: OSError, target: Path, tmp: Path | None = None) -> SubmitError:
+    """The one-line error for an OSError met while writing `target` (the temp's name is never shown)."""
+    reason = (exc.strerror or os.strerror(exc.errno)) if exc.errno else str(exc)
+    filename = exc.filename
+    if filename and tmp is not None and not str(filename).startswith(str(tmp)) and \
+            Path(filename) != target and exc.errno not in WRITE_ERRNOS:
+        return SubmitError(f"{filename}: {reason}")
+    return SubmitError(f"{target}: cannot write ({reason})")
+
+
+def describe(exc: OSError) -> str:
+    """One line for a stray OSError (the CLI's last resort): the file it concerns and the system's reason."""
+    reason = exc.strerror or str(exc)
+    name = target_of(exc.filename) if exc.filename else "(unknown file)"
+    if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG):
+        return f"{name}: cannot write ({reason})"
+    return f"{name}: {reason}"
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str], parents: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside `target`; on success fsync it and rename it over `target`, else remove it."""
+    target = Path(target)
+    _check_file_target(target, parents)
+    remove_stale(target)
+    tmp = temp_for(target)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, target)
+        _fsync(target.parent)
+    except OSError as exc:
+        _remove(tmp)
+        raise write_error(exc, target, tmp) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8",
+                newline: str | None = None, parents: bool = True) -> Iterator[IO[Any]]:
+    """Yield an open temp file beside `target` that replaces it when the block ends without an error."""
+    if "b" in mode:
+        encoding = None
+    with atomic_path(target, parents) as tmp:
+        with open(tmp, mode, encoding=encoding, newline=newline) as fh:
+            yield fh
+
+
+def write_text(target: str | os.PathLike[str], text: str, parents: bool = True) -> Path:
+    """Write `text` (UTF-8) to `target` atomically."""
+    with atomic_file(target, "w", parents=parents) as fh:
+        fh.write(text)
+    return Path(target)
+
+
+def write_bytes(target: str | os.PathLike[str], data: bytes, parents: bool = True) -> Path:
+    """Write `data` to `target` atomically."""
+    with atomic_file(target, "wb", parents=parents) as fh:
+        fh.write(data)
+    return Path(target)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new temp folder beside `target` (mode 0777 minus umask); on success swap it in for `target`.
+
+    An existing `target` folder is renamed away first and removed last, so readers see the old or the new
+    folder, never a mix. The caller creates `target`'s parent and decides whether replacing is allowed.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise SubmitError(f"{target}: exists and is not a folder; expected a folder path")
+    remove_stale(target)
+    tmp = temp_for(target)
+    try:
+        os.mkdir(tmp)
+    except OSError as exc:
+        raise write_error(exc, target) from None
+    try:
+        yield tmp
+        _swap_in(tmp, target)
+    except OSError as exc:
+        _remove(tmp)
+        raise write_error(exc, target, tmp) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target`; an existing `target` is renamed aside first and removed after."""
+    old = None
+    if target.exists():
+        old = temp_for(target, "old")
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    _fsync(target.parent)
+    if old is not None:
+        _remove(old)
+
+
+def _check_file_target(target: Path, parents: bool) -> None:
+    """Refuse a folder where a file is expected; create missing parent folders when asked."""
+    if target.is_dir():
+        raise SubmitError(f"{target}: is a folder; expected a file path")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise SubmitError(f"{target.parent}: is a file; expected a folder to write {target.name} in")
+    if parents and not target.parent.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, target) from None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or folder's) data to disk; best effort where the platform cannot open folders."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EROFS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove a temp file or folder, ignoring what is already gone."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a temp of a live process is in use, not stale)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
