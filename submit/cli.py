@@ -382,3 +382,38 @@ def export_cmd(run_dir: str, out: str, checkpoint: str, opset: int) -> None:
     click.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, opset {result.opset}): {result.recipe} "
                f"({result.backbone}), input (batch, 3, {h}, {w}) {INPUT_DOC.split(', NCHW')[0]}, output "
                f"(batch, {result.embed_dim}) L2-normalised")
+
+
+@main.command("runs")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--sort", "sort", type=click.Choice(["mAP", "rank1", "last-mAP", "last-rank1", "time", "name"]),
+              default="mAP", show_default=True, help="Order: best/last scores high first, time short first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON (for scripts).")
+@click.option("--plot", "plot", default=None, type=click.Path(path_type=str),
+              help="Also write a PNG of the runs' validation curves (mAP, rank-1, mINP per epoch).")
+def runs_cmd(paths: tuple[str, ...], sort: str, as_json: bool, plot: str | None) -> None:
+    """Compare training runs: each PATH is a run dir or a folder of runs (scanned one level deep)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from submit.runs import list_runs, plot_curves, to_json
+
+    table = list_runs(paths, sort=sort)
+    for note in table.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        click.echo(to_json(table))
+    else:
+        view = Table(title=f"{len(table.runs)} run(s), by {sort}")
+        for col in ("run", "recipe", "backbone", "epochs", "best mAP", "best rank-1", "last mAP", "last rank-1",
+                    "train time", "manifest"):
+            view.add_column(col, justify="left" if col in ("run", "recipe", "backbone", "manifest") else "right")
+        pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        for r in table.runs:
+            planned = "?" if r.epochs_planned is None else str(r.epochs_planned)
+            view.add_row(r.name, r.recipe, r.backbone, f"{r.epochs_done}/{planned}", pct(r.best_mAP),
+                         pct(r.best_rank1), pct(r.last_mAP), pct(r.last_rank1), f"{r.train_seconds:.0f}s",
+                         (r.manifest or "-")[:12])
+        Console(width=max(Console().width, 140)).print(view)
+    if plot:
+        click.echo(f"wrote {plot_curves(table.runs, plot)}", err=as_json)

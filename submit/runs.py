@@ -1,0 +1,231 @@
+"""Training runs compared at a glance: one typed summary per run folder, sorted, and their validation curves.
+
+A run folder is what `train` writes (see `submit.training`): `recipe.yaml` plus `metrics.json` (history of
+validated epochs, best row, manifest fingerprint) and/or `last.pt` (the resumable state; read memory-mapped
+for the completed epochs and, when metrics.json is missing, the history). A folder that is not a run is an
+error when named directly; a parent folder of runs is scanned one level deep, and its other sub-folders are
+skipped with a note. Times are the training seconds the epochs recorded (validation excluded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from submit.errors import SubmitError
+
+SORTS = {"mAP": "best_mAP", "rank1": "best_rank1", "last-mAP": "last_mAP", "last-rank1": "last_rank1",
+         "time": "train_seconds", "name": "name"}
+ASCENDING = ("train_seconds", "name")
+CURVE_METRICS = (("mAP", "mAP"), ("rank1", "rank-1"), ("mINP", "mINP"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvePoint:
+    """One validated epoch of a run (metrics in [0, 1]; None when the epoch was not validated)."""
+
+    epoch: int
+    step: int
+    mAP: float | None
+    rank1: float | None
+    mINP: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """What a run folder says about itself: recipe, progress, best/last scores, time, training data."""
+
+    run_dir: str
+    name: str
+    recipe: str
+    backbone: str
+    epochs_done: int
+    epochs_planned: int | None
+    steps: int
+    best_mAP: float | None
+    best_rank1: float | None
+    best_epoch: int | None
+    last_mAP: float | None
+    last_rank1: float | None
+    train_seconds: float
+    manifest: str | None
+    validation: str | None
+    curve: tuple[CurvePoint, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunsTable:
+    """The runs found (sorted) and notes about folders skipped while scanning."""
+
+    runs: tuple[RunSummary, ...]
+    notes: tuple[str, ...]
+    sort: str
+
+
+def is_run(path: Path) -> bool:
+    """A training run folder: recipe.yaml with metrics.json or last.pt beside it."""
+    return (path / "recipe.yaml").is_file() and ((path / "metrics.json").is_file() or (path / "last.pt").is_file())
+
+
+def find_runs(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Run folders named in `paths` (a run itself, or a parent scanned one level deep) and skip notes."""
+    found: list[Path] = []
+    notes: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise SubmitError(f"{path}: no such folder (expected a training run dir or a folder of runs)")
+        if is_run(path):
+            found.append(path)
+            continue
+        children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        runs = [p for p in children if is_run(p)]
+        if not runs:
+            raise SubmitError(f"{path}: not a training run (no recipe.yaml with metrics.json or last.pt) "
+                              "and no sub-folder is one")
+        found.extend(runs)
+        notes.extend(f"skipped {p}: not a training run" for p in children if p not in runs)
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return [next(p for p in found if p.resolve() == u) for u in unique], notes
+
+
+def read_run(path: str | Path) -> RunSummary:
+    """Summarise one run folder (one-line errors naming a damaged file)."""
+    path = Path(path)
+    recipe = _read_yaml(path / "recipe.yaml")
+    metrics = _read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+    state, ckpt_history, ckpt_manifest = _read_last(path / "last.pt")
+    history = [r for r in metrics.get("history", ckpt_history) if isinstance(r, dict)]
+    scored = [r for r in history if r.get("mAP") is not None]
+    best = max(scored, key=lambda r: r["mAP"]) if scored else None
+    last = scored[-1] if scored else None
+    train = recipe.get("train") if isinstance(recipe.get("train"), dict) else {}
+    backbone = recipe.get("backbone") if isinstance(recipe.get("backbone"), dict) else {}
+    epochs_done = state.get("epoch", max((int(r.get("epoch", 0)) for r in history), default=0))
+    return RunSummary(
+        run_dir=str(path), name=path.name, recipe=str(metrics.get("recipe") or recipe.get("name") or path.name),
+        backbone=str(backbone.get("name", "?")), epochs_done=int(epochs_done),
+        epochs_planned=_int_or_none(train.get("epochs")),
+        steps=int(state.get("step", max((int(r.get("step", 0)) for r in history), default=0))),
+        best_mAP=_get(best, "mAP"), best_rank1=_get(best, "rank1"), best_epoch=_int_or_none(_get(best, "epoch")),
+        last_mAP=_get(last, "mAP"), last_rank1=_get(last, "rank1"),
+        train_seconds=float(sum(float(r.get("seconds") or 0.0) for r in history)),
+        manifest=metrics.get("manifest") or ckpt_manifest, validation=metrics.get("validation"),
+        curve=_curve(history))
+
+
+def _curve(history: list[dict]) -> tuple[CurvePoint, ...]:
+    """Validated epochs in order; a row stopped mid-epoch gives way to the later row of the same epoch."""
+    rows: dict[int, dict] = {}
+    for row in history:
+        if row.get("mAP") is not None:
+            rows[int(row.get("epoch", 0))] = row
+    return tuple(CurvePoint(e, int(r.get("step", 0)), _get(r, "mAP"), _get(r, "rank1"), _get(r, "mINP"))
+                 for e, r in sorted(rows.items()))
+
+
+def _get(row: dict | None, key: str) -> Any:
+    value = None if row is None else row.get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SubmitError(f"{path}: not readable YAML ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise SubmitError(f"{path}: expected a recipe mapping")
+    return data
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SubmitError(f"{path}: not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise SubmitError(f"{path}: expected a JSON object with 'history'")
+    return data
+
+
+def _read_last(path: Path) -> tuple[dict, list, str | None]:
+    """(state, history, manifest) of last.pt, memory-mapped; empty when the run has none."""
+    if not path.is_file():
+        return {}, [], None
+    from submit.training import load_checkpoint
+
+    ckpt = load_checkpoint(path, mmap=True)
+    state = ckpt.get("state") if isinstance(ckpt.get("state"), dict) else {}
+    manifest = ckpt.get("manifest")
+    return state, list(ckpt.get("history") or []), manifest if isinstance(manifest, str) else None
+
+
+def list_runs(paths: Sequence[str | Path], sort: str = "mAP") -> RunsTable:
+    """Summaries of the runs in `paths`, sorted by `sort` (a key of `SORTS`; runs lacking it go last)."""
+    if sort not in SORTS:
+        raise SubmitError(f"--sort {sort!r}: expected one of {', '.join(SORTS)}")
+    dirs, notes = find_runs(paths)
+    runs = [read_run(d) for d in dirs]
+    field = SORTS[sort]
+    present = [r for r in runs if getattr(r, field) is not None]
+    missing = [r for r in runs if getattr(r, field) is None]
+    present.sort(key=lambda r: getattr(r, field), reverse=field not in ASCENDING)
+    return RunsTable(tuple(present + missing), tuple(notes), sort)
+
+
+def to_json(table: RunsTable) -> str:
+    """The table for machines: {"sort", "runs": [...], "notes": [...]}."""
+    return json.dumps(dataclasses.asdict(table), indent=2)
+
+
+def plot_curves(runs: Sequence[RunSummary], out: str | Path) -> Path:
+    """PNG of mAP, rank-1 and mINP per validated epoch, one line per run (matplotlib, Agg), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise SubmitError(f"--plot {out}: folder {out.parent} does not exist")
+    drawn = [r for r in runs if r.curve]
+    if not drawn:
+        raise SubmitError(f"--plot {out}: none of the runs has validation metrics to draw (data.split all?)")
+    labels = _labels(drawn)
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], CURVE_METRICS):
+        for run, label in zip(drawn, labels):
+            points = [(p.epoch, 100 * getattr(p, key)) for p in run.curve if getattr(p, key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=label)
+        ax.set_title(f"validation {title}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{title} (%)")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _labels(runs: Sequence[RunSummary]) -> list[str]:
+    """Folder names, with the parent folder added where two runs share a name."""
+    names = [r.name for r in runs]
+    return [f"{Path(r.run_dir).parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
