@@ -14,8 +14,6 @@ import hashlib
 import io
 import os
 import re
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -24,12 +22,13 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from submit import layouts
+from submit import atomic, layouts
 from submit.errors import SubmitError
 from submit.manifest import COLUMNS, ROLES, SPLITS, write_manifest
 
@@ -81,21 +80,17 @@ def release_note(path: str | Path) -> str:
 
 
 def download(url: str, dest: str | Path, timeout: float = 5.0, progress: bool = True) -> Path:
-    """Stream `url` to `dest` (via a .part file) with a progress bar; fail fast when there is no network."""
+    """Stream `url` to `dest` (atomically) with a progress bar; fail fast when there is no network."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as fh:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, atomic.atomic_file(dest, "wb") as fh:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with _progress(progress, DownloadColumn()) as bar:
                 task = bar.add_task(f"downloading {dest.name}", total=total)
                 while chunk := resp.read(1 << 20):
                     fh.write(chunk)
                     bar.advance(task, len(chunk))
-        os.replace(part, dest)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        part.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         raise SubmitError(f"{url}: download failed ({_one_line(reason)}); fetch the zip by hand and pass it as "
                           "SOURCE") from None
@@ -135,18 +130,16 @@ def prepare(source: str | Path, out: str | Path, layout: str = "auto", fetch: bo
         if source.is_dir() and plan.layout == "folders" and _inside(out, source):
             raise SubmitError(f"{out}: DATA_DIR must not lie inside the identity folders of {source}")
         made = _make_parents(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
-            _copy_images(src, plan.entries, tmp, workers, progress)
-            for name, member in plan.extras.items():
-                (tmp / name).write_bytes(src.read(member))
-            df = pd.DataFrame([{c: getattr(e, c) for c in COLUMNS} for e in plan.entries], columns=COLUMNS)
-            write_manifest(df, tmp)
-            _swap_in(tmp, out)
+            with atomic.atomic_dir(out) as tmp:
+                _copy_images(src, plan.entries, tmp, workers, progress)
+                for name, member in plan.extras.items():
+                    (tmp / name).write_bytes(src.read(member))
+                df = pd.DataFrame([{c: getattr(e, c) for c in COLUMNS} for e in plan.entries], columns=COLUMNS)
+                write_manifest(df, tmp)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
             for folder in reversed(made):
-                folder.rmdir()
+                _rmdir_quietly(folder)
             raise
     return PrepareResult(out, out / "manifest.csv", plan.layout, release, summarize(df), plan.notes)
 
@@ -163,8 +156,13 @@ class _ZipSource:
             self.zf = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise SubmitError(f"{path}: not a readable zip (truncated or corrupt? {_one_line(exc)})") from None
+        seen: set[str] = set()
         for name in self.zf.namelist():
             _check_member_name(name, self.where)
+            if name in seen:
+                raise SubmitError(f"{path}: member {name} appears twice (only one copy could be read); "
+                                  "expected each member once")
+            seen.add(name)
         self.names = [i.filename for i in self.zf.infolist() if not i.is_dir()]
 
     def read(self, name: str) -> bytes:
@@ -230,25 +228,29 @@ def _check_out(source: Path, out: Path, force: bool) -> None:
 def _make_parents(out: Path) -> list[Path]:
     """Create the folders above `out`; return those that are new, outermost first, to undo on failure."""
     missing = [p for p in reversed(out.absolute().parents) if not p.exists()]
+    made = []
     for folder in missing:
-        folder.mkdir()
-    return missing
+        try:
+            folder.mkdir()
+        except OSError as exc:
+            for done in reversed(made):
+                _rmdir_quietly(done)
+            raise atomic.write_error(exc, out) from None
+        made.append(folder)
+    return made
+
+
+def _rmdir_quietly(folder: Path) -> None:
+    """Remove a folder this run created, if it is (still) empty."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _inside(path: Path, folder: Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished temp folder to `out`, replacing an existing (empty or --force) one."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _copy_images(src: _ZipSource | _DirSource, entries: list[layouts.Entry], dest: Path, workers: int | None,
@@ -258,8 +260,7 @@ def _copy_images(src: _ZipSource | _DirSource, entries: list[layouts.Entry], des
         (dest / folder).mkdir(parents=True, exist_ok=True)
 
     def one(entry: layouts.Entry) -> None:
-        data = src.read(entry.src)
-        _check_image(data, f"{src.where}: {entry.src}")
+        data = _check_image(src.read(entry.src), f"{src.where}: {entry.src}")
         (dest / entry.path).write_bytes(data)
 
     pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1))
@@ -277,15 +278,39 @@ def _copy_images(src: _ZipSource | _DirSource, entries: list[layouts.Entry], des
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _check_image(data: bytes, where: str) -> None:
-    """Fully decode the bytes: truncated or corrupt JPEGs fail here with the file named."""
+def _check_image(data: bytes, where: str) -> bytes:
+    """Fully decode the bytes (a corrupt crop fails here, named); return them, 16-bit grey as 8-bit PNG."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             if img.width < 1 or img.height < 1:
                 raise ValueError("empty image")
+            if img.mode in WIDE_GREY:
+                return _to_8bit_png(img, where)
+            if img.mode in ("F", "I;32", "I;32B", "I;32L"):
+                raise ValueError(f"{img.mode} pixels (floating-point or 32-bit)")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise SubmitError(f"{where}: not a decodable image ({_one_line(exc)}); expected a JPEG/PNG crop") from None
+        raise SubmitError(f"{where}: not a decodable image ({_decode_reason(exc)}); expected a JPEG/PNG crop") \
+            from None
+    return data
+
+
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I")  # PIL's RGB conversion clips these to white: scale them to 8 bits
+
+
+def _to_8bit_png(img: Image.Image, where: str) -> bytes:
+    """A 16-bit grey crop as 8-bit grey PNG bytes (value / 257), so later RGB conversion keeps its contrast."""
+    arr = np.asarray(img, dtype=np.int64)
+    if arr.min() < 0 or arr.max() > 65535:
+        raise SubmitError(f"{where}: {img.mode} pixel values outside 0..65535; expected an 8- or 16-bit crop")
+    buf = io.BytesIO()
+    Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _decode_reason(exc: BaseException) -> str:
+    """PIL's reason without the repr of the in-memory buffer (`<_io.BytesIO object at 0x...>`)."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", _one_line(exc))
 
 
 def _progress(enabled: bool, counter: object) -> Progress:
