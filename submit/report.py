@@ -14,7 +14,6 @@ import html
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from submit import atomic
 from submit import manifest as mf
 from submit.errors import SubmitError
 from submit.metrics import average_precision, evaluate_distances
@@ -231,12 +231,12 @@ def _thumb(rel: str, data_dir: Path, thumbs: Path, previous: Path | None) -> tup
     try:
         with Image.open(src) as im:
             im = im.convert("RGB")
-            scale = min(1.0, THUMB_HEIGHT / im.height, THUMB_HEIGHT / im.width * 2)
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
-            im.save(thumbs / name, "JPEG", quality=85)
-            return im.size
     except (UnidentifiedImageError, OSError) as exc:
         raise SubmitError(f"{src}: not a readable image ({type(exc).__name__})") from None
+    scale = min(1.0, THUMB_HEIGHT / im.height, THUMB_HEIGHT / im.width * 2)
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
+    im.save(thumbs / name, "JPEG", quality=85)  # an OSError here is the output's (full disk), not the image's
+    return im.size
 
 
 # ---------------------------------------------------------------- HTML
@@ -394,14 +394,12 @@ def make_report(ranking_csv: str | Path, data_dir: str | Path, out_dir: str | Pa
     top_k = min(top_k, al.dist.shape[1])
     order = np.argsort(al.dist, axis=1, kind="stable")
     scores = score(al, order)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise atomic.write_error(exc, out_dir) from None
+    with atomic.atomic_dir(out_dir) as tmp:
         _build(tmp, al, order, scores, data_dir, out_dir, top_k, per_page, Path(ranking_csv).name)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / "index.html"
 
 
@@ -438,15 +436,3 @@ def _meta(al: Aligned, scores: Scores | None, top_k: int) -> str:
     if not lonely:
         return text
     return text + f" - {lonely} quer{'y has' if lonely == 1 else 'ies have'} no match in the gallery (not scored)"
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by the finished `tmp` folder (renames only; the old one is removed last)."""
-    os.chmod(tmp, 0o755)
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
