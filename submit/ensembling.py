@@ -1,6 +1,7 @@
 """Ensembles: a spec YAML naming member models, how their distances are fused and what post-processing runs.
 
-Fusion rules (all take member distance matrices (Q, G), lower = closer, and member weights):
+Fusion rules, the registry `FUSIONS` (name -> function taking member distance matrices (Q, G), lower = closer,
+member weights and the spec's `reliability_k`); those registered here:
 - `mean`: the weighted mean of distances (the 2022 winners' ensemble).
 - `rank`: the weighted mean of each member's per-query gallery ranks (ties get their average rank),
   divided by G - 1 so it lies in [0, 1]. Robust to members whose distance scales differ.
@@ -18,9 +19,10 @@ The spec (`ensembles/*.yaml`, loaded by `load_spec` into the frozen `EnsembleSpe
         weight: 1.0                # fusion weight (default 1)
         tta: {scales: [1.0, 1.1]}  # optional override of the recipe's tta fields (hflip, scales, batch_size)
       - recipe: ../models/vit-l-14-openai.yaml   # a recipe: its pretrained backbone used zero-shot
-    fusion: mean+reliability       # mean | rank | reliability | mean+reliability
+    fusion: mean+reliability       # a name in FUSIONS
     reliability_k: 15
-    postprocess:                   # applied in order; k_reciprocal (distances out) must come last
+    postprocess:                   # applied in order; ops: submit.reranking.STEPS; k_reciprocal (distances out) last
+      - {op: pca_whitening, params: {dim: 560, fit_on: train}}   # fit_on: train | query+gallery
       - {op: k_reciprocal, params: {k1: 20, k2: 6, lambda_value: 0.3}}
     postprocess_on: member         # member: each member's features, then fuse | fused: see below
     jersey:                        # optional: shirt-number agreement on the final distances
@@ -34,25 +36,24 @@ the `runs_dir` argument (`predict --runs-dir`), so one spec can name the runs of
 (quote it inside YAML flow mappings: `{run: '${RUNS}/a'}`).
 `postprocess_on: fused` runs the chain once on the members' weight-scaled, concatenated features, whose
 cosine distance is exactly the weighted mean of the members' cosine distances; it needs `fusion: mean`.
+A step fitted on the training split (`pca_whitening` with `fit_on: train`) gets the member's features of the
+manifest's train rows (embedded and cached like the others; concatenated the same way in fused mode).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from submit import config
+from submit import config, reranking
 from submit.errors import SubmitError
-from submit.jersey import JerseySpec
 from submit.recipe import TTASpec, load_recipe
 
 RUNS_PLACEHOLDER = "${RUNS}"
-STEPS = ("query_expansion", "database_augmentation", "k_reciprocal")
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,27 @@ class MemberSpec:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """One post-processing step: a `submit.reranking` function name and its keyword parameters."""
+    """One post-processing step: a name in `submit.reranking.STEPS` and its keyword parameters."""
 
-    op: Literal["query_expansion", "database_augmentation", "k_reciprocal"]
-    params: dict[str, int | float] = field(default_factory=dict)
+    op: str
+    params: dict[str, int | float | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JerseySpec:
+    """The ensemble post-processing step `jersey:`: where numbers come from and how strongly they count.
+
+    Numbers come from a CSV written by `reident-submit jersey` (`numbers`, path relative to the spec's
+    folder or absolute; matched to rows by manifest path) or are read zero-shot with `model`/`pretrained`.
+    """
+
+    model: str | None = None  # open_clip architecture, e.g. ViT-L-14
+    pretrained: str | None = None  # open_clip tag, hf-hub:<org>/<repo>, or a checkpoint file
+    numbers: str | None = None  # a numbers CSV instead of a model
+    bonus: float = 0.1
+    penalty: float = 0.1
+    threshold: float = 0.5
+    batch_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -104,7 +122,7 @@ class EnsembleSpec:
     """A whole `ensembles/<name>.yaml`."""
 
     members: tuple[MemberSpec, ...]
-    fusion: Literal["mean", "rank", "reliability", "mean+reliability"] = "mean"
+    fusion: str = "mean"  # a name in FUSIONS
     reliability_k: int = 15
     postprocess: tuple[StepSpec, ...] = ()
     postprocess_on: Literal["member", "fused"] = "member"
@@ -119,6 +137,7 @@ def load_spec(path: str | Path, runs_dir: str | Path | None = None, require_runs
     path = Path(path)
     where = str(path)
     spec = config.load(EnsembleSpec, path)
+    check_names(spec, where)
     if not spec.members:
         raise SubmitError(f"{where}: key 'members': expected at least one member")
     if spec.reliability_k < 1:
@@ -155,20 +174,28 @@ def member_checkpoint(member: MemberSpec) -> Path | None:
     return Path(member.checkpoint)
 
 
-def check_steps(steps: Sequence[StepSpec], where: str) -> None:
-    """Each step's params must be keyword parameters of its reranking function; k_reciprocal comes last."""
-    if not steps:
-        return
-    from submit import reranking
+def check_names(spec: EnsembleSpec, where: str) -> None:
+    """The fusion rule and each step's op must be registered (`FUSIONS`, `submit.reranking.STEPS`)."""
+    if spec.fusion not in FUSIONS:
+        raise SubmitError(f"{where}: key 'fusion': expected one of {list(FUSIONS)}, got {spec.fusion!r}")
+    for i, step in enumerate(spec.postprocess):
+        if step.op not in reranking.STEPS:
+            raise SubmitError(f"{where}: key 'postprocess[{i}].op': expected one of {list(reranking.STEPS)}, "
+                              f"got {step.op!r}")
 
+
+def check_steps(steps: Sequence[StepSpec], where: str) -> None:
+    """Each step's params must be parameters of its registered function; a distance step comes last."""
     for i, step in enumerate(steps):
-        allowed = [n for n in list(inspect.signature(getattr(reranking, step.op)).parameters)[2:]]
+        registered = reranking.STEPS[step.op]
+        allowed = registered.parameters()
         for name in step.params:
             if name not in allowed:
                 raise SubmitError(f"{where}: key 'postprocess[{i}].params.{name}': not a parameter of "
                                   f"{step.op} (allowed: {', '.join(allowed)})")
-        if step.op == "k_reciprocal" and i != len(steps) - 1:
-            raise SubmitError(f"{where}: key 'postprocess[{i}]': k_reciprocal returns distances, so it must be the last step")
+        if registered.distances and i != len(steps) - 1:
+            raise SubmitError(f"{where}: key 'postprocess[{i}]': {step.op} returns distances, so it must be the "
+                              "last step")
 
 
 def _resolve_member(m: MemberSpec, base: Path, runs_dir: str | Path | None, where: str, key: str,
@@ -258,33 +285,22 @@ def train_members(spec_path: str | Path, data_dir: str | Path, runs_dir: str | P
     return results
 
 
-FUSIONS = ("mean", "rank", "reliability", "mean+reliability")
-
-
 def fuse(dists: Sequence[np.ndarray], weights: Sequence[float], rule: str = "mean", k: int = 15) -> np.ndarray:
-    """Fuse member distance matrices with one of `FUSIONS`; returns a float32 (Q, G) matrix."""
+    """Fuse member distance matrices with the rule `FUSIONS[rule]`; returns a float32 (Q, G) matrix."""
     mats, w = _check(dists, weights)
-    if rule == "mean":
-        out = fuse_mean(mats, w)
-    elif rule == "rank":
-        out = fuse_rank(mats, w)
-    elif rule == "reliability":
-        out = fuse_reliability(mats, w, k)
-    elif rule == "mean+reliability":
-        out = 0.5 * (fuse_mean(mats, w) + fuse_reliability(mats, w, k))
-    else:
+    if rule not in FUSIONS:
         raise SubmitError(f"unknown fusion {rule!r}; expected one of {list(FUSIONS)}")
-    return out.astype(np.float32)
+    return np.asarray(FUSIONS[rule](mats, w, k)).astype(np.float32)
 
 
-def fuse_mean(dists: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Weighted mean of distance matrices."""
+def fuse_mean(dists: Sequence[np.ndarray], weights: Sequence[float], k: int = 15) -> np.ndarray:
+    """Weighted mean of distance matrices (`k` unused: the rules share one signature)."""
     w = np.asarray(weights, dtype=np.float64)
     return sum(wi * np.asarray(d, dtype=np.float64) for wi, d in zip(w, dists)) / w.sum()
 
 
-def fuse_rank(dists: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Weighted mean of per-query gallery ranks (0 = nearest), scaled to [0, 1]."""
+def fuse_rank(dists: Sequence[np.ndarray], weights: Sequence[float], k: int = 15) -> np.ndarray:
+    """Weighted mean of per-query gallery ranks (0 = nearest), scaled to [0, 1] (`k` unused)."""
     w = np.asarray(weights, dtype=np.float64)
     g = np.asarray(dists[0]).shape[1]
     total = sum(wi * average_ranks(np.asarray(d)) for wi, d in zip(w, dists)) / w.sum()
@@ -296,6 +312,22 @@ def fuse_reliability(dists: Sequence[np.ndarray], weights: Sequence[float], k: i
     mats = [np.asarray(d, dtype=np.float64) for d in dists]
     qw = reliability_weights(mats, weights, k)  # (M, Q)
     return sum(qw[m][:, None] * mats[m] for m in range(len(mats)))
+
+
+def fuse_mean_reliability(dists: Sequence[np.ndarray], weights: Sequence[float], k: int = 15) -> np.ndarray:
+    """The mean of the `mean` and `reliability` results, as the 2023 winners submitted."""
+    return 0.5 * (fuse_mean(dists, weights) + fuse_reliability(dists, weights, k))
+
+
+FusionRule = Callable[[Sequence[np.ndarray], Sequence[float], int], np.ndarray]
+
+# The fusion rules: name -> function (member (Q, G) distances, member weights, the spec's reliability_k) -> (Q, G).
+FUSIONS: dict[str, FusionRule] = {
+    "mean": fuse_mean,
+    "rank": fuse_rank,
+    "reliability": fuse_reliability,
+    "mean+reliability": fuse_mean_reliability,
+}
 
 
 def reliability_weights(dists: Sequence[np.ndarray], weights: Sequence[float], k: int = 15) -> np.ndarray:

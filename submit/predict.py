@@ -9,6 +9,7 @@ result, each step on the fused features), so one command is an ablation table.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 REPO_ENSEMBLES = Path(__file__).resolve().parents[1] / "ensembles"
 SPLITS = ("test", "challenge")
-STEP_NAMES = {"query_expansion": "QE", "database_augmentation": "DBA", "k_reciprocal": "re-rank"}
 
 
 def resolve_spec_path(name: str | Path) -> Path:
@@ -245,7 +245,9 @@ def fuse_members(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, 
     stages[label] = final
     if spec.postprocess:
         q_cat, g_cat = concat_features(feats, weights)
-        for step_label, final in run_chain(q_cat, g_cat, spec.postprocess):
+        trains = [train_features(m, data_dir, device, workers, progress) for m in spec.members]
+        train = functools.cache(lambda: weighted_concat([t() for t in trains], weights))
+        for step_label, final in stage_distances(q_cat, g_cat, spec.postprocess, train):
             stages[f"{label} {step_label}"] = final
     return final
 
@@ -268,7 +270,8 @@ def member_matrices(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFram
             stages[m.name or "member"] = raw[-1]
         if spec.postprocess_on == "member" and spec.postprocess:
             last = raw[-1]
-            for step_label, last in run_chain(q, g, spec.postprocess):
+            train = train_features(m, data_dir, device, workers, progress)
+            for step_label, last in stage_distances(q, g, spec.postprocess, train):
                 if stages is not None:
                     stages[f"{m.name} {step_label}"] = last
             processed.append(last)
@@ -292,6 +295,18 @@ def member_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame
     tta = member.tta.apply(recipe.tta)
     return embedding.embed(loader, data_dir, rows, tta, device=device, workers=workers, identity=identity,
                            precision=recipe.train.precision, progress=progress, label=f"embed {member.name}")
+
+
+def train_features(member: MemberSpec, data_dir: str | Path, device: str | None, workers: int,
+                   progress: bool) -> Callable[[], np.ndarray]:
+    """A function returning the member's features of the manifest's train rows, embedded (and cached) on its first
+    call only: what a step fitted on the training split (pca_whitening, fit_on: train) asks for."""
+
+    @functools.cache
+    def load() -> np.ndarray:
+        rows = select(read_manifest(data_dir), "train", "train")
+        return member_features(member, data_dir, rows, device, workers, progress)
+    return load
 
 
 def _run_loader(member: MemberSpec) -> Callable[[], torch.nn.Module]:
@@ -326,34 +341,35 @@ def cosine_distances(q: np.ndarray, g: np.ndarray) -> np.ndarray:
 def concat_features(feats: list[tuple[np.ndarray, np.ndarray]], weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """Members' features side by side, each scaled by sqrt(w / sum w): unit rows whose cosine distance is
     the weighted mean of the members' cosine distances."""
+    return weighted_concat([f[0] for f in feats], weights), weighted_concat([f[1] for f in feats], weights)
+
+
+def weighted_concat(mats: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Feature matrices side by side, each scaled by sqrt(w / sum w) (float32)."""
     total = float(sum(weights))
     scale = [np.sqrt(w / total) for w in weights]
-    q = np.concatenate([s * f[0] for s, f in zip(scale, feats)], axis=1).astype(np.float32)
-    g = np.concatenate([s * f[1] for s, f in zip(scale, feats)], axis=1).astype(np.float32)
-    return q, g
+    return np.concatenate([s * m for s, m in zip(scale, mats)], axis=1).astype(np.float32)
 
 
-def run_chain(q: np.ndarray, g: np.ndarray, steps: tuple[StepSpec, ...]) -> Iterator[tuple[str, np.ndarray]]:
-    """Apply post-processing steps in order, yielding ("+ QE + re-rank"-style label, distances) after each."""
+def stage_distances(q: np.ndarray, g: np.ndarray, steps: tuple[StepSpec, ...],
+                    train_feats: Callable[[], np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """The spec's steps through `submit.reranking.run_chain`, yielding ("+ QE + re-rank"-style label, distances)
+    after each: the distance step's own, else the cosine distances of the features so far."""
     from submit import reranking
 
-    label = ""
-    for step in steps:
-        fn = getattr(reranking, step.op)
-        label += f" + {STEP_NAMES[step.op]}"
-        if step.op == "k_reciprocal":
-            yield label.strip(), np.asarray(fn(q, g, **step.params), dtype=np.float32)
-            return
-        q, g = fn(q, g, **step.params)
-        yield label.strip(), cosine_distances(q, g)
+    for stage in reranking.run_chain(q, g, [(step.op, step.params) for step in steps], train_feats):
+        dist = stage.distances
+        yield stage.label, dist if dist is not None else cosine_distances(stage.query, stage.gallery)
 
 
 def chain_text(steps: tuple[StepSpec, ...]) -> str:
     """The chain with its parameters, e.g. 'QE(k=1) -> re-rank(k1=20, k2=6, lambda_value=0.3)'."""
+    from submit import reranking
+
     parts = []
     for step in steps:
-        params = ", ".join(f"{k}={v:g}" for k, v in step.params.items())
-        parts.append(f"{STEP_NAMES[step.op]}({params})")
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in step.params.items())
+        parts.append(f"{reranking.STEPS[step.op].label}({params})")
     return " -> ".join(parts)
 
 

@@ -169,3 +169,51 @@ def test_repeated_member_names_are_made_unique(tmp_path: Path) -> None:
     _run(tmp_path / "runs" / "a")
     spec = ensembling.load_spec(_spec(tmp_path, "members: [{run: runs/a}, {run: runs/a, weight: 2}]"))
     assert [m.name for m in spec.members] == ["a", "a#2"]
+
+
+# ---- the registries ---------------------------------------------------------------------------------
+
+
+def test_a_registered_fusion_rule_is_usable_by_fuse_and_by_specs(tmp_path: Path, monkeypatch) -> None:
+    """Adding a rule is one function + one FUSIONS line: `fuse` dispatches on it and specs accept its name."""
+    def fuse_min(dists, weights, k=15):
+        return np.minimum.reduce([np.asarray(d) for d in dists])
+
+    monkeypatch.setitem(ensembling.FUSIONS, "min", fuse_min)
+    assert np.allclose(ensembling.fuse([A, B], [1.0, 1.0], "min"), np.minimum(A, B))
+    _run(tmp_path / "runs" / "a")
+    assert ensembling.load_spec(_spec(tmp_path, "members: [{run: runs/a}]\nfusion: min\n")).fusion == "min"
+
+
+def test_unknown_fusion_and_step_errors_list_the_registries(tmp_path: Path) -> None:
+    from submit import reranking
+
+    _run(tmp_path / "runs" / "a")
+    for text, key, known, got in [("fusion: max", "fusion", list(ensembling.FUSIONS), "max"),
+                                  ("postprocess: [{op: k_reciprocal}, {op: pca}]", "postprocess[1].op",
+                                   list(reranking.STEPS), "pca")]:
+        path = _spec(tmp_path, f"members: [{{run: runs/a}}]\n{text}\n")
+        with pytest.raises(SubmitError) as info:
+            ensembling.load_spec(path)
+        assert str(info.value) == f"{path}: key '{key}': expected one of {known}, got {got!r}"
+
+
+def test_every_registered_step_validates_its_params_in_a_spec(tmp_path: Path) -> None:
+    from submit import reranking
+
+    _run(tmp_path / "runs" / "a")
+    for op, step in reranking.STEPS.items():
+        ok = _spec(tmp_path, f"members: [{{run: runs/a}}]\npostprocess: [{{op: {op}}}]\n")
+        assert ensembling.load_spec(ok).postprocess[0].op == op
+        bad = _spec(tmp_path, f"members: [{{run: runs/a}}]\npostprocess: [{{op: {op}, params: {{nope: 1}}}}]\n")
+        with pytest.raises(SubmitError, match=rf"'postprocess\[0\]\.params\.nope': not a parameter of {op} "
+                                              rf"\(allowed: {', '.join(step.parameters())}\)"):
+            ensembling.load_spec(bad)
+
+
+def test_importing_ensembling_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, submit.ensembling, submit.reranking; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
