@@ -80,6 +80,16 @@ def checkpoint_path(run_dir: str | Path, checkpoint: str) -> Path:
     return run / f"{checkpoint}.pt"
 
 
+def _onnx() -> Any:
+    """The onnx package, or a one-line error saying how to install it (it is in the dev extra)."""
+    try:
+        import onnx
+    except ImportError:
+        raise SubmitError("export: the onnx package is not installed; pip install onnx "
+                          "(or pip install -e '.[dev]')") from None
+    return onnx
+
+
 def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
                 opset: int = DEFAULT_OPSET) -> ExportResult:
     """Export RUN_DIR's trained tower to ONNX file `out` (see the module docstring for its contract)."""
@@ -89,6 +99,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     if not MIN_OPSET <= opset <= max_opset:
         raise SubmitError(f"--opset {opset}: expected {MIN_OPSET}..{max_opset} (the TorchScript exporter's range)")
     out = _check_out(Path(out))
+    _onnx()
     path = checkpoint_path(run_dir, checkpoint)
     embedder, recipe = load_trained(run_dir, str(path))
     size_hw = (int(embedder.input_size[0]), int(embedder.input_size[1]))
@@ -167,8 +178,7 @@ def unsupported_message(exc: BaseException, backbone: str, opset: int) -> str:
 
 def _write_with_metadata(data: bytes, out: Path, meta: dict[str, str]) -> int:
     """Add metadata_props and a graph doc string, check the model, write atomically; returns the size."""
-    import onnx
-
+    onnx = _onnx()
     model = onnx.load_from_string(data)
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
@@ -186,8 +196,7 @@ def _write_with_metadata(data: bytes, out: Path, meta: dict[str, str]) -> int:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata_props of an exported file (lists decoded from JSON); one-line errors for foreign files."""
-    import onnx
-
+    onnx = _onnx()
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf errors: the file is not ONNX

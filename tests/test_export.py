@@ -159,3 +159,13 @@ def test_cli_export(run_dir, tmp_path):
     assert str(out) in result.output and "[0, 1]" in result.output and out.is_file()
     bad = runner.invoke(main, ["export", str(tmp_path / "nope"), "--out", str(out)])
     assert bad.exit_code == 2 and bad.output.startswith("error: ") and len(bad.output.strip().splitlines()) == 1
+
+
+def test_missing_onnx_package_is_one_line(run_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(SubmitError) as err:
+        export.export_onnx(run_dir, tmp_path / "x.onnx")
+    assert "pip install onnx" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "x.onnx").exists()
