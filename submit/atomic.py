@@ -88,7 +88,7 @@ def describe(exc: OSError) -> str:
 def atomic_path(target: str | os.PathLike[str], parents: bool = True) -> Iterator[Path]:
     """Yield a temp path beside `target`; on success fsync it and rename it over `target`, else remove it."""
     target = Path(target)
-    _check_file_target(target, parents)
+    check_file_target(target, parents)
     remove_stale(target)
     tmp = temp_for(target)
     try:
@@ -173,8 +173,8 @@ def _swap_in(tmp: Path, target: Path) -> None:
         _remove(old)
 
 
-def _check_file_target(target: Path, parents: bool) -> None:
-    """Refuse a folder where a file is expected; create missing parent folders when asked."""
+def check_file_target(target: Path, parents: bool = False) -> None:
+    """Refuse a folder where a file is expected (callable early, before any work); create missing parents if asked."""
     if target.is_dir():
         raise SubmitError(f"{target}: is a folder; expected a file path")
     if target.parent.exists() and not target.parent.is_dir():

@@ -12,21 +12,60 @@ from typing import Any
 
 import click
 
+from submit.atomic import describe
 from submit.errors import SubmitError
+
+# The demo trains models/demo-cnn.yaml with 16 pairs per batch, each of a different identity, on 60% of the
+# players: 27 players give the 16 training identities it needs (and 5 test, 6 challenge ones).
+MIN_DEMO_PLAYERS = 27
 
 
 class _Group(click.Group):
-    """Turns SubmitError (and a few OS errors) into one-line messages instead of tracebacks."""
+    """Turns SubmitError and stray OSErrors into one-line messages (exit 2) instead of tracebacks."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SubmitError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            sys.exit(2)
+        except click.BadParameter as exc:  # an option out of its range: one line, like every other refusal
+            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # last resort: a write that bypassed submit.atomic, or a file vanishing mid-run
+            click.echo(f"error: {describe(exc)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's text on one line (a message must never spill onto a second line)."""
+    return " ".join(str(exc).splitlines())
+
+
+def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--device is checked while the options are parsed, before any work (a missing CUDA is one line)."""
+    if value is not None:
+        from submit.device import check_device
+
+        check_device(value)
+    return value
+
+
+def _finite_grid(text: str) -> tuple[float, ...]:
+    """fit-weights --grid: comma-separated finite weights >= 0 (nan or inf are refused, not dropped)."""
+    import math
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SubmitError(f"--grid {text!r}: expected comma-separated numbers, e.g. 0,0.5,1,2") from None
+    bad = [v for v in values if not math.isfinite(v) or v < 0]
+    if bad:
+        raise SubmitError(f"--grid {text!r}: expected finite weights >= 0, got {bad[0]}")
+    return values
 
 
 @click.group(cls=_Group)
@@ -44,7 +83,7 @@ def main() -> None:
 @click.option("--layout", type=click.Choice(["auto", "official", "market", "folders"]), default="auto",
               show_default=True, help="Source layout; auto detects it.")
 @click.option("--download", "fetch", is_flag=True, help="Fetch the official zip to SOURCE if it is missing.")
-@click.option("--test-fraction", "--query-fraction", "test_fraction", type=float, default=0.2, show_default=True,
+@click.option("--test-fraction", "--query-fraction", "test_fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
               help="folders layout: share of identities held out as test (one query each, the rest gallery).")
 @click.option("--seed", type=int, default=0, show_default=True, help="folders layout: seed of the identity split.")
 @click.option("--force", is_flag=True, help="Replace a non-empty DATA_DIR.")
@@ -134,8 +173,8 @@ def weights_fetch(targets: tuple[str, ...], wheel: str | None, force: bool) -> N
 @click.argument("ranking", type=click.Path(path_type=str))
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="DATA_DIR (from prepare).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Report folder to (re)write.")
-@click.option("--top-k", type=int, default=10, show_default=True, help="Gallery crops shown per query.")
-@click.option("--per-page", type=int, default=50, show_default=True, help="Queries per HTML page.")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Gallery crops shown per query.")
+@click.option("--per-page", type=click.IntRange(min=1), default=50, show_default=True, help="Queries per HTML page.")
 @click.option("--split", type=click.Choice(["auto", "test", "challenge"]), default="auto", show_default=True,
               help="Which split the ranking file is for; auto matches its ids against the manifest.")
 def report(ranking: str, data_dir: str, out: str, top_k: int, per_page: int, split: str) -> None:
@@ -155,8 +194,8 @@ def report(ranking: str, data_dir: str, out: str, top_k: int, per_page: int, spl
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Numbers CSV to write.")
 @click.option("--truth", default=None, type=click.Path(path_type=str),
               help="Ground-truth path,number CSV [default: DATA_DIR/numbers.csv when present].")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 def jersey(data_dir: str, split: str, role: str, model: str, pretrained: str | None, out: str,
            truth: str | None, batch_size: int, device: str | None) -> None:
     """Read shirt numbers (0-99 or none) zero-shot with CLIP prompts; score them against ground truth."""
@@ -193,9 +232,9 @@ def jersey(data_dir: str, split: str, role: str, model: str, pretrained: str | N
 @click.option("--model", default=None, help="Untrained backbone instead of --run, e.g. open_clip:ViT-B-16.")
 @click.option("--pretrained", default=None, help="Weights for --model (tag, hf-hub:<org>/<repo> or file).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="PNG to write.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Masked images per forward pass.")
-@click.option("--max-maps", type=int, default=None, help="Use only the N most varied activation maps [default: all].")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Masked images per forward pass.")
+@click.option("--max-maps", type=click.IntRange(min=1), default=None, help="Use only the N most varied activation maps [default: all].")
+@click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, model: str | None,
             pretrained: str | None, out: str, batch_size: int, max_maps: int | None, device: str | None) -> None:
     """Score-CAM heat maps for a QUERY/GALLERY crop pair: what makes each look like the other."""
@@ -214,9 +253,9 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
               help="Instead of RECIPE: train every member of this ensemble spec that has a `train` block.")
 @click.option("--runs-dir", default=None, type=click.Path(path_type=str), help="Folder that ${RUNS} in the spec stands for.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (same recipe).")
-@click.option("--epochs", type=int, default=None, help="Override train.epochs.")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps in total.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override train.epochs.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps in total.")
+@click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.lr=1e-4 (repeatable; validated like the YAML).")
 @click.option("--report-to", "report_to", default="tensorboard", show_default=True,
@@ -265,8 +304,8 @@ def _report_run(result: dict) -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Ranking file (CSV) to write.")
 @click.option("--runs-dir", default=None, type=click.Path(path_type=str),
               help="Folder that ${RUNS} in the spec stands for (e.g. the demo's OUT/runs).")
-@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 def predict(spec: str, data_dir: str, split: str, out: str, runs_dir: str | None, workers: int,
             device: str | None) -> None:
     """Write the official ranking file for an ensemble; on the test split, score every stage (an ablation)."""
@@ -297,11 +336,10 @@ def evaluate(ranking: str, data_dir: str, split: str | None, as_json: bool) -> N
 
     from rich.console import Console
 
-    from submit.evaluation import evaluate_file, print_result, unmatched_warning
+    from submit.evaluation import all_warnings, evaluate_file, print_result
 
     result = evaluate_file(ranking, data_dir, split)
-    warning = unmatched_warning(result)
-    if warning:
+    for warning in all_warnings(result):
         click.echo(warning, err=True)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -315,18 +353,15 @@ def evaluate(ranking: str, data_dir: str, split: str | None, as_json: bool) -> N
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="New spec (YAML) to write.")
 @click.option("--grid", default="0,0.5,1,2", show_default=True, help="Comma-separated weights tried per member.")
 @click.option("--runs-dir", default=None, type=click.Path(path_type=str), help="Folder that ${RUNS} stands for.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | None, workers: int,
                 device: str | None) -> None:
     """Grid-search member weights on the test split and write a copy of the spec with the best ones."""
     from submit.errors import SubmitError
     from submit.predict import fit_weights as run_fit
 
-    try:
-        values = tuple(float(v) for v in grid.split(","))
-    except ValueError:
-        raise SubmitError(f"--grid {grid!r}: expected comma-separated numbers, e.g. 0,0.5,1,2") from None
+    values = _finite_grid(grid)
     result = run_fit(spec, data_dir, out, grid=values, device=device, runs_dir=runs_dir, workers=workers)
     for note in result["notes"]:
         click.echo(f"note: {note}", err=True)
@@ -338,9 +373,9 @@ def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | N
 @main.command()
 @click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(path_type=str),
               help="Folder for the synthetic data, runs, ranking files and scores.")
-@click.option("--players", type=int, default=72, show_default=True, help="Synthetic players (60/20/20 split).")
+@click.option("--players", type=click.IntRange(min=MIN_DEMO_PLAYERS), default=72, show_default=True, help="Synthetic players (60/20/20 split).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data.")
-@click.option("--device", default=None, help="cpu, cuda, ... [default: cuda if available].")
+@click.option("--device", default=None, callback=_device, help="cpu, cuda, ... [default: cuda if available].")
 def demo(out_dir: str, players: int, seed: int, device: str | None) -> None:
     """Run the whole flow offline on synthetic players: prepare, train, predict, evaluate."""
     from rich.console import Console

@@ -10,17 +10,41 @@ import contextlib
 import os
 from typing import TYPE_CHECKING, Iterator
 
+from submit.errors import SubmitError
+
 if TYPE_CHECKING:
     import torch
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """Return the requested device, else CUDA when available, else CPU."""
+    """Return the requested device (checked: it must exist here), else CUDA when available, else CPU."""
     import torch
 
     if requested:
-        return torch.device(requested)
+        return check_device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(requested: str | torch.device | None) -> torch.device | None:
+    """The requested device if this machine has it; else one-line SubmitError (call before any work)."""
+    if requested is None or requested == "":
+        return None
+    import torch
+
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError):
+        raise SubmitError(f"--device {requested}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise SubmitError(f"--device {requested}: expected cpu, cuda or cuda:N (this toolkit runs on CPU or CUDA)")
+    if not torch.cuda.is_available():
+        raise SubmitError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise SubmitError(f"--device {requested}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    return device
 
 
 def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:

@@ -19,6 +19,7 @@ The spec (`ensembles/*.yaml`, loaded by `load_spec` into the frozen `EnsembleSpe
         weight: 1.0                # fusion weight (default 1)
         tta: {scales: [1.0, 1.1]}  # optional override of the recipe's tta fields (hflip, scales, batch_size)
       - recipe: ../models/vit-l-14-openai.yaml   # a recipe: its pretrained backbone used zero-shot
+      - onnx: embedder.onnx        # a file from `reident-submit export` (onnxruntime; TTA from `tta` only)
     fusion: mean+reliability       # a name in FUSIONS
     reliability_k: 15
     postprocess:                   # applied in order; ops: submit.reranking.STEPS; k_reciprocal (distances out) last
@@ -61,8 +62,8 @@ class TTAOverride:
     """Fields that replace the member recipe's `tta` ones; unset fields keep the recipe's value."""
 
     hflip: bool | None = None
-    scales: tuple[float, ...] | None = None
-    batch_size: int | None = None
+    scales: tuple[float, ...] | None = config.bounded(None, gt=0.0)
+    batch_size: int | None = config.bounded(None, ge=1)
 
     def apply(self, base: TTASpec) -> TTASpec:
         """The recipe's TTA spec with this override's set fields replaced."""
@@ -87,9 +88,10 @@ class MemberSpec:
     recipe: str | None = None
     checkpoint: str = "best"
     tta: TTAOverride = field(default_factory=TTAOverride)
-    weight: float = 1.0
+    weight: float = config.bounded(1.0, ge=0.0)
     name: str | None = None  # label in the score table; default: the run folder or recipe file name
     train: TrainFrom | None = None  # lets `train --ensemble` (and the demo) produce the run
+    onnx: str | None = None  # instead of run/recipe: an exported embedder (`reident-submit export`)
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,10 @@ class JerseySpec:
     model: str | None = None  # open_clip architecture, e.g. ViT-L-14
     pretrained: str | None = None  # open_clip tag, hf-hub:<org>/<repo>, or a checkpoint file
     numbers: str | None = None  # a numbers CSV instead of a model
-    bonus: float = 0.1
-    penalty: float = 0.1
-    threshold: float = 0.5
-    batch_size: int = 64
+    bonus: float = config.bounded(0.1, ge=0.0)
+    penalty: float = config.bounded(0.1, ge=0.0)
+    threshold: float = config.probability(0.5)
+    batch_size: int = config.bounded(64, ge=1)
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ class EnsembleSpec:
 
     members: tuple[MemberSpec, ...]
     fusion: str = "mean"  # a name in FUSIONS
-    reliability_k: int = 15
+    reliability_k: int = config.bounded(15, ge=1)
     postprocess: tuple[StepSpec, ...] = ()
     postprocess_on: Literal["member", "fused"] = "member"
     jersey: JerseySpec | None = None  # shirt-number agreement on the final distances (see `submit.jersey`)
@@ -165,6 +167,18 @@ def _resolve_jersey(step: JerseySpec | None, base: Path, where: str) -> JerseySp
     return dataclasses.replace(step, numbers=str(numbers))
 
 
+def _resolve_onnx(m: MemberSpec, base: Path, runs_dir: str | Path | None, where: str, key: str) -> MemberSpec:
+    """An `onnx:` member: the file must exist, and it takes no run/recipe/checkpoint/train keys."""
+    extra = [k for k in ("run", "recipe", "train") if getattr(m, k) is not None] + (
+        ["checkpoint"] if m.checkpoint != "best" else [])
+    if extra:
+        raise SubmitError(f"{where}: key '{key}.onnx': an ONNX member takes no {', '.join(extra)}")
+    path = _path(m.onnx or "", base, runs_dir, where, f"{key}.onnx")
+    if not path.is_file():
+        raise SubmitError(f"{where}: key '{key}.onnx': {path} not found (write it with `reident-submit export`)")
+    return dataclasses.replace(m, onnx=str(path), name=m.name or path.stem)
+
+
 def member_checkpoint(member: MemberSpec) -> Path | None:
     """The weights file a resolved member loads (None for a recipe member)."""
     if member.run is None:
@@ -201,8 +215,10 @@ def check_steps(steps: Sequence[StepSpec], where: str) -> None:
 def _resolve_member(m: MemberSpec, base: Path, runs_dir: str | Path | None, where: str, key: str,
                     require_runs: bool = True) -> MemberSpec:
     """Absolute paths for run/recipe/checkpoint; one-line errors for missing files or bad combinations."""
+    if m.onnx is not None:
+        return _resolve_onnx(m, base, runs_dir, where, key)
     if (m.run is None) == (m.recipe is None):
-        raise SubmitError(f"{where}: key {key!r}: give exactly one of 'run' or 'recipe'")
+        raise SubmitError(f"{where}: key {key!r}: give exactly one of 'run', 'recipe' or 'onnx'")
     if m.train is not None:
         if m.run is None:
             raise SubmitError(f"{where}: key '{key}.train': only run members can be trained")

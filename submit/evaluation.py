@@ -43,7 +43,7 @@ def evaluate_file(path: str | Path, data_dir: str | Path, split: str | None = No
         if problem:
             raise SubmitError(f"{path}: {problem} (split {split!r})")
     result: dict = {"file": str(path), "split": split, "num_queries": int(q_ids.size),
-                    "num_gallery": int(g_ids.size)}
+                    "num_gallery": int(g_ids.size), "warnings": degenerate_warnings(dist)}
     q_pids, g_pids = queries["pid"].to_numpy(), gallery["pid"].to_numpy()
     if (q_pids < 0).all() or (g_pids < 0).all():
         result.update(scored=False, message=(
@@ -111,6 +111,24 @@ def _score(path: Path, result: dict, dist: np.ndarray, queries: pd.DataFrame, q_
                   unmatched_query_ids=[int(i) for i in ids],
                   message=f"{path}: scored {result['num_valid_queries']} of {q_pids.size} {result['split']} queries")
     return result
+
+
+def degenerate_warnings(dist: np.ndarray) -> list[str]:
+    """Warnings for distances that rank nothing: one value everywhere, or queries whose row is constant."""
+    if dist.size and np.ptp(dist) == 0:
+        return [f"warning: every distance in the file is {dist.flat[0]:g}: it ranks the gallery in file order, "
+                "so its score says nothing about a model (a failed prediction?)"]
+    flat = np.ptp(dist, axis=1) == 0 if dist.shape[1] > 1 else np.zeros(dist.shape[0], bool)
+    if flat.any():
+        return [f"warning: {int(flat.sum())} of {dist.shape[0]} queries have the same distance to every gallery "
+                "image (rows ranked in file order)"]
+    return []
+
+
+def all_warnings(result: dict) -> list[str]:
+    """Every warning about a result, for the CLI to print on stderr: degenerate distances, unmatched queries."""
+    unmatched = unmatched_warning(result)
+    return [*result.get("warnings", []), *([unmatched] if unmatched else [])]
 
 
 def unmatched_warning(result: dict) -> str | None:

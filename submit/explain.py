@@ -19,8 +19,6 @@ maps with the largest spatial variance, a common speed-up for layers with 1,000+
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from submit import atomic
 from submit.device import autocast, pick_device
 from submit.errors import SubmitError
 
@@ -143,6 +142,7 @@ def explain_pair(query: str | Path, gallery: str | Path, out: str | Path, run_di
                  batch_size: int = 32, max_maps: int | None = None, device: str | None = None,
                  progress: bool = True) -> Path:
     """Score-CAM both ways for a query/gallery crop pair; writes a side-by-side PNG atomically and returns its path."""
+    atomic.check_file_target(Path(out))  # a folder in the way is refused before the model loads
     img_q, img_g = load_image(query), load_image(gallery)
     net = load_model(run_dir, checkpoint, model, pretrained)
     size, mean, std = tuple(net.input_size), tuple(net.mean), tuple(net.std)
@@ -173,12 +173,6 @@ def render_pair(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], similarity
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.suptitle(f"cosine similarity {similarity:.3f}", fontsize=10)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic_file(out, "wb", parents=False) as fh:
+        fig.savefig(fh, format="png", bbox_inches="tight")
     return out

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -35,8 +33,8 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from submit import config
-from submit.device import autocast, pick_device
+from submit import atomic, config
+from submit.device import autocast, check_device, pick_device
 from submit.ensembling import JerseySpec  # the spec's `jersey:` block lives with the (torch-free) ensemble spec
 from submit.errors import SubmitError
 from submit.manifest import read_csv, read_manifest, select
@@ -262,19 +260,20 @@ def run_jersey(data_dir: str | Path, split: str, role: str, model: str, pretrain
     """
     from submit.backbones import load_clip
 
+    atomic.check_file_target(Path(out))
+    check_device(device)
     rows = select_rows(data_dir, split, role)
     truth_path = Path(truth) if truth else Path(data_dir) / "numbers.csv"
     if truth and not truth_path.is_file():
         raise SubmitError(f"{truth_path}: ground-truth numbers file not found")
+    truth_map = read_truth(truth_path) if truth_path.is_file() else None
     clip_model, tokenizer = load_clip(model, pretrained)
     cache = _text_cache_file(data_dir, model, pretrained, NUMBER_PROMPTS, NONE_PROMPTS)
     probs = read_numbers(clip_model, tokenizer, data_dir, rows["path"].tolist(), batch_size, device, workers,
                          cache, progress)
     pred = predictions(rows, probs)
-    write_csv(pred, out)
-    score = None
-    if truth_path.is_file():
-        score = score_numbers(pred, match_truth(pred["path"].tolist(), read_truth(truth_path)))
+    score = None if truth_map is None else score_numbers(pred, match_truth(pred["path"].tolist(), truth_map))
+    write_csv(pred, out)  # last: a refusal above leaves no file behind
     return pred, score
 
 
@@ -402,32 +401,18 @@ def _numbers_cache_file(data_dir: str | Path, spec: JerseySpec, paths: Sequence[
 
 
 def write_csv(df: pd.DataFrame, out: str | Path) -> Path:
-    """Write a CSV through a temp file + rename."""
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".csv.tmp")
-    except OSError as exc:
-        raise SubmitError(f"{out}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            df.to_csv(fh, index=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    """Write a CSV atomically (submit.atomic)."""
+    with atomic.atomic_file(out, "w", newline="") as fh:
+        df.to_csv(fh, index=False)
+    return Path(out)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    """Atomic .npy write; a read-only data dir just skips caching."""
+    """Atomic .npy write; a read-only or full data dir just skips caching."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as fh:
+        with atomic.atomic_file(path, "wb") as fh:
             np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except OSError:
+    except SubmitError:
         return
 
 

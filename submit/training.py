@@ -4,7 +4,7 @@ Run dir (`out_dir`):
 - `recipe.yaml`   the resolved recipe (after `--set` overrides), plain YAML.
 - `last.pt`       the resumable state: model, optimizer, schedule, scaler, EMA, step, epoch, batch within
                   the epoch, RNG states of every rank, metrics history, recipe. Written every
-                  `train.checkpoint_every` steps and at each epoch end, atomically (temp + os.replace).
+                  `train.checkpoint_every` steps and at each epoch end, atomically (submit.atomic).
 - `best.pt`       inference weights (EMA when enabled) of the epoch with the best validation mAP, or of
                   the latest epoch when validation is skipped (`data.split: all`).
 - `metrics.csv`, `metrics.json`  one row per validated epoch (loss, lr, temperature, images/s, mAP, ...).
@@ -51,7 +51,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from submit import config, reporting
+from submit import atomic, config, reporting
 from submit.device import amp_dtype, autocast, pick_device, usable_cores
 from submit.errors import SubmitError
 from submit.losses import LogitScale, build_loss
@@ -306,10 +306,9 @@ def _gather_objects(obj: Any, info: DistInfo) -> list[Any]:
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save through a temp file + os.replace, so a kill never leaves a half-written checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through submit.atomic, so a kill never leaves a half-written checkpoint (nor a stale temp)."""
+    with atomic.atomic_file(path, "wb") as fh:  # a Python file: a full disk raises OSError, not RuntimeError
+        torch.save(obj, fh)
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
@@ -725,9 +724,7 @@ def write_metrics(out_dir: Path, history: list[dict], meta: dict) -> None:
     best = max(scored, key=lambda r: r["mAP"]) if scored else None
     for name, text in (("metrics.csv", buf.getvalue()),
                        ("metrics.json", json.dumps({**meta, "best": best, "history": history}, indent=2))):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+        atomic.write_text(out_dir / name, text)
 
 
 def _progress(enabled: bool) -> Any:
@@ -826,6 +823,4 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool, device: 
 
 
 def _write_recipe(out_dir: Path, recipe: Recipe) -> None:
-    tmp = out_dir / ".recipe.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config.to_mapping(recipe), sort_keys=False))
-    os.replace(tmp, out_dir / "recipe.yaml")
+    atomic.write_text(out_dir / "recipe.yaml", yaml.safe_dump(config.to_mapping(recipe), sort_keys=False))
