@@ -362,3 +362,38 @@ def test_jersey_step_needs_one_number_source(world, tmp_path) -> None:
     spec = _spec(tmp_path, "members: [{run: '${RUNS}/tiny-0'}]\njersey: {numbers: none.csv}\n", "b.yaml")
     with pytest.raises(SubmitError, match=r"key 'jersey.numbers': .*none.csv not found"):
         load_spec(spec, runs_dir=world["runs"])
+
+
+@pytest.mark.parametrize("on", ["member", "fused"])
+def test_whitening_fitted_on_the_train_split_per_member_and_after_fusion(world, tmp_path, on) -> None:
+    """pca_whitening with fit_on: train gets each member's features of the manifest's train rows (fused: the
+    weighted concatenation of them, like the query and gallery features)."""
+    from submit import reranking
+
+    spec = _spec(tmp_path, f"""
+        members: [{{run: '${{RUNS}}/tiny-0'}}, {{run: '${{RUNS}}/tiny-1', weight: 3}}]
+        postprocess:
+          - {{op: pca_whitening, params: {{dim: 12, fit_on: train}}}}
+          - {{op: k_reciprocal, params: {{k1: 6, k2: 3}}}}
+        postprocess_on: {on}
+        """)
+    result = _predict(world, spec, "test", tmp_path / "w.csv")
+    first = "tiny-0" if on == "member" else "fused (mean)"
+    assert [f"{first} + PCA-whiten", f"{first} + PCA-whiten + re-rank"] == [
+        label for label in result["scores"] if label.startswith(f"{first} +")]
+    assert "PCA-whiten(dim=12, fit_on=train) -> re-rank(k1=6, k2=3)" in result["postprocess"]
+    df = read_manifest(world["data"])
+    query, gallery, train = select(df, "test", "query"), select(df, "test", "gallery"), select(df, "train", "train")
+    spec = load_spec(spec, runs_dir=world["runs"])
+
+    def feats(member, rows):
+        return predict_mod.member_features(member, world["data"], rows, "cpu", 0, False)
+
+    members = spec.members if on == "fused" else spec.members[:1]
+    weights = [m.weight for m in members]
+    q, g, t = (predict_mod.weighted_concat([feats(m, rows) for m in members], weights)
+               for rows in (query, gallery, train))
+    q, g = reranking.pca_whitening(q, g, dim=12, fit_on="train", train_feats=t)
+    want = evaluate_distances(predict_mod.cosine_distances(q, g), query["pid"], gallery["pid"])
+    assert result["scores"][f"{first} + PCA-whiten"]["mAP"] == pytest.approx(want["mAP"], abs=1e-12)
+    _check_file(world, tmp_path / "w.csv", "test")

@@ -347,3 +347,103 @@ def test_chain_functions_take_queries_then_gallery():
     for fn in (k_reciprocal, query_expansion, database_augmentation):
         assert list(inspect.signature(fn).parameters)[:2] == ["query_feats", "gallery_feats"]
     assert reranking.__all__
+
+
+# ---- PCA whitening, and the STEPS registry ------------------------------------------------------------
+
+
+def whitened_by_hand(fit: np.ndarray, x: np.ndarray, dim: int, eps: float) -> np.ndarray:
+    """Whitening from the SVD of the centred fitted rows: covariance eigenvalues s^2 / n, axes the rows of Vt
+    (each oriented so that its largest-magnitude loading is positive), then unit rows."""
+    fit = fit.astype(np.float64)
+    mean = fit.mean(axis=0)
+    _, s, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    axes = vt[:dim].T
+    axes *= np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(dim)])
+    y = (x - mean) @ axes / np.sqrt(s[:dim] ** 2 / len(fit) + eps)
+    return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("fit_on, dim", [("query+gallery", 3), ("query+gallery", None), ("train", 4)])
+def test_pca_whitening_by_hand(fit_on, dim):
+    rng = np.random.default_rng(19)
+    q, g = rng.standard_normal((4, 5)), rng.standard_normal((7, 5))
+    train = rng.standard_normal((9, 5)) * [3.0, 1.0, 0.5, 0.2, 0.1]  # unequal variances
+    fit = train if fit_on == "train" else np.concatenate([q, g])
+    q2, g2 = reranking.pca_whitening(q, g, dim=dim, fit_on=fit_on, eps=1e-3, train_feats=train)
+    keep = dim or 5  # 11 rows in 5-d: full rank
+    np.testing.assert_allclose(q2, whitened_by_hand(fit, q, keep, 1e-3), atol=1e-5)
+    np.testing.assert_allclose(g2, whitened_by_hand(fit, g, keep, 1e-3), atol=1e-5)
+    assert q2.dtype == np.float32 and q2.shape == (4, keep)
+
+
+def test_pca_whitening_fitted_on_query_gallery_is_fitted_on_those_rows():
+    x = clustered(20, 300, 16, clusters=12)
+    q, g = x[:50], x[50:]
+    own = reranking.pca_whitening(q, g, dim=10)
+    given = reranking.pca_whitening(q, g, dim=10, fit_on="train", train_feats=x)
+    for a, b in zip(own, given):
+        np.testing.assert_array_equal(a, b)
+    rows = reranking.pca_whitening(x, x[:1], eps=0.0)[0]  # 301 fitted rows in 16-d: all 16 components kept
+    assert rows.shape == (300, 16) and np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-6)
+
+
+def test_pca_whitening_default_dim_is_the_rank_and_train_features_come_lazily():
+    rng = np.random.default_rng(21)
+    q, g, train = rng.standard_normal((3, 8)), rng.standard_normal((5, 8)), rng.standard_normal((4, 8))
+    calls = []
+
+    def load():
+        calls.append(1)
+        return train
+
+    q2, g2 = reranking.pca_whitening(q, g, fit_on="train", train_feats=load)
+    assert q2.shape == (3, 3) and g2.shape == (5, 3) and calls == [1]  # 4 centred rows: rank 3
+    reranking.pca_whitening(q, g, train_feats=load)  # fit_on query+gallery: never loaded
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(fit_on="test"), r"^fit_on: expected one of \['train', 'query\+gallery'\], got 'test'$"),
+    (dict(fit_on="train"), r"^fit_on: 'train' needs the training split's features \(train_feats\)"),
+    (dict(fit_on="train", train_feats=np.ones((4, 3))), r"^train_feats: feature size 3 differs from query_feats' 6$"),
+    (dict(dim=20), r"^dim: 20 is more than the 6 principal components of the query\+gallery features"),
+    (dict(dim=0), r"^dim: expected an integer >= 1, got 0$"),
+    (dict(eps=-1.0), r"^eps: expected a number in \[0, 1\], got -1.0$"),
+])
+def test_pca_whitening_errors(kwargs, message):
+    x = clustered(22, 30, 6, clusters=3, noise=1.0)
+    with pytest.raises(SubmitError, match=message) as info:
+        reranking.pca_whitening(x[:5], x[5:], **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_whitening_in_the_chain_equals_the_step_and_is_fitted_on_train_features():
+    x = clustered(23, 300, 16, clusters=20)
+    q, g, train = x[:40], x[40:200], x[200:]
+    steps = [{"whiten": {"dim": 8, "fit_on": "train"}}, {"qe": {"k": 1}}, {"rerank": {"k1": 10, "k2": 3}}]
+    q1, g1 = reranking.pca_whitening(q, g, dim=8, fit_on="train", train_feats=train)
+    q2, g2 = query_expansion(q1, g1, k=1)
+    np.testing.assert_allclose(postprocess(q, g, steps, train_feats=train), k_reciprocal(q2, g2, 10, 3),
+                               atol=1e-6)
+    stages = list(reranking.run_chain(q, g, [("pca_whitening", {"dim": 8, "fit_on": "train"})], train))
+    assert [s.label for s in stages] == ["+ PCA-whiten"] and stages[0].distances is None
+    np.testing.assert_allclose(stages[0].query, q1, atol=1e-6)
+
+
+def test_the_registry_is_the_one_list_of_steps(monkeypatch):
+    """Adding a step is one function + one STEPS line: postprocess, run_chain and the error messages follow."""
+    def negate(query_feats, gallery_feats, scale: float = 1.0):
+        return -scale * query_feats, gallery_feats
+
+    x = clustered(24, 60, 8, clusters=4)
+    with pytest.raises(SubmitError) as info:
+        postprocess(x[:10], x[10:], [{"negate": {}}])
+    known = [n for name, s in reranking.STEPS.items() for n in (s.short, name)]
+    assert str(info.value) == f"steps[0]: unknown step 'negate' (known: {', '.join(known)})"
+    monkeypatch.setitem(reranking.STEPS, "negate", reranking.Step(negate, "neg", "negated"))
+    np.testing.assert_allclose(postprocess(x[:10], x[10:], [{"neg": {"scale": 1.0}}]),
+                               2 - cosine_distance(x[:10], x[10:]), atol=1e-6)
+    with pytest.raises(SubmitError, match=r"^steps\[0\]\.negate\.k: not a parameter of negate \(allowed: scale\)$"):
+        postprocess(x[:10], x[10:], [{"negate": {"k": 1}}])
+    assert reranking.step_named("neg") == "negate" and reranking.step_named("nope") is None

@@ -1,9 +1,9 @@
-"""Post-processing of re-id features: k-reciprocal re-ranking, alpha query expansion and DBA.
+"""Post-processing of re-id features: k-reciprocal re-ranking, alpha query expansion, DBA, PCA whitening.
 
 Public API (all re-exported here; the modules behind it are private):
 - `k_reciprocal` (`_kreciprocal`: the algorithm and its neighbour sets, exact without any (N, N) matrix; its tile
   pass and worker threads in `_tile_pass` / `_threads`, distances in `_distances`);
-- `query_expansion`, `database_augmentation`, `cosine_distance` (`_expansion`);
+- `query_expansion`, `database_augmentation`, `cosine_distance` (`_expansion`), `pca_whitening` (`_whitening`);
 - `STEPS`, the registry of post-processing steps, and the one chain that runs them: `run_chain` (stage by
   stage) and `postprocess` (a list of `{name: params}`, the final distances) (`_chain`);
 - `estimate_rerank_memory`, `available_memory` (`_memory`: the estimate behind the early refusal).
@@ -17,11 +17,13 @@ from submit.reranking._chain import STEPS, Stage, Step, postprocess, run_chain, 
 from submit.reranking._expansion import cosine_distance, database_augmentation, query_expansion
 from submit.reranking._kreciprocal import k_reciprocal
 from submit.reranking._memory import available_memory, estimate_rerank_memory
+from submit.reranking._whitening import pca_whitening
 
 __all__ = [
     "k_reciprocal",
     "query_expansion",
     "database_augmentation",
+    "pca_whitening",
     "postprocess",
     "run_chain",
     "cosine_distance",

@@ -18,6 +18,7 @@ from submit.errors import SubmitError
 from submit.reranking._checks import _as_features, _pair, _unit
 from submit.reranking._expansion import cosine_distance, database_augmentation, query_expansion
 from submit.reranking._kreciprocal import k_reciprocal
+from submit.reranking._whitening import pca_whitening
 
 RUNTIME = ("train_feats", "timings")  # step arguments the caller of a chain supplies; a chain never sets them
 
@@ -43,6 +44,7 @@ class Step:
 STEPS: dict[str, Step] = {
     "query_expansion": Step(query_expansion, "qe", "QE"),
     "database_augmentation": Step(database_augmentation, "dba", "DBA"),
+    "pca_whitening": Step(pca_whitening, "whiten", "PCA-whiten"),
     "k_reciprocal": Step(k_reciprocal, "rerank", "re-rank", distances=True),
 }
 
@@ -87,7 +89,7 @@ def postprocess(query_feats: np.ndarray, gallery_feats: np.ndarray,
     """Run a chain of steps and return (Q, G) float32 distances.
 
     Each step is a one-key dict: ``{"dba": {"k": 5}}``, ``{"qe": {"k": 1, "alpha": 3}}``,
-    ``{"rerank": {"k1": 20, "k2": 6, "lambda": 0.3}}``
+    ``{"whiten": {"dim": 64, "fit_on": "train"}}`` or ``{"rerank": {"k1": 20, "k2": 6, "lambda": 0.3}}``
     (the `STEPS` names and ``lambda_value`` work too). Features (and `train_feats`, the training split's features
     for fit_on: train) are L2-normalised first; "rerank" must come last; without it the result is the cosine
     distance.
