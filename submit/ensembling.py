@@ -218,7 +218,7 @@ def _resolve_member(m: MemberSpec, base: Path, runs_dir: str | Path | None, wher
     if m.onnx is not None:
         return _resolve_onnx(m, base, runs_dir, where, key)
     if (m.run is None) == (m.recipe is None):
-        raise SubmitError(f"{where}: key {key!r}: give exactly one of 'run', 'recipe' or 'onnx'")
+        raise SubmitError(f"{where}: key {key!r}: give exactly one of 'run' or 'recipe' (or 'onnx' alone)")
     if m.train is not None:
         if m.run is None:
             raise SubmitError(f"{where}: key '{key}.train': only run members can be trained")

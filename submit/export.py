@@ -207,3 +207,40 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise SubmitError(f"{path}: not a reident-submit export (metadata lacks {', '.join(missing)})")
     return {**props, "input_size": tuple(json.loads(props["input_size"])), "mean": tuple(json.loads(props["mean"])),
             "std": tuple(json.loads(props["std"])), "embedding_dim": int(props["embedding_dim"])}
+
+
+class OnnxEmbedder(nn.Module):
+    """An exported file behind the `Embedder` interface (input_size, mean, std, embed_dim, forward on
+    normalised images), so `embedding.embed` and `predict` use it like a trained run: `onnx:` members."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        meta = read_metadata(path)
+        self.name = f"onnx:{path}"
+        self.input_size = tuple(int(v) for v in meta["input_size"])
+        self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
+        self.embed_dim = int(meta["embedding_dim"])
+        self.session = _session(path)
+        self.register_buffer("_mean", torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("_std", torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, D) L2-normalised features (un-normalised back to [0, 1] first)."""
+        images = (x.float() * self._std + self._mean).detach().cpu().numpy()
+        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def _session(path: str | Path) -> Any:
+    """An onnxruntime session on CUDA when onnxruntime has it, else CPU; one line when it is missing."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SubmitError(f"{path}: embedding with an ONNX member needs onnxruntime; pip install onnxruntime "
+                          "(or pip install -e '.[dev]')") from None
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    try:
+        return ort.InferenceSession(str(path), providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise SubmitError(f"{path}: onnxruntime cannot load it ({first_line(exc)})") from None

@@ -140,7 +140,7 @@ def write_weighted_spec(spec_file: Path, out: str | Path, weights: tuple[float, 
     old, new = spec_file.parent, out.parent
     for member, weight in zip(data["members"], weights):
         member["weight"] = float(weight)
-        for key in ("run", "recipe", "checkpoint"):
+        for key in ("run", "recipe", "checkpoint", "onnx"):
             value = member.get(key)
             if isinstance(value, str) and not (key == "checkpoint" and value in ("best", "last")):
                 member[key] = _rebase(value, old, new)
@@ -184,6 +184,10 @@ def trained_manifests(spec: EnsembleSpec) -> dict[str, str | None]:
         ckpt = ensembling.member_checkpoint(m)
         if ckpt is not None:
             out[m.name or "member"] = recorded_manifest(ckpt)
+        elif m.onnx is not None:  # an exported run keeps its manifest in the file's metadata
+            from submit.export import read_metadata
+
+            out[m.name or "member"] = read_metadata(m.onnx).get("manifest") or None
     return out
 
 
@@ -283,6 +287,8 @@ def member_matrices(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFram
 def member_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame, device: str | None,
                     workers: int, progress: bool) -> np.ndarray:
     """One member's TTA features of `rows`, from the cache when present (then no weights are loaded)."""
+    if member.onnx is not None:
+        return _onnx_features(member, data_dir, rows, device, workers, progress)
     if member.run is not None:
         recipe = load_recipe(Path(member.run) / "recipe.yaml")
         ckpt = ensembling.member_checkpoint(member)
@@ -295,6 +301,18 @@ def member_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame
     tta = member.tta.apply(recipe.tta)
     return embedding.embed(loader, data_dir, rows, tta, device=device, workers=workers, identity=identity,
                            precision=recipe.train.precision, progress=progress, label=f"embed {member.name}")
+
+
+def _onnx_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame, device: str | None,
+                   workers: int, progress: bool) -> np.ndarray:
+    """An `onnx:` member: the exported file (onnxruntime) under the member's `tta` over TTASpec's defaults."""
+    from submit.export import OnnxEmbedder
+    from submit.recipe import TTASpec
+
+    path = member.onnx or ""
+    return embedding.embed(lambda: OnnxEmbedder(path), data_dir, rows, member.tta.apply(TTASpec()), device=device,
+                           workers=workers, identity=embedding.checkpoint_identity(path, "onnx"), precision="fp32",
+                           progress=progress, label=f"embed {member.name}")
 
 
 def train_features(member: MemberSpec, data_dir: str | Path, device: str | None, workers: int,

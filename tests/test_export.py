@@ -169,3 +169,36 @@ def test_missing_onnx_package_is_one_line(run_dir, tmp_path, monkeypatch):
         export.export_onnx(run_dir, tmp_path / "x.onnx")
     assert "pip install onnx" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_onnx_member_embeds_like_its_run_in_predict(run_dir, data_dir, tmp_path):
+    from submit import predict
+    from submit.ensembling import load_spec
+
+    export.export_onnx(run_dir, tmp_path / "e.onnx", checkpoint="last")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(f"members:\n  - {{run: '{run_dir}', checkpoint: last, tta: {{hflip: true}}}}\n"
+                         "  - {onnx: e.onnx, tta: {hflip: true}}\nfusion: mean\n")
+    spec = load_spec(spec_file)
+    assert spec.members[1].onnx == str(tmp_path / "e.onnx") and spec.members[1].name == "e"
+    rows = read_manifest(data_dir).query("split == 'test'")
+    run_feats, onnx_feats = (predict.member_features(m, data_dir, rows, "cpu", 0, False) for m in spec.members)
+    assert onnx_feats.shape == run_feats.shape and np.abs(onnx_feats - run_feats).max() < 1e-4
+    result = predict.predict(spec_file, data_dir, "test", tmp_path / "test.csv", device="cpu", workers=0,
+                             progress=False)
+    scores = result["scores"]
+    assert abs(scores["e"]["mAP"] - scores[spec.members[0].name]["mAP"]) < 1e-6
+    assert not any("manifest" in note for note in result["notes"])  # the file's manifest matches the run's
+
+
+def test_onnx_member_errors_are_one_line(tmp_path):
+    from submit.ensembling import load_spec
+
+    (tmp_path / "e.onnx").write_bytes(b"x")
+    for member, words in (("{onnx: missing.onnx}", "missing.onnx not found"),
+                          ("{onnx: e.onnx, run: somewhere}", "an ONNX member takes no run"),
+                          ("{onnx: e.onnx, checkpoint: last}", "takes no checkpoint")):
+        (tmp_path / "spec.yaml").write_text(f"members:\n  - {member}\n")
+        with pytest.raises(SubmitError) as err:
+            load_spec(tmp_path / "spec.yaml")
+        assert words in str(err.value) and "members[0].onnx" in str(err.value) and "\n" not in str(err.value)
