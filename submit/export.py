@@ -9,6 +9,7 @@ The exported graph is the whole embedder a ranking file needs, with nothing left
 - the batch axis is dynamic; `metadata_props` hold input_size, mean, std, embedding_dim, recipe, backbone,
   checkpoint and manifest (the fingerprint of the data the run trained on), all as strings (JSON for lists).
 
+`OnnxEmbedder` puts such a file back behind the `Embedder` interface (onnxruntime), for `onnx:` ensemble members.
 The classic TorchScript exporter is used (`dynamo=False`: no onnxscript needed); the file is written
 atomically (temp file + os.replace). An operator the exporter cannot convert is named in one line.
 """
