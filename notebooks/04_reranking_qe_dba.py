@@ -15,7 +15,8 @@
 # # 04 · Re-ranking parameters and QE / DBA
 #
 # **Question:** which k-reciprocal re-ranking parameters (k1, k2, lambda) work best on this data, and do
-# alpha query expansion (QE) and database-side augmentation (DBA), alone or before re-ranking, help?
+# alpha query expansion (QE) and database-side augmentation (DBA), alone or before re-ranking, help? And does
+# PCA whitening of the features before them (the 2023 runner-up's step) help?
 #
 # One run (the budget's base recipe) is embedded once; every post-processing chain runs on the same
 # features with `submit.reranking.postprocess`. The published CLIP-ReIdent setting is k1=20, k2=6,
@@ -33,6 +34,7 @@ K2 = None
 LAMBDAS = None
 QE = {"k": 1, "alpha": 3.0}  # query expansion parameters used in the chains
 DBA = {"k": 3, "alpha": 3.0}  # database augmentation parameters used in the chains
+WHITEN_DIM = None  # PCA whitening output dimensions (None: every component, up to the rank of the fitted features)
 
 # %%
 import pandas as pd
@@ -96,3 +98,31 @@ fig.colorbar(image, ax=axes[0])
 ablation.dot_plot(axes[1], table[table["chain"] != "re-rank"], "chain", title="QE / DBA chains")
 fig.suptitle(f"Re-ranking, QE and DBA ({BUDGET} budget, test split)")
 ablation.save_plot(fig, work, "04_reranking_qe_dba");
+
+# %% [markdown]
+# ## PCA whitening
+#
+# The 2023 runner-up reduced ViT-L/14 and EVA02-L features to 560 dimensions with whitening before DBA and
+# QE. The `whiten` step (`submit.reranking.pca_whitening`; `op: pca_whitening` in an ensemble spec) projects
+# the features on the principal axes of the training split's features of the same run (`fit_on: train`;
+# `predict` embeds the manifest's train rows for it) or of the query + gallery features themselves, divides
+# each axis by its standard deviation, and L2-normalises.
+
+# %%
+from submit.manifest import read_manifest, select
+
+train = ablation.features(run, data, select(read_manifest(data), "train", "train"), work)
+whiten = {"dim": WHITEN_DIM, "fit_on": "train"}
+whiten_chains = {
+    "cosine (none)": [],
+    "whiten (train)": [{"whiten": whiten}],
+    "whiten (query+gallery)": [{"whiten": {**whiten, "fit_on": "query+gallery"}}],
+    "DBA + QE + re-rank": [{"dba": DBA}, {"qe": QE}, rerank],
+    "whiten (train) + DBA + QE": [{"whiten": whiten}, {"dba": DBA}, {"qe": QE}],
+    "whiten (train) + DBA + QE + re-rank": [{"whiten": whiten}, {"dba": DBA}, {"qe": QE}, rerank],
+}
+whitened = pd.DataFrame([{"chain": name, **ablation.score(postprocess(q, g, steps, train_feats=train), query, gallery)}
+                         for name, steps in whiten_chains.items()])
+ablation.save_table(whitened, work, "04_pca_whitening")
+print(f"{len(train)} train features of {train.shape[1]} dimensions; whitening dim: {WHITEN_DIM or 'all'}")
+whitened
