@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import yaml
 
-from submit import config, embedding, ensembling
+from submit import atomic, config, embedding, ensembling
 from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec
 from submit.errors import SubmitError
 from submit.manifest import fingerprint, read_manifest, select
@@ -60,6 +60,7 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
 
     if split not in SPLITS:
         raise SubmitError(f"--split {split!r}: expected one of {list(SPLITS)}")
+    atomic.check_file_target(Path(out))  # a folder in the way is refused before any embedding
     spec_file = resolve_spec_path(spec_path)
     spec = ensembling.load_spec(spec_file, runs_dir)
     manifest = read_manifest(data_dir)
@@ -95,6 +96,7 @@ def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
     cached distances with the spec's rule (before any `jersey` step, which is copied unchanged). 50 test
     queries make this easy to over-fit: prefer coarse grids.
     """
+    atomic.check_file_target(Path(out))
     spec_file = resolve_spec_path(spec_path)
     spec = ensembling.load_spec(spec_file, runs_dir)
     if spec.postprocess_on == "fused" and spec.postprocess:
@@ -149,11 +151,7 @@ def write_weighted_spec(spec_file: Path, out: str | Path, weights: tuple[float, 
     if isinstance(data.get("jersey"), dict) and isinstance(data["jersey"].get("numbers"), str):
         data["jersey"]["numbers"] = _rebase(data["jersey"]["numbers"], old, new)
     text = f"# {note}\n# from {spec_file}\n" + yaml.safe_dump(data, sort_keys=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    return out
+    return atomic.write_text(out, text)
 
 
 def _rebase(value: str, old: Path, new: Path) -> str:
