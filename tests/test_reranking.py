@@ -447,3 +447,5 @@ def test_the_registry_is_the_one_list_of_steps(monkeypatch):
     with pytest.raises(SubmitError, match=r"^steps\[0\]\.negate\.k: not a parameter of negate \(allowed: scale\)$"):
         postprocess(x[:10], x[10:], [{"negate": {"k": 1}}])
     assert reranking.step_named("neg") == "negate" and reranking.step_named("nope") is None
+    with pytest.raises(SubmitError, match=r"^steps\[0\]\.query_expansion\.kk: not a parameter of query_expansion"):
+        list(reranking.run_chain(x[:10], x[10:], [("query_expansion", {"kk": 1})]))

@@ -13,7 +13,7 @@ Importing this package does not import torch (faiss is imported when QE or DBA f
 
 from __future__ import annotations
 
-from submit.reranking._chain import STEPS, Stage, Step, postprocess, run_chain, step_named
+from submit.reranking._chain import STEPS, Stage, Step, check_chain, postprocess, run_chain, step_named
 from submit.reranking._expansion import cosine_distance, database_augmentation, query_expansion
 from submit.reranking._kreciprocal import k_reciprocal
 from submit.reranking._memory import available_memory, estimate_rerank_memory
@@ -33,4 +33,5 @@ __all__ = [
     "Step",
     "Stage",
     "step_named",
+    "check_chain",
 ]

@@ -66,11 +66,7 @@ def run_chain(query_feats: np.ndarray, gallery_feats: np.ndarray, steps: Sequenc
     `train_feats` (an array, or a function returning one) reaches the steps that take it (fitted steps such as
     pca_whitening with fit_on: train). Features are used as given (normally unit rows).
     """
-    for i, (name, params) in enumerate(steps):
-        if name not in STEPS:
-            raise SubmitError(f"steps[{i}]: unknown step {name!r} (known: {', '.join(STEPS)})")
-        if STEPS[name].distances and i != len(steps) - 1:
-            raise SubmitError(f"steps[{i}]: {name!r} returns distances, so it must be the last step")
+    check_chain(steps)
     q, g, label = query_feats, gallery_feats, ""
     for name, params in steps:
         step = STEPS[name]
@@ -97,7 +93,9 @@ def postprocess(query_feats: np.ndarray, gallery_feats: np.ndarray,
     q, g = _pair(query_feats, gallery_feats)
     q, g = _unit(q), _unit(g)
     train = None if train_feats is None else _unit(_as_features(train_feats, "train_feats"))
-    chain = [_parse_step(step, i, len(steps)) for i, step in enumerate(steps)]
+    written = [_parse_step(step, i) for i, step in enumerate(steps)]
+    chain = [(step_named(name) or name, params) for name, params in written]
+    check_chain(chain, [name for name, _ in written])
     last = None
     for last in run_chain(q, g, chain, train):
         pass
@@ -113,24 +111,31 @@ def step_named(name: str) -> str | None:
     return next((long for long, step in STEPS.items() if step.short == name), None)
 
 
-def _parse_step(step: Any, i: int, count: int) -> tuple[str, dict[str, Any]]:
-    """Validate one `postprocess` step: a one-key mapping from a step's (short) name to its keyword parameters."""
+def check_chain(steps: Sequence[tuple[str, Mapping[str, Any]]], written: Sequence[str] | None = None) -> None:
+    """Each step registered, with parameters its function takes, and a distance step only last; one-line errors
+    name `steps[i]` and the step as written (`written[i]`, e.g. a short name)."""
+    known = [n for name, step in STEPS.items() for n in (step.short, name)]
+    for i, (name, params) in enumerate(steps):
+        shown = written[i] if written else name
+        if name not in STEPS:
+            raise SubmitError(f"steps[{i}]: unknown step {shown!r} (known: {', '.join(known)})")
+        allowed = STEPS[name].parameters()
+        for key in params:
+            if key not in allowed:
+                raise SubmitError(f"steps[{i}].{shown}.{key}: not a parameter of {shown} "
+                                  f"(allowed: {', '.join(allowed)})")
+        if STEPS[name].distances and i != len(steps) - 1:
+            raise SubmitError(f"steps[{i}]: {shown!r} returns distances, so it must be the last step")
+
+
+def _parse_step(step: Any, i: int) -> tuple[str, dict[str, Any]]:
+    """One `postprocess` step as (name as written, keyword parameters): a one-key mapping of a mapping."""
     if not isinstance(step, dict) or len(step) != 1:
         raise SubmitError(f"steps[{i}]: expected a one-key mapping like {{'rerank': {{'k1': 20}}}}, got {step!r}")
     (name, params), = step.items()
-    long = step_named(name)
-    if long is None:
-        known = [n for long_name, s in STEPS.items() for n in (s.short, long_name)]
-        raise SubmitError(f"steps[{i}]: unknown step {name!r} (known: {', '.join(known)})")
     if params is not None and not isinstance(params, dict):
         raise SubmitError(f"steps[{i}].{name}: expected a mapping of parameters, got {params!r}")
     params = dict(params or {})
     if "lambda" in params:
         params["lambda_value"] = params.pop("lambda")
-    allowed = STEPS[long].parameters()
-    for key in params:
-        if key not in allowed:
-            raise SubmitError(f"steps[{i}].{name}.{key}: not a parameter of {name} (allowed: {', '.join(allowed)})")
-    if STEPS[long].distances and i != count - 1:
-        raise SubmitError(f"steps[{i}]: {name!r} returns distances, so it must be the last step")
-    return long, params
+    return name, params
