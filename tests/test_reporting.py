@@ -4,6 +4,8 @@ resumed: no step twice), `--report-to` parsing and errors, W&B through a stand-i
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -190,3 +192,18 @@ def test_only_rank_zero_reports(tmp_path):
     quiet.step(1, {"loss": 1.0})
     quiet.close()
     assert not (tmp_path / "tb").exists()
+
+
+def test_under_torchrun_only_rank_zero_writes_events(data_dir, tmp_path):
+    script = tmp_path / "cli.py"
+    script.write_text("import sys\nfrom submit.cli import main\nmain(sys.argv[1:])\n")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "train", str(TINY), "--data", str(data_dir), "--out", str(out), "--device", "cpu", "--max-steps", "3",
+           "--set", "train.pairs_per_batch=4", "--set", "data.workers=0", "--set", "train.checkpoint_every=0"]
+    run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(list((out / "tb").iterdir())) == 1  # one writer: rank 0's
+    acc = read_events(out / "tb")
+    assert steps(acc, "train/loss") == [1, 2, 3] and steps(acc, "val/mAP") == [3]
