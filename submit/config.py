@@ -154,7 +154,8 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
                 return _convert(option, value, where, key)
             except SubmitError as exc:
                 errors.append(exc)
-        raise errors[0]
+        specific = [e for e in errors if not getattr(e, "type_mismatch", False)]  # e.g. inf: "finite", not "int"
+        raise (specific or errors)[0]
     if origin is Literal:
         if value not in args:
             raise SubmitError(f"{where}: key {key!r}: expected one of {list(args)}, got {value!r}")
@@ -198,4 +199,6 @@ def _scalar(tp: Any, value: Any, where: str, key: str) -> Any:
             return value
     else:
         raise TypeError(f"config type {tp!r} is not supported")
-    raise SubmitError(f"{where}: key {key!r}: expected {tp.__name__}, got {value!r}")
+    exc = SubmitError(f"{where}: key {key!r}: expected {tp.__name__}, got {value!r}")
+    exc.type_mismatch = True  # type: ignore[attr-defined]  # a union reports another option's error first
+    raise exc

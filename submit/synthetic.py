@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from submit import atomic
+
 TEAM_COLOURS = [
     ((200, 30, 30), (240, 240, 240)),
     ((30, 60, 200), (30, 30, 30)),
@@ -80,13 +82,14 @@ def make_dataset(out: str | Path, players: int = 72, seqs: int = 2, frames: int 
     Identities split 60/20/20 into train / test / challenge. Test and challenge queries are the
     first frame of each identity's first sequence; the gallery holds all other crops of those ids.
     """
+    if as_zip:
+        return _make_zip(Path(out), players, seqs, frames, seed)
     rng = np.random.default_rng(seed)
     roster = _players(players, rng)
     n_train, n_test = int(players * 0.6), int(players * 0.2)
     groups = {"train": roster[:n_train], "test": roster[n_train:n_train + n_test],
               "challenge": roster[n_train + n_test:]}
-    root = Path(out)
-    folder = root.with_suffix("") if as_zip else root
+    folder = Path(out)
     base = folder / "data_reid"
     if base.exists():
         shutil.rmtree(base)
@@ -117,13 +120,23 @@ def make_dataset(out: str | Path, players: int = 72, seqs: int = 2, frames: int 
             numbers.append((rel, p.number))
     with open(folder / "numbers.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("path", "number"), *sorted(numbers)])
-    if not as_zip:
-        return folder
+    return folder
+
+
+def _make_zip(root: Path, players: int, seqs: int, frames: int, seed: int) -> Path:
+    """The dataset as a zip, built in a scratch folder beside it and written atomically (submit.atomic)."""
     zpath = root if root.suffix == ".zip" else root.with_suffix(".zip")
-    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_STORED) as zf:
-        for path in [folder / "numbers.csv", *sorted(base.rglob("*"))]:
-            zf.write(path, path.relative_to(folder).as_posix())
-    shutil.rmtree(folder)
+    atomic.remove_stale(zpath)
+    scratch = atomic.temp_for(zpath)
+    try:
+        make_dataset(scratch, players, seqs, frames, seed)
+        with atomic.atomic_path(zpath) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for path in [scratch / "numbers.csv", *sorted((scratch / "data_reid").rglob("*"))]:
+                zf.write(path, path.relative_to(scratch).as_posix())
+    except OSError as exc:
+        raise atomic.write_error(exc, zpath) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return zpath
 
 
