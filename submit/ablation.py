@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from submit import config
+from submit import atomic, config
 from submit.errors import SubmitError
 from submit.recipe import Recipe, TTASpec
 
@@ -361,14 +361,9 @@ def dot_plot(ax: Any, df: pd.DataFrame, label: str, metrics: Sequence[str] = ("m
 
 @contextlib.contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
-    """A temp path beside `path`, renamed over it when the block succeeds (removed otherwise)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """A temp path beside `path`, renamed over it when the block succeeds (removed otherwise): submit.atomic."""
+    with atomic.atomic_path(path) as tmp:
+        yield tmp
 
 
 def _load_npy(path: Path, n: int) -> np.ndarray | None:

@@ -81,7 +81,10 @@ def describe(exc: OSError) -> str:
     name = target_of(exc.filename) if exc.filename else "(unknown file)"
     if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG):
         return f"{name}: cannot write ({reason})"
-    return f"{name}: {reason}"
+    kind = {errno.EEXIST: "exists and is not a folder; expected a folder path",
+            errno.EISDIR: "is a folder; expected a file path",
+            errno.ENOTDIR: "a part of the path is a file; expected folders"}.get(exc.errno or 0)
+    return f"{name}: {kind}" if kind else f"{name}: {reason}"
 
 
 @contextlib.contextmanager

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -30,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
-from submit import config
+from submit import atomic, config
 from submit.device import amp_dtype, autocast, pick_device
 from submit.errors import SubmitError
 from submit.manifest import fingerprint
@@ -217,15 +215,9 @@ def _load_cached(path: Path, n: int) -> np.ndarray | None:
 
 
 def _save_atomic(path: Path, feats: np.ndarray) -> None:
-    """Write `feats` to `path` through a temp file + rename; a read-only data dir just skips caching."""
+    """Write `feats` to `path` atomically (submit.atomic); a read-only or full data dir just skips caching."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic.atomic_file(path, "wb") as fh:
             np.save(fh, feats, allow_pickle=False)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
+    except SubmitError:
+        return

@@ -182,7 +182,7 @@ def test_evaluate_reads_a_ranking_file_on_a_read_only_file_system(world, tmp_pat
         subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
-@pytest.mark.parametrize("name,target", [("predict", "r.csv"), ("explain", "pair.png"), ("jersey", "numbers.csv"),
+@pytest.mark.parametrize("name,target", [("train", "run"), ("predict", "r.csv"), ("explain", "pair.png"), ("jersey", "numbers.csv"),
                                          ("fit-weights", "w.yaml"), ("prepare", "data"), ("report", "rep")])
 def test_out_of_the_wrong_kind_is_one_line(world, tmp_path, name, target) -> None:
     """A folder where a file is expected, or a file where a folder is expected: one line, nothing changed."""
@@ -234,6 +234,9 @@ def test_atomic_layer_turns_write_errors_into_one_line_and_removes_the_temp(tmp_
      "/o/r.csv: cannot write (No space left on device)"),
     (OSError(errno.EROFS, "Read-only file system", "/o/.w.yaml.tmp"), "/o/w.yaml: cannot write (Read-only file system)"),
     (PermissionError(errno.EACCES, "Permission denied", "/o/x.png"), "/o/x.png: Permission denied"),
+    (FileExistsError(errno.EEXIST, "File exists", "/o/run"), "/o/run: exists and is not a folder; expected a folder path"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/o/f/run"),
+     "/o/f/run: a part of the path is a file; expected folders"),
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "/d/img.jpg"), "/d/img.jpg: No such file or directory"),
 ])
 def test_the_funnel_names_the_target_of_a_stray_os_error(exc, expected) -> None:
