@@ -6,7 +6,7 @@
 #
 #   scripts/real_benchmark.sh PREPARED_DATA_DIR OUT_DIR [SEEDS]
 #
-# PREPARED_DATA_DIR: `reident-submit prepare /work/shared/data/tgc_reid_data.zip --out DIR`.
+# PREPARED_DATA_DIR: `reident-submit prepare ../shared/data/tgc_reid_data.zip --out DIR`.
 # SEEDS: space- or comma-separated seed offsets (default "0"); seed S trains every member with its spec seed + S
 # into OUT_DIR/seedS/runs (a finished run is not retrained, so an interrupted benchmark resumes per member).
 # Writes OUT_DIR/test.csv and OUT_DIR/challenge.csv (the first seed's), OUT_DIR/seedS/{spec.yaml,runs,*.csv,
@@ -15,7 +15,7 @@
 # TRAIN (scripts/real_holdout.py); the test split is only reported. REAL_ABLATION=0 skips the ablation models.
 set -euo pipefail
 if [[ $# -lt 2 || $# -gt 3 ]]; then
-  sed -n '2,13p' "$0"; exit 2
+  sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2
 fi
 DATA=$1
 OUT=$2

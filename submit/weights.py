@@ -236,13 +236,13 @@ def _url_download(url: str, cache: Path, what: str) -> Path:
     if hub_offline() or not _reachable(url):
         raise SubmitError(f"{what}: not in the cache ({target}) and {url} is unreachable; download it on a connected "
                           f"machine, {LOCAL_FILE_HINT}")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".part")
     try:
-        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        with atomic.atomic_path(target) as tmp:  # submit.atomic: a full disk is one line naming the target
+            torch.hub.download_url_to_file(url, str(tmp), progress=True)
+    except SubmitError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise SubmitError(f"{what}: download from {url} failed ({first_line(exc)}); retry, {LOCAL_FILE_HINT}") from None
-    os.replace(tmp, target)
     return target
 
 
@@ -301,7 +301,7 @@ def needed(targets: Sequence[str | Path] = ()) -> list[Need]:
             continue
         for recipe_path in _recipes_of(_target_file(str(target), models, REPO_ENSEMBLES)):
             out.append(_need_of_recipe(recipe_path))
-    return out
+    return list({(n.target, n.backbone): n for n in out}.values())  # a recipe named twice is listed once
 
 
 def fetch(need: Need, wheel: str | Path | None = None, force: bool = False) -> Path | None:
