@@ -11,7 +11,7 @@ The exported graph is the whole embedder a ranking file needs, with nothing left
 
 `OnnxEmbedder` puts such a file back behind the `Embedder` interface (onnxruntime), for `onnx:` ensemble members.
 The classic TorchScript exporter is used (`dynamo=False`: no onnxscript needed); the file is written
-atomically (temp file + os.replace). An operator the exporter cannot convert is named in one line.
+atomically (submit.atomic). An operator the exporter cannot convert is named in one line.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import os
 import re
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from submit import atomic
 from submit.errors import SubmitError, first_line
 
 DEFAULT_OPSET = 17
@@ -186,12 +186,8 @@ def _write_with_metadata(data: bytes, out: Path, meta: dict[str, str]) -> int:
     model.doc_string = f"reident-submit embedder: input {INPUT_DOC}; output L2-normalised features"
     model.graph.input[0].doc_string = INPUT_DOC
     onnx.checker.check_model(model)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic.atomic_path(out) as tmp:  # submit.atomic: stale temps of a killed export removed, OSError one line
         onnx.save(model, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out.stat().st_size
 
 

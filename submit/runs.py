@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
+from submit import atomic
 from submit.errors import SubmitError
 
 SORTS = {"mAP": "best_mAP", "rank1": "best_rank1", "last-mAP": "last_mAP", "last-rank1": "last_rank1",
@@ -215,13 +215,11 @@ def plot_curves(runs: Sequence[RunSummary], out: str | Path) -> Path:
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out)
+        with atomic.atomic_path(out) as tmp:  # submit.atomic: no half-written PNG, OSError one line
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out
 
 
