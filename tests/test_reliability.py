@@ -145,10 +145,12 @@ def _command(name: str, world: dict, out: Path) -> list[str]:
         "fit-weights": ["fit-weights", "--ensemble", w["spec"], "--data", w["data"], "--out", out / "w.yaml",
                         "--runs-dir", w["runs"], "--workers", "0", "--device", "cpu", "--grid", "0,1"],
         "demo": ["demo", "--out", out / "demo", "--device", "cpu"],
+        "export": ["export", w["runs"] / "tiny-0", "--out", out / "m.onnx"],
+        "runs": ["runs", w["runs"], "--plot", out / "curves.png"],
     }[name]
 
 
-WRITERS = ["prepare", "train", "predict", "report", "explain", "jersey", "fit-weights", "demo"]
+WRITERS = ["prepare", "train", "predict", "report", "explain", "jersey", "fit-weights", "demo", "export", "runs"]
 
 
 @pytest.mark.skipif(not CAN_MOUNT, reason="needs root allowed to mount a tmpfs (see test_atomic_layer_* below)")
