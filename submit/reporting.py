@@ -171,6 +171,8 @@ def parse_report_to(value: str | Sequence[str] | None, where: str = "--report-to
     """`tensorboard,wandb` -> ('tensorboard', 'wandb'); checks names and that the packages import."""
     if value is None:
         return DEFAULT
+    if not isinstance(value, str) and not list(value):
+        return ()  # already parsed: `--report-to none` is the empty tuple (train() parses what the CLI parsed)
     items = value.split(",") if isinstance(value, str) else list(value)
     names = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
     unknown = [n for n in names if n not in TARGETS]

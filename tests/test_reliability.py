@@ -614,3 +614,11 @@ def test_evaluate_warns_about_distances_that_rank_nothing(world, tmp_path, fill,
         assert not any("distance" in w for w in warnings)
     else:
         assert any(warned in w for w in warnings), res.stderr
+
+
+def test_train_report_to_none_trains_without_curves(world, tmp_path) -> None:
+    """`--report-to none` was parsed twice (CLI, then train) and refused as `--report-to ''`."""
+    code, stderr = _invoke(["train", TINY, "--data", world["data"], "--out", tmp_path / "run", "--max-steps", "1",
+                            "--device", "cpu", "--set", "data.workers=0", "--report-to", "none"])
+    assert code == 0, stderr
+    assert (tmp_path / "run" / "last.pt").is_file() and not (tmp_path / "run" / "tb").exists()
