@@ -286,9 +286,10 @@ def _check_image(data: bytes, where: str) -> bytes:
             if img.width < 1 or img.height < 1:
                 raise ValueError("empty image")
             if img.mode in WIDE_GREY:
-                return _to_8bit_png(img, where)
-            if img.mode in ("F", "I;32", "I;32B", "I;32L"):
-                raise ValueError(f"{img.mode} pixels (floating-point or 32-bit)")
+                buf = io.BytesIO()
+                to_8bit(img).save(buf, format="PNG")
+                return buf.getvalue()
+            to_8bit(img)  # refuses float and 32-bit pixels
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise SubmitError(f"{where}: not a decodable image ({_decode_reason(exc)}); expected a JPEG/PNG crop") \
             from None
@@ -298,14 +299,17 @@ def _check_image(data: bytes, where: str) -> bytes:
 WIDE_GREY = ("I;16", "I;16B", "I;16L", "I")  # PIL's RGB conversion clips these to white: scale them to 8 bits
 
 
-def _to_8bit_png(img: Image.Image, where: str) -> bytes:
-    """A 16-bit grey crop as 8-bit grey PNG bytes (value / 257), so later RGB conversion keeps its contrast."""
-    arr = np.asarray(img, dtype=np.int64)
-    if arr.min() < 0 or arr.max() > 65535:
-        raise SubmitError(f"{where}: {img.mode} pixel values outside 0..65535; expected an 8- or 16-bit crop")
-    buf = io.BytesIO()
-    Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), mode="L").save(buf, format="PNG")
-    return buf.getvalue()
+def to_8bit(img: Image.Image) -> Image.Image:
+    """`img` with 8-bit channels: 16-bit grey scaled by 1/257 (PIL's RGB conversion would clip it to white);
+    float or 32-bit pixels raise ValueError. Shared by prepare and every image reader (transforms.open_image)."""
+    if img.mode in WIDE_GREY:
+        arr = np.asarray(img, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"{img.mode} pixel values outside 0..65535")
+        return Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), mode="L")
+    if img.mode in ("F", "I;32", "I;32B", "I;32L"):
+        raise ValueError(f"{img.mode} pixels (floating-point or 32-bit)")
+    return img
 
 
 def _decode_reason(exc: BaseException) -> str:

@@ -26,6 +26,7 @@ from submit import atomic
 from submit import manifest as mf
 from submit.errors import SubmitError
 from submit.metrics import average_precision, evaluate_distances
+from submit.prepare import to_8bit
 from submit.ranking_file import id_mismatch, read_ranking
 
 THUMB_HEIGHT = 128
@@ -230,8 +231,8 @@ def _thumb(rel: str, data_dir: Path, thumbs: Path, previous: Path | None) -> tup
             return im.size
     try:
         with Image.open(src) as im:
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+            im = to_8bit(im).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise SubmitError(f"{src}: not a readable image ({type(exc).__name__})") from None
     scale = min(1.0, THUMB_HEIGHT / im.height, THUMB_HEIGHT / im.width * 2)
     im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from submit.errors import SubmitError
+from submit.prepare import to_8bit
 from submit.recipe import AugmentSpec
 
 Fill = int | tuple[int, int, int]
@@ -78,7 +79,7 @@ def open_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_8bit(img).convert("RGB")  # 16-bit grey keeps its contrast (not clipped to white)
     except FileNotFoundError:
         raise SubmitError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:

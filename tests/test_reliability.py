@@ -622,3 +622,17 @@ def test_train_report_to_none_trains_without_curves(world, tmp_path) -> None:
                             "--device", "cpu", "--set", "data.workers=0", "--report-to", "none"])
     assert code == 0, stderr
     assert (tmp_path / "run" / "last.pt").is_file() and not (tmp_path / "run" / "tb").exists()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_every_image_reader_keeps_16_bit_grey_contrast(tmp_path, mode) -> None:
+    """transforms.open_image (training, embedding, explain) and the report's thumbnails share prepare.to_8bit."""
+    from submit.transforms import open_image
+
+    grey = np.zeros((16, 8), np.uint16 if mode == "I;16" else np.int32)
+    grey[:, 4:] = 40000
+    path = tmp_path / ("crop.png" if mode == "I;16" else "crop.tif")  # PIL writes mode I as TIFF, not PNG
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode == mode
+    rgb = np.asarray(open_image(path))
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 7].tolist() == [156, 156, 156]
