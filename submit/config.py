@@ -34,16 +34,48 @@ def read_text(path: str | Path, what: str) -> str:
         raise SubmitError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with one-line errors for a missing file, bad syntax or a non-mapping."""
+def require_file(path: str | Path, what: str, missing: str = "file not found") -> Path:
+    """`path` if it is a file; one-line errors for a folder in its place or nothing there."""
     path = Path(path)
+    if path.is_dir():
+        raise SubmitError(f"{path}: is a folder; expected a {what}")
     if not path.is_file():
-        raise SubmitError(f"{path}: file not found")
+        raise SubmitError(f"{path}: {missing}")
+    return path
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """Construct a mapping, raising ConstructorError on a repeated key."""
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat and is resolved below
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, typing.Hashable):
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing file, bad syntax, a repeated key or a non-mapping."""
+    path = require_file(path, "YAML file")
     try:
-        data = yaml.safe_load(read_text(path, "YAML file"))
+        data = yaml.load(read_text(path, "YAML file"), Loader=_StrictLoader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(exc, "problem", "") or ""
+        if problem.endswith("appears twice"):
+            raise SubmitError(f"{path}: {problem}{where}; expected each key once") from None
         raise SubmitError(f"{path}: not valid YAML{where}") from None
     if not isinstance(data, dict):
         raise SubmitError(f"{path}: expected a YAML mapping at the top level")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from submit import atomic
+from submit.config import require_file
 from submit.errors import SubmitError
 from submit.layouts import ID_MAX, ID_MIN
 
@@ -79,9 +80,7 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
 
 def read_csv(path: str | Path, missing: str = "file not found") -> pd.DataFrame:
     """Read any CSV the toolkit takes as input; one-line errors for a missing or unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SubmitError(f"{path}: {missing}")
+    path = require_file(path, "CSV file", missing)
     try:
         return pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

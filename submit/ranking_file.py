@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from submit import atomic
-from submit.config import read_text
+from submit.config import read_text, require_file
 from submit.errors import SubmitError
 
 _INT = re.compile(r"\s*[+-]?\d+\s*")
@@ -122,8 +122,7 @@ def _int_ids(ids: Sequence[int] | np.ndarray, kind: str, path: Path) -> np.ndarr
 
 def _lines(path: Path) -> list[str]:
     """Non-empty text lines (a trailing newline is fine); unreadable or empty files are errors."""
-    if not path.is_file():
-        raise SubmitError(f"{path}: no such ranking file")
+    require_file(path, "ranking file (CSV)", "no such ranking file")
     text = read_text(path, "text CSV file")
     lines = text.splitlines()
     while lines and not lines[-1].strip():

@@ -636,3 +636,29 @@ def test_every_image_reader_keeps_16_bit_grey_contrast(tmp_path, mode) -> None:
     assert Image.open(path).mode == mode
     rgb = np.asarray(open_image(path))
     assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 7].tolist() == [156, 156, 156]
+
+
+@pytest.mark.parametrize("name", ["recipe", "spec", "ranking", "truth"])
+def test_a_folder_given_as_an_input_file_is_one_line(world, tmp_path, name) -> None:
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    args = {"recipe": ["train", folder, "--data", world["data"], "--out", tmp_path / "run"],
+            "spec": ["predict", "--ensemble", folder, "--data", world["data"], "--out", tmp_path / "r.csv"],
+            "ranking": ["evaluate", folder, "--data", world["data"]],
+            "truth": ["jersey", "--data", world["data"], "--model", CLIP, "--out", tmp_path / "n.csv",
+                      "--truth", folder]}[name]
+    code, stderr = _invoke(args)
+    assert code == 2
+    line = _one_error_line(stderr)
+    assert str(folder) in line and ("is a folder" in line or "not found" in line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+
+
+@pytest.mark.parametrize("body,key", [("name: a\nname: b\nbackbone: {name: timm:resnet10t}\n", "name"),
+                                      ("name: a\nbackbone: {name: timm:resnet10t}\ntrain:\n  lr: 1.0e-4\n"
+                                       "  lr: 1.0e-3\n", "lr")])
+def test_a_key_given_twice_in_yaml_is_refused_not_silently_the_last(tmp_path, body, key) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(body)
+    with pytest.raises(SubmitError, match=re.escape(f"r.yaml: key {key!r} appears twice (line")):
+        load_recipe(path)
