@@ -25,6 +25,7 @@ from submit.errors import SubmitError
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|old)$")
 _LEGACY_TEMP = re.compile(r"^\.?(?P<name>.+?)(?:\.\d+)?\.(?:tmp|part)$")
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken to be the full disk's doing
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM,
                           errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY})
 
@@ -102,6 +103,12 @@ def atomic_path(target: str | os.PathLike[str], parents: bool = True) -> Iterato
     except OSError as exc:
         _remove(tmp)
         raise write_error(exc, target, tmp) from None
+    except Exception as exc:
+        full = not isinstance(exc, SubmitError) and disk_full(target.parent)  # before the temp frees its space
+        _remove(tmp)
+        if full:  # e.g. torch.save reports a failed write as RuntimeError("unexpected pos ...")
+            raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), target) from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
@@ -154,6 +161,12 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as exc:
         _remove(tmp)
         raise write_error(exc, target, tmp) from None
+    except Exception as exc:
+        full = not isinstance(exc, SubmitError) and disk_full(target.parent)
+        _remove(tmp)
+        if full:
+            raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), target) from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
@@ -174,6 +187,15 @@ def _swap_in(tmp: Path, target: Path) -> None:
     _fsync(target.parent)
     if old is not None:
         _remove(old)
+
+
+def disk_full(folder: Path) -> bool:
+    """Whether the file system holding `folder` has (almost) no space left for this user."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW
 
 
 def check_file_target(target: Path, parents: bool = False) -> None:

@@ -110,16 +110,19 @@ CAN_MOUNT = _can_mount()
 
 
 @contextlib.contextmanager
-def _faulty_fs(where: Path, kind: str) -> Iterator[Path]:
-    """A real tiny tmpfs at `where`: 'full' (a ballast file fills it) or 'readonly' (remounted ro)."""
+def _faulty_fs(where: Path, kind: str, free_kib: int = 0) -> Iterator[Path]:
+    """A real tiny tmpfs at `where`: 'full' (a ballast file leaves `free_kib` free) or 'readonly' (remounted ro)."""
     where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={64 + free_kib}k", "tmpfs", str(where)], check=True)
     try:
         if kind == "full":
             fd = os.open(where / "ballast", os.O_WRONLY | os.O_CREAT)
             with contextlib.suppress(OSError):
-                while True:
+                for _ in range(16):  # 64 KiB of ballast
                     os.write(fd, b"\0" * 4096)
+                if not free_kib:
+                    while True:
+                        os.write(fd, b"\0" * 4096)
             os.close(fd)
         else:
             subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
@@ -167,6 +170,19 @@ def test_output_on_a_full_or_read_only_file_system_is_one_line_and_leaves_nothin
         assert line.endswith(f"cannot write ({reason})") and str(mnt) in line, line
         assert "ballast" not in line and ".tmp" not in line, line
         assert _files_below(mnt) == before  # no partial file, no temp
+
+
+@pytest.mark.skipif(not CAN_MOUNT, reason="needs root allowed to mount a tmpfs")
+@pytest.mark.parametrize("name", ["train", "prepare"])
+def test_a_disk_that_fills_mid_run_is_one_line_and_leaves_no_temp(world, tmp_path, name) -> None:
+    """192 KiB free: the small first writes fit, the checkpoint or the images do not (torch.save reports a
+    failed write as a RuntimeError: the atomic layer still names the full disk)."""
+    with _faulty_fs(tmp_path / "mnt", "full", free_kib=192) as mnt:
+        code, stderr = _invoke(_command(name, world, mnt))
+        assert code == 2, stderr
+        line = _one_error_line(stderr)
+        assert line.endswith(f"cannot write ({os.strerror(errno.ENOSPC)})") and str(mnt) in line, line
+        assert not [p for p in mnt.rglob(".*")], "a temp was left behind"
 
 
 def test_evaluate_reads_a_ranking_file_on_a_read_only_file_system(world, tmp_path) -> None:
