@@ -26,8 +26,7 @@ from submit.errors import SubmitError
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|old)$")
 _LEGACY_TEMP = re.compile(r"^\.?(?P<name>.+?)(?:\.\d+)?\.(?:tmp|part)$")
 FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken to be the full disk's doing
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM,
-                          errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY})
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG})  # the output's file system
 
 
 def temp_for(target: Path, kind: str = "tmp") -> Path:
@@ -70,8 +69,8 @@ def write_error(exc: OSError, target: Path, tmp: Path | None = None) -> SubmitEr
     """The one-line error for an OSError met while writing `target` (the temp's name is never shown)."""
     reason = (exc.strerror or os.strerror(exc.errno)) if exc.errno else str(exc)
     filename = exc.filename
-    if filename and tmp is not None and not str(filename).startswith(str(tmp)) and \
-            Path(filename) != target and exc.errno not in WRITE_ERRNOS:
+    foreign = filename and tmp is not None and not str(filename).startswith(str(tmp)) and Path(filename) != target
+    if foreign and exc.errno not in DISK_ERRNOS:  # e.g. an input the block read: name it, not the output
         return SubmitError(f"{filename}: {reason}")
     return SubmitError(f"{target}: cannot write ({reason})")
 
@@ -80,7 +79,7 @@ def describe(exc: OSError) -> str:
     """One line for a stray OSError (the CLI's last resort): the file it concerns and the system's reason."""
     reason = exc.strerror or str(exc)
     name = target_of(exc.filename) if exc.filename else "(unknown file)"
-    if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG):
+    if exc.errno in DISK_ERRNOS:
         return f"{name}: cannot write ({reason})"
     kind = {errno.EEXIST: "exists and is not a folder; expected a folder path",
             errno.EISDIR: "is a folder; expected a file path",

@@ -678,3 +678,17 @@ def test_a_key_given_twice_in_yaml_is_refused_not_silently_the_last(tmp_path, bo
     path.write_text(body)
     with pytest.raises(SubmitError, match=re.escape(f"r.yaml: key {key!r} appears twice (line")):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("exc,expected", [
+    (OSError(errno.ENOSPC, "No space left on device", "{tmp}/img.jpg"), "{target}: cannot write (No space left on device)"),
+    (OSError(errno.EACCES, "Permission denied", "/src/in.jpg"), "/src/in.jpg: Permission denied"),
+    (OSError(errno.ENOSPC, "No space left on device", "/elsewhere/x"), "{target}: cannot write (No space left on device)"),
+    (OSError(errno.EIO, "Input/output error"), "{target}: cannot write (Input/output error)"),
+])
+def test_write_errors_blame_the_output_only_for_the_outputs_faults(tmp_path, exc, expected) -> None:
+    """An input the block read is named with its own reason; a disk-level fault is always the output's."""
+    target, tmp = tmp_path / "out", tmp_path / ".out.1-0123abcd.tmp"
+    if exc.filename:
+        exc.filename = exc.filename.format(tmp=tmp)
+    assert str(atomic.write_error(exc, target, tmp)) == expected.format(target=target)
