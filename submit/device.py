@@ -1,7 +1,12 @@
-"""Device choice and mixed precision: CUDA + AMP where present, CPU fp32 otherwise; the usable cores.
+"""Device choice and mixed precision: CUDA + AMP by default, CPU fp32 unless bf16/fp16 is asked for; the cores.
 
 torch is imported inside the functions that need it, so that torch-free stages (re-ranking, metrics) and
 benchmark scripts can use `usable_cores` and `cpu_model` without its ~600 MiB of libraries.
+
+CUDA-only by nature, so not run on CPU: pinned host memory (`pin_memory=` is on only for CUDA; it needs the CUDA
+driver), `non_blocking=True` copies (a no-op for CPU tensors on CPU) and channels-last input in embedding (a
+layout choice). tests/test_precision.py checks the flags are off on CPU; its `cuda`-marked tests run the
+CUDA side (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -48,21 +53,34 @@ def check_device(requested: str | torch.device | None) -> torch.device | None:
 
 
 def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for `precision` ('auto', 'bf16', 'fp16', 'fp32'); None means no autocast."""
+    """The autocast dtype for `precision` ('auto', 'bf16', 'fp16', 'fp32'); None means no autocast.
+
+    'bf16'/'fp16' are honoured on every device (CPU autocast too, so CI runs the GPU's precision paths);
+    'auto' is bf16 (else fp16) on CUDA and fp32 on CPU, where autocast is slower than fp32 on most cores.
+    """
     import torch
 
-    if device.type != "cuda" or precision == "fp32":
+    if precision == "fp32":
         return None
     if precision == "fp16":
         return torch.float16
-    if precision == "bf16" or torch.cuda.is_bf16_supported():
+    if precision == "bf16":
         return torch.bfloat16
-    return torch.float16
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def needs_scaler(device: torch.device, precision: str = "auto") -> bool:
+    """True when training in `precision` needs a gradient scaler (fp16 autocast: small gradients underflow)."""
+    import torch
+
+    return amp_dtype(device, precision) == torch.float16
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str = "auto") -> Iterator[None]:
-    """Autocast on CUDA with the chosen dtype; a no-op on CPU (fp32)."""
+    """Autocast in `amp_dtype(device, precision)` (CPU or CUDA); a no-op when that is None (fp32)."""
     import torch
 
     dtype = amp_dtype(device, precision)

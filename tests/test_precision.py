@@ -1,0 +1,205 @@
+"""Every precision path of training and embedding on CPU: fp32, bf16 autocast, fp16 autocast with the gradient
+scaler (unscale before clipping, skipped steps on inf, scaler state through checkpoints and resume). The CUDA
+variants are marked `cuda` and skip here with a reason; scripts/gpu_check.sh runs them on a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from submit import training
+from submit.device import amp_dtype, autocast, needs_scaler
+from submit.embedding import cache_key, embed_views
+from submit.manifest import read_manifest
+from submit.prepare import prepare
+from submit.recipe import TTASpec, load_recipe
+from submit.synthetic import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "models" / "tiny-test.yaml"
+CPU = torch.device("cpu")
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                                     "scripts/gpu_check.sh runs these on one")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A prepared synthetic DATA_DIR: 18 training identities x 6 crops, 6 test identities."""
+    root = tmp_path_factory.mktemp("precision_data")
+    make_dataset(root / "src", players=30, seqs=2, frames=3, seed=1)
+    prepare(root / "src", root / "data", progress=False)
+    return root / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One compute thread: the CI machine's two cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(precision: str, *overrides: str):
+    """The tiny recipe in `precision`, no mid-epoch checkpoints, no loader workers."""
+    return training.apply_overrides(load_recipe(TINY), ["data.workers=0", "train.checkpoint_every=0",
+                                                        f"train.precision={precision}", *overrides])
+
+
+def trainer(recipe, data_dir: Path, out: Path, device: torch.device = CPU) -> training._Trainer:
+    return training._Trainer(recipe, data_dir, out, device, training.DistInfo())
+
+
+def test_amp_dtype_honours_bf16_fp16_on_cpu_and_auto_stays_fp32(monkeypatch):
+    assert amp_dtype(CPU, "auto") is None and amp_dtype(CPU, "fp32") is None
+    assert amp_dtype(CPU, "bf16") == torch.bfloat16 and amp_dtype(CPU, "fp16") == torch.float16
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype(cuda, "auto") == torch.bfloat16 and amp_dtype(cuda, "fp32") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert amp_dtype(cuda, "auto") == torch.float16 and needs_scaler(cuda, "auto")
+    assert needs_scaler(CPU, "fp16") and not needs_scaler(CPU, "bf16") and not needs_scaler(CPU, "auto")
+    layer = torch.nn.Linear(4, 4)
+    for precision, dtype in (("auto", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with autocast(CPU, precision):
+            assert layer(torch.randn(2, 4)).dtype == dtype
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_each_precision_trains_resumes_and_moves_weights(precision, data_dir, tmp_path):
+    recipe = tiny(precision, "train.grad_clip=1.0")
+    run = trainer(recipe, data_dir, tmp_path / "run")
+    start = {k: v.clone() for k, v in run.model.embedder.state_dict().items()}
+    assert run.scaler.is_enabled() == (precision == "fp16")
+    assert run.loader.pin_memory is False  # pinned memory needs CUDA: False on CPU, True on CUDA (cuda test)
+    result = training.train(recipe, data_dir, tmp_path / "run", max_steps=3, progress=False, device="cpu")
+    assert result["steps"] == 3 and np.isfinite(result["last"]["loss"])
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    moved = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.equal(v, start[k])]
+    assert len(moved) > len(start) // 2, "most weights should have moved"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    if precision == "fp16":
+        assert ckpt["scaler"]["scale"] > 0 and set(ckpt["scaler"]) >= {"scale", "_growth_tracker"}
+    else:
+        assert ckpt["scaler"] == {}
+    again = training.train(recipe, data_dir, tmp_path / "run", resume=True, max_steps=5, progress=False,
+                           device="cpu")
+    assert again["steps"] == 5 and np.isfinite(again["last"]["loss"])
+
+
+def test_fp16_scaler_state_round_trips_through_resume(data_dir, tmp_path):
+    recipe = tiny("fp16")
+    training.train(recipe, data_dir, tmp_path / "run", max_steps=2, progress=False, device="cpu")
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler"]
+    saved["scale"] = 1024.0  # a value no fresh scaler has: only a restore can produce it
+    saved["_growth_tracker"] = 7
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    ckpt["scaler"] = saved
+    training.save_atomic(ckpt, tmp_path / "run" / "last.pt")
+    run = trainer(recipe, data_dir, tmp_path / "run")
+    run.resume(tmp_path / "run" / "last.pt")
+    state = run.scaler.state_dict()
+    assert state["scale"] == 1024.0 and state["_growth_tracker"] == 7
+
+
+def _one_batch(run: training._Trainer) -> torch.Tensor:
+    run.sampler.set_epoch(0)
+    return next(iter(run.loader))
+
+
+def test_fp16_inf_gradient_skips_the_step_and_backs_off_the_scale(data_dir, tmp_path):
+    run = trainer(tiny("fp16", "train.grad_clip=1.0", "train.ema_decay=0.5"), data_dir, tmp_path / "run")
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    scale = run.scaler.get_scale()
+    run.accumulate_gradients(_one_batch(run))
+    next(p for p in run.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+    run.apply_gradients()
+    assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items()), "the step must be skipped"
+    assert run.scaler.get_scale() == scale * run.scaler.get_backoff_factor()
+    assert not run.optimizer.state, "AdamW must not have stepped"
+    run.accumulate_gradients(_one_batch(run))  # the next finite step goes through
+    run.apply_gradients()
+    assert any(not torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+
+
+def test_fp16_unscales_before_clipping(data_dir, tmp_path, monkeypatch):
+    seen: list[float] = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm, *args, **kwargs):
+        params = list(params)
+        seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))))
+        return original(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    run = trainer(tiny("fp16", "train.grad_clip=1e-6"), data_dir, tmp_path / "run")
+    run.accumulate_gradients(_one_batch(run))
+    scaled = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.model.parameters()
+                                                          if p.grad is not None])))
+    run.apply_gradients()
+    assert seen and seen[0] == pytest.approx(scaled / run.scaler.get_scale(), rel=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_accumulation_and_grad_checkpointing_under_autocast(precision, data_dir, tmp_path):
+    recipe = tiny(precision, "train.accum_steps=2", "train.pairs_per_batch=2", "train.grad_checkpointing=true")
+    result = training.train(recipe, data_dir, tmp_path / "run", max_steps=2, progress=False, device="cpu")
+    assert result["steps"] == 2 and np.isfinite(result["last"]["loss"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_embedding_under_autocast_returns_float32_unit_features(precision, data_dir):
+    from submit.backbones import build_embedder
+
+    recipe = load_recipe(TINY)
+    torch.manual_seed(0)
+    model = build_embedder(recipe.backbone)
+    rows = read_manifest(data_dir).head(12)
+    views = [(1.0, False), (1.0, True)]
+    full = embed_views(model, data_dir, rows, views, batch_size=8, device="cpu", workers=0, precision="fp32",
+                       progress=False)
+    half = embed_views(model, data_dir, rows, views, batch_size=8, device="cpu", workers=0, precision=precision,
+                       progress=False)
+    assert half.dtype == np.float32 and np.allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-5)
+    assert (half * full).sum(axis=1).min() > 0.98  # the same features up to half-precision rounding
+    valid = training.embed_rows(model, data_dir, rows["path"].tolist(), CPU, precision, batch_size=8)
+    assert valid.dtype == np.float32 and valid.shape == (12, model.embed_dim)
+    tta = TTASpec(hflip=True)
+    assert cache_key("x", tta, rows, model, amp_dtype(CPU, precision)) != cache_key("x", tta, rows, model, None)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_amp_trains_and_resumes(precision, data_dir, tmp_path):
+    recipe = tiny(precision, "train.grad_clip=1.0")
+    run = trainer(recipe, data_dir, tmp_path / "probe", torch.device("cuda"))
+    assert run.loader.pin_memory is True and run.scaler.is_enabled() == (precision == "fp16")
+    del run
+    result = training.train(recipe, data_dir, tmp_path / "run", max_steps=3, progress=False, device="cuda")
+    assert result["steps"] == 3 and np.isfinite(result["last"]["loss"])
+    again = training.train(recipe, data_dir, tmp_path / "run", resume=True, max_steps=5, progress=False,
+                           device="cuda")
+    assert again["steps"] == 5 and np.isfinite(again["last"]["loss"])
+    if precision == "fp16":
+        assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler"]["scale"] > 0
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_embedding_matches_cpu(data_dir):
+    from submit.backbones import build_embedder
+
+    torch.manual_seed(0)
+    model = build_embedder(load_recipe(TINY).backbone)
+    rows = read_manifest(data_dir).head(16)
+    views = [(1.0, False), (1.0, True)]
+    cpu = embed_views(model, data_dir, rows, views, batch_size=8, device="cpu", workers=0, progress=False)
+    for precision in ("fp32", "auto", "fp16"):
+        gpu = embed_views(model, data_dir, rows, views, batch_size=8, device="cuda", workers=1, precision=precision,
+                          progress=False)
+        assert gpu.dtype == np.float32 and (gpu * cpu).sum(axis=1).min() > 0.98, precision
