@@ -14,6 +14,7 @@ import click
 
 from submit.atomic import describe
 from submit.errors import SubmitError
+from submit.layouts import LAYOUTS
 
 # The demo trains models/demo-cnn.yaml with 16 pairs per batch, each of a different identity, on 60% of the
 # players: 27 players give the 16 training identities it needs (and 5 test, 6 challenge ones).
@@ -80,7 +81,7 @@ def main() -> None:
 @main.command()
 @click.argument("source", type=click.Path(path_type=str))
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="DATA_DIR to create.")
-@click.option("--layout", type=click.Choice(["auto", "official", "market", "folders"]), default="auto",
+@click.option("--layout", type=click.Choice(["auto", *LAYOUTS]), default="auto",
               show_default=True, help="Source layout; auto detects it.")
 @click.option("--download", "fetch", is_flag=True, help="Fetch the official zip to SOURCE if it is missing.")
 @click.option("--test-fraction", "--query-fraction", "test_fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,

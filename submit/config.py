@@ -3,7 +3,8 @@
 `load(cls, path)` / `from_mapping(cls, data, where)` work for any frozen dataclass tree, so every stage
 (recipes here, ensemble specs in `ensembling`) validates its YAML the same way, with one-line errors
 that name the file and the dotted key. Numeric fields declare their allowed range where they are defined
-(`lr: float = bounded(4e-5, gt=0)`, `hflip: float = probability(0.5)`); floats are always finite.
+(`lr: float = bounded(4e-5, gt=0)`, `hflip: float = probability(0.5)`) and a name field its registry
+(`loss: str = registered("infonce", lambda: LOSSES)`); floats are always finite.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Callable, Literal, Mapping, TypeVar, Union
 
 import yaml
 
@@ -118,6 +119,19 @@ def probability(default: float) -> Any:
     return bounded(default, ge=0.0, le=1.0)
 
 
+def registered(default: str, registry: Callable[[], Mapping[str, Any]]) -> Any:
+    """A str field whose value must be a key of a registry dict (given as a function returning it, so the
+    registry's module is imported only when a value is checked); checked at load like a range."""
+    return dataclasses.field(default=default, metadata={"registry": registry})
+
+
+def check_registered(field: dataclasses.Field, value: Any, where: str, key: str) -> None:
+    """Refuse a loaded value that its field's registry does not hold."""
+    registry = field.metadata.get("registry")
+    if registry is not None and value not in registry():
+        raise SubmitError(f"{where}: key {key!r}: expected one of {list(registry())}, got {value!r}")
+
+
 def check_range(field: dataclasses.Field, value: Any, where: str, key: str) -> None:
     """Refuse a loaded value outside the range its field declares (None means unset and is allowed)."""
     rng = field.metadata.get("range")
@@ -151,6 +165,7 @@ def from_mapping(cls: type[T], data: Any, where: str, key: str = "") -> T:
         if name in data:
             values[name] = _convert(hints[name], data[name], where, _join(key, name))
             check_range(field, values[name], where, _join(key, name))
+            check_registered(field, values[name], where, _join(key, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise SubmitError(f"{where}: missing key {_join(key, name)!r}")
     return cls(**values)

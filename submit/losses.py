@@ -5,16 +5,23 @@ both being the same player, and no player twice in the batch (the sampler guaran
 ranks). The loss owns the distributed all-gather: under torch.distributed each rank gathers every
 rank's features WITH gradients and computes the loss over the whole global batch, so every rank sees
 every negative; DDP's gradient averaging then yields exactly the single-process gradient.
+
+`LOSSES` is the registry: adding a loss is one module (or function) here, one `LOSSES` line (recipes then accept
+its name in `train.loss`) and one test against a hand computation in `tests/test_losses.py`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from submit.recipe import TrainSpec
 
 
 def world_size() -> int:
@@ -84,10 +91,23 @@ class TripletLoss(nn.Module):
         return F.relu(hardest_pos - hardest_neg + self.margin).mean()
 
 
+@dataclass(frozen=True)
+class Loss:
+    """A registered loss: `build(train)` makes it from the recipe's `train` section; `temperature` says whether it
+    uses the learnable temperature (`train.learn_temperature` is ignored for a loss that does not)."""
+
+    build: Callable[[TrainSpec], nn.Module]
+    temperature: bool
+
+
+LOSSES: dict[str, Loss] = {  # the names `recipe.train.loss` accepts
+    "infonce": Loss(lambda t: InfoNCELoss(t.label_smoothing), temperature=True),
+    "triplet": Loss(lambda t: TripletLoss(t.triplet_margin), temperature=False),
+}
+
+
 def build_loss(kind: str, label_smoothing: float = 0.1, margin: float = 0.3) -> nn.Module:
-    """The loss named by `recipe.train.loss` ('infonce' or 'triplet')."""
-    if kind == "infonce":
-        return InfoNCELoss(label_smoothing)
-    if kind == "triplet":
-        return TripletLoss(margin)
-    raise ValueError(f"unknown loss {kind!r}")
+    """The loss named by `recipe.train.loss`, a name in `LOSSES`."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; expected one of {list(LOSSES)}")
+    return LOSSES[kind].build(TrainSpec(loss=kind, label_smoothing=label_smoothing, triplet_margin=margin))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from submit import config
-from submit.config import bounded, probability
+from submit.config import bounded, probability, registered
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class TrainSpec:
 
     epochs: int = bounded(4, ge=1)
     pairs_per_batch: int = bounded(16, ge=1)  # per process; the global batch is this x world size x accum_steps
-    loss: Literal["infonce", "triplet"] = "infonce"
+    loss: str = registered("infonce", lambda: _losses())  # a name in losses.LOSSES
     label_smoothing: float = bounded(0.1, ge=0.0, lt=1.0)
     learn_temperature: bool = True
     triplet_margin: float = bounded(0.3, ge=0.0)
@@ -89,6 +89,13 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     tta: TTASpec = field(default_factory=TTASpec)
+
+
+def _losses() -> dict:
+    """The loss registry, imported when a recipe names a loss (it needs torch; loading a recipe otherwise does not)."""
+    from submit.losses import LOSSES
+
+    return LOSSES
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from submit import atomic, config, reporting
 from submit.device import amp_dtype, autocast, pick_device, usable_cores
 from submit.errors import SubmitError
-from submit.losses import LogitScale, build_loss
+from submit.losses import LOSSES, LogitScale, build_loss
 from submit.manifest import fingerprint, read_manifest
 from submit.recipe import AugmentSpec, DataSpec, Recipe
 from submit.sampler import PairBatchSampler
@@ -446,8 +446,8 @@ class _Trainer:
         embedder = build_embedder(recipe.backbone)
         if t.grad_checkpointing:
             embedder.set_grad_checkpointing(True)
-        temperature = LogitScale(float(embedder.logit_scale_init), learn=t.learn_temperature and t.loss == "infonce",
-                                 max_scale=t.max_logit_scale)
+        learn = t.learn_temperature and LOSSES[t.loss].temperature
+        temperature = LogitScale(float(embedder.logit_scale_init), learn=learn, max_scale=t.max_logit_scale)
         self.model = ContrastiveModel(embedder, temperature).to(device)
         self.criterion = build_loss(t.loss, t.label_smoothing, t.triplet_margin)
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda"

@@ -178,3 +178,12 @@ def test_unrecognised_layout_and_unknown_layout_name():
         plan(["a.jpg", "b/c/d.jpg", "e/f.jpg"], "auto", "odd.zip")
     with pytest.raises(SubmitError, match="layout 'coco': expected one of"):
         plan(OFFICIAL, "coco", "x")
+
+
+def test_layout_choices_come_from_the_registry():
+    """`--layout` offers auto plus every name in `LAYOUTS`, nothing hand-listed."""
+    from submit.cli import prepare
+    from submit.layouts import LAYOUTS
+
+    option = next(p for p in prepare.params if p.name == "layout")
+    assert list(option.type.choices) == ["auto", *LAYOUTS] == ["auto", "official", "market", "folders"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from submit.losses import InfoNCELoss, LogitScale, TripletLoss, build_loss
@@ -79,3 +80,27 @@ def test_build_loss_names():
     assert isinstance(build_loss("infonce"), InfoNCELoss)
     assert isinstance(build_loss("triplet", margin=0.5), TripletLoss)
     assert math.isclose(build_loss("infonce", label_smoothing=0.2).label_smoothing, 0.2)
+
+
+def test_loss_registry_drives_recipe_validation_and_the_trainer(monkeypatch):
+    """`LOSSES` is the one list: a recipe accepts exactly its names, and a loss registered at test time
+    (one line) is accepted by `train.loss` and built by `build_loss`."""
+    from submit import config
+    from submit.errors import SubmitError
+    from submit.losses import LOSSES, Loss
+    from submit.recipe import Recipe, TrainSpec
+
+    base = {"name": "r", "backbone": {"name": "timm:x"}}
+    assert set(LOSSES) == {"infonce", "triplet"}
+    assert LOSSES["infonce"].temperature and not LOSSES["triplet"].temperature
+    assert config.from_mapping(Recipe, {**base, "train": {"loss": "triplet"}}, "r.yaml").train.loss == "triplet"
+    with pytest.raises(SubmitError, match=r"^r\.yaml: key 'train\.loss': expected one of \['infonce', 'triplet'\], "
+                                          r"got 'arcface'$"):
+        config.from_mapping(Recipe, {**base, "train": {"loss": "arcface"}}, "r.yaml")
+    monkeypatch.setitem(LOSSES, "arcface", Loss(lambda t: TripletLoss(t.triplet_margin * 2), temperature=False))
+    recipe = config.from_mapping(Recipe, {**base, "train": {"loss": "arcface"}}, "r.yaml")
+    assert isinstance(build_loss(recipe.train.loss, margin=0.25), TripletLoss)
+    assert build_loss("arcface", margin=0.25).margin == 0.5
+    assert TrainSpec().loss == "infonce"
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        build_loss("nope")
