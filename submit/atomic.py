@@ -1,8 +1,9 @@
 """One home for atomic writes: a temp beside the target, fsync, os.replace; stale temps of killed runs removed.
 
 Every file or folder the toolkit hands to a user goes through `atomic_file`, `atomic_path` or `atomic_dir`.
-A temp is named `.<target name>.<pid>-<token>.tmp` in the target's folder (`.old` for a replaced folder
-on its way out), so that:
+A temp is named `.<target name>.<pid>-<start>-<token>.tmp` in the target's folder (`.old` for a replaced
+folder on its way out; `start` is the process's start time, so a reused pid, as in containers where every
+run is pid 1, is not taken for the killed run), so that:
 - an exception never leaves a half-written target: the temp is removed and the old target kept;
 - a kill -9 leaves a temp that the next write of the same target recognises (its process is gone) and
   removes, so garbage never grows;
@@ -23,7 +24,7 @@ from typing import IO, Any, Iterator
 
 from submit.errors import SubmitError
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|old)$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(?:-(?P<start>\d+))?-[0-9a-f]{8}\.(?:tmp|old)$")
 _LEGACY_TEMP = re.compile(r"^\.?(?P<name>.+?)(?:\.\d+)?\.(?:tmp|part)$")
 FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken to be the full disk's doing
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG})  # the output's file system
@@ -31,7 +32,8 @@ DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}) 
 
 def temp_for(target: Path, kind: str = "tmp") -> Path:
     """A fresh temp path beside `target` that names it and this process (so a rerun can tell it is stale)."""
-    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.{kind}")
+    pid = os.getpid()
+    return target.with_name(f".{target.name}.{pid}-{_start_time(pid) or 0}-{secrets.token_hex(4)}.{kind}")
 
 
 def target_of(path: str | os.PathLike[str]) -> str:
@@ -54,7 +56,7 @@ def remove_stale(target: Path) -> list[Path]:
     removed = []
     for path in candidates:
         m = _TEMP.match(path.name)
-        if m and m["name"] == target.name and not _alive(int(m["pid"])):
+        if m and m["name"] == target.name and not _alive(int(m["pid"]), int(m["start"] or 0)):
             _remove(path)
             removed.append(path)
     return removed
@@ -236,8 +238,22 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` still runs (a temp of a live process is in use, not stale)."""
+def _start_time(pid: int) -> int | None:
+    """Process `pid`'s start time (clock ticks since boot, /proc/PID/stat field 22); None where unknown."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: int = 0) -> bool:
+    """Whether the process that made a temp still runs (its temp is in use, not stale): the pid, and where
+    known its start time, must match, since pids are reused (a container's runs are often all pid 1)."""
+    if start:
+        now = _start_time(pid)
+        if now is not None:
+            return now == start
     if pid == os.getpid():
         return True
     try:

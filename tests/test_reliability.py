@@ -488,12 +488,14 @@ def test_stale_temp_names_are_matched_exactly(tmp_path) -> None:
     target = tmp_path / "r.csv"
     dead = _dead_pid()
     stale = tmp_path / f".r.csv.{dead}-deadbeef.tmp"
+    reused = tmp_path / f".r.csv.{os.getpid()}-1-deadbeef.tmp"  # our pid, another start time: a container's pid 1
+    live = atomic.temp_for(target)  # this very process
     other = tmp_path / f".r.csv.bak.{dead}-deadbeef.tmp"  # another target's temp
     user = tmp_path / ".r.csv.notes"  # a user's file
-    for p in (stale, other, user):
+    for p in (stale, reused, live, other, user):
         p.write_text("x")
-    assert atomic.remove_stale(target) == [stale]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, user.name])
+    assert sorted(atomic.remove_stale(target)) == sorted([stale, reused])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, user.name])
 
 
 # ---------------------------------------------------------------- class 3: silently wrong data
