@@ -248,7 +248,8 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
 
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(path_type=str))
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Prepared DATA_DIR.")
+@click.option("--data", "data_dir", default=None, type=click.Path(path_type=str),
+              help="Prepared DATA_DIR (required, except with --dry-run: there it only sizes the wall-time estimate).")
 @click.option("--out", "out_dir", default=None, type=click.Path(path_type=str), help="Run dir to write (with RECIPE).")
 @click.option("--ensemble", "spec", default=None,
               help="Instead of RECIPE: train every member of this ensemble spec that has a `train` block.")
@@ -262,13 +263,26 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
 @click.option("--report-to", "report_to", default="tensorboard", show_default=True,
               help="Training curves: tensorboard (OUT/tb), wandb (if installed; offline unless WANDB_MODE is set), "
                    "none; comma-separated.")
-def train(recipe: str | None, data_dir: str, out_dir: str | None, spec: str | None, runs_dir: str | None,
+@click.option("--dry-run", is_flag=True, help="Pre-flight: a few optimiser steps on random crops; prints parameters, "
+              "peak memory, s/step, images/s (and with --data the whole recipe's time); writes nothing.")
+@click.option("--steps", type=click.IntRange(min=1, max=1000), default=3, show_default=True,
+              help="With --dry-run: optimiser steps to time (the first is warm-up).")
+@click.option("--memory", "memory_gib", type=click.FloatRange(min=0, min_open=True, max=1e6), default=None,
+              metavar="GiB", help="With --dry-run: say whether the peak fits this many GiB, and what would.")
+def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: str | None, runs_dir: str | None,
           resume: bool, epochs: int | None, max_steps: int | None, device: str | None,
-          overrides: tuple[str, ...], report_to: str) -> None:
+          overrides: tuple[str, ...], report_to: str, dry_run: bool, steps: int, memory_gib: float | None) -> None:
     """Fine-tune a RECIPE (models/*.yaml) on DATA_DIR; under torchrun, trains with DDP on every process."""
     from submit import reporting, training
     from submit.recipe import load_recipe
 
+    if dry_run:
+        _dry_run(recipe, data_dir, out_dir, spec, resume, epochs, max_steps, device, overrides, steps, memory_gib)
+        return
+    if memory_gib is not None or steps != 3:
+        raise SubmitError("--steps and --memory go with --dry-run")
+    if data_dir is None:
+        raise SubmitError("train needs --data DATA_DIR (a prepared data folder)")
     targets = reporting.parse_report_to(report_to)
     if spec is not None:
         if recipe or out_dir or overrides or epochs or max_steps or resume or targets != reporting.DEFAULT:
@@ -289,6 +303,62 @@ def train(recipe: str | None, data_dir: str, out_dir: str | None, spec: str | No
                             report_to=targets)
     if result["main"]:  # under torchrun only rank 0 reports
         _report_run(result)
+
+
+def _dry_run(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: str | None, resume: bool,
+             epochs: int | None, max_steps: int | None, device: str | None, overrides: tuple[str, ...], steps: int,
+             memory_gib: float | None) -> None:
+    """`train RECIPE --dry-run`: run the pre-flight and print it as a table; nothing is written."""
+    from submit import training
+    from submit.preflight import dry_run
+    from submit.recipe import load_recipe
+
+    if recipe is None or spec is not None or out_dir is not None or resume or max_steps is not None:
+        raise SubmitError("--dry-run takes RECIPE and optionally --data, --device, --steps, --memory, --set, "
+                          "--epochs (no --out, --ensemble, --resume or --max-steps: it writes nothing)")
+    extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
+    spec_ = training.apply_overrides(load_recipe(recipe), extra, where=f"{recipe} (--set/--epochs)")
+    _print_preflight(dry_run(spec_, device=device, steps=steps, data_dir=data_dir, memory_gib=memory_gib))
+
+
+def _print_preflight(result: Any) -> None:
+    """Render a `preflight.Preflight` with rich: one table, then the verdict, advice and notes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    gib = 1024 ** 3
+    table = Table(title=f"dry run: {result.recipe} ({result.backbone})", show_header=False)
+    rows = [("device", f"{result.device}, {result.precision}"), ("weights", result.weights),
+            ("parameters", f"{result.params / 1e6:.1f} M ({result.trainable / 1e6:.1f} M trainable)"),
+            ("batch", f"{result.pairs_per_batch} pairs x {result.accum_steps} accumulation, "
+                      f"{result.image_size[0]}x{result.image_size[1]}, grad checkpointing "
+                      f"{'on' if result.grad_checkpointing else 'off'}"),
+            ("peak memory", f"{result.peak_memory / gib:.2f} GiB ({result.memory_kind}); weights+grads+AdamW "
+                            f"{result.static_memory / gib:.2f} GiB"),
+            ("speed", f"{result.seconds_per_step:.3f} s/step, {result.images_per_s:.1f} images/s "
+                      f"({result.steps} step(s) timed)")]
+    if result.total_steps is not None:
+        rows.append(("whole recipe", f"{result.total_steps} steps, about {_duration(result.estimated_seconds)} "
+                                     "(training steps only: validation and data loading not included)"))
+    if result.budget is not None:
+        rows.append(("fits", f"{'yes' if result.fits else 'NO'}: {result.peak_memory / gib:.2f} of "
+                             f"{result.budget / gib:.2f} GiB"))
+    for name, value in rows:
+        table.add_row(name, value)
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    for line in result.advice:
+        console.print(f"would fit: {line}", highlight=False, soft_wrap=True)
+    for line in result.notes:
+        console.print(f"note: {line}", highlight=False, soft_wrap=True)
+
+
+def _duration(seconds: float | None) -> str:
+    """`3 h 05 min` style for the wall-time estimate."""
+    if seconds is None:
+        return "?"
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(seconds / 60, 0):.1f} min"
 
 
 def _report_run(result: dict) -> None:

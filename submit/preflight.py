@@ -1,0 +1,219 @@
+"""Pre-flight for a training recipe: build the tower, run a few real optimiser steps on random crops, report.
+
+`dry_run` answers "will this recipe fit, and how long will it take?" before hours on a rented GPU. It uses the
+training loop's own step (`training._Trainer.train_step`: the recipe's micro-batch, accumulation with cached
+negatives, precision and gradient scaler, clipping, gradient checkpointing, EMA) on random crops at the
+recipe's image size, and writes nothing. Weights are the real ones when cached, else random (same cost).
+
+Peak memory: on CUDA the peak allocated by tensors (`torch.cuda.max_memory_allocated`); on CPU the process's
+peak resident set (`ru_maxrss`: the whole process, Python and torch included). The memory advice is an
+estimate: activations (peak minus weights, gradients, AdamW state, EMA and the memory before the build) scale
+with the micro-batch, so a smaller `train.pairs_per_batch` with a larger `train.accum_steps` keeps the global
+batch (every negative, through the cached features) at a proportionally smaller peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from submit import training
+from submit.device import amp_dtype, needs_scaler, pick_device
+from submit.errors import SubmitError
+from submit.losses import LogitScale, build_loss
+from submit.recipe import Recipe
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Preflight:
+    """What a dry run measured: size, memory, speed, the whole recipe's estimated time and the fit verdict."""
+
+    recipe: str
+    backbone: str
+    device: str
+    precision: str  # the autocast dtype actually used ("fp32" when none)
+    weights: str  # "random" or the checkpoint file used
+    params: int
+    trainable: int
+    image_size: tuple[int, int]
+    pairs_per_batch: int
+    accum_steps: int
+    grad_checkpointing: bool
+    steps: int
+    seconds_per_step: float
+    images_per_s: float
+    peak_memory: int  # bytes
+    memory_kind: str  # what `peak_memory` counts
+    static_memory: int  # bytes of weights + gradients + AdamW state (+ EMA): independent of the batch
+    total_steps: int | None = None  # with data: the recipe's optimiser steps over all epochs
+    estimated_seconds: float | None = None
+    budget: int | None = None  # bytes, from --memory
+    fits: bool | None = None
+    advice: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+class _DryTrainer(training._Trainer):
+    """The training loop's step (accumulation, scaler, clipping, EMA) on a model built here, without data."""
+
+    def __init__(self, recipe: Recipe, embedder: torch.nn.Module, device: torch.device) -> None:  # noqa: D107
+        t = recipe.train
+        self.recipe, self.device, self.ddp = recipe, device, None
+        self.out_dir = Path("<dry run>")
+        temperature = LogitScale(float(embedder.logit_scale_init), learn=t.learn_temperature and t.loss == "infonce",
+                                 max_scale=t.max_logit_scale)
+        self.model = training.ContrastiveModel(embedder, temperature).to(device)
+        self.criterion = build_loss(t.loss, t.label_smoothing, t.triplet_margin)
+        self.optimizer = torch.optim.AdamW(training.param_groups(self.model, t.weight_decay, t.layer_decay), lr=t.lr)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler(device, t.precision))
+        self.ema = training.EMA(self.model, t.ema_decay) if t.ema_decay else None
+        self.state = training._State()
+
+
+def dry_run(recipe: Recipe, device: str | None = None, steps: int = 3, data_dir: str | Path | None = None,
+            memory_gib: float | None = None) -> Preflight:
+    """Run `steps` optimiser steps of `recipe` on random crops; measure parameters, peak memory and speed."""
+    if steps < 1:
+        raise SubmitError(f"--steps {steps}: expected at least 1")
+    if memory_gib is not None and not (memory_gib > 0 and math.isfinite(memory_gib)):
+        raise SubmitError(f"--memory {memory_gib}: expected a positive number of GiB")
+    dev = pick_device(device)
+    total_steps = _recipe_steps(recipe, data_dir) if data_dir is not None else None  # bad data fails first
+    before = _resident() if dev.type == "cpu" else 0
+    embedder, weights, notes = _build(recipe)
+    if recipe.train.grad_checkpointing:
+        embedder.set_grad_checkpointing(True)
+    trainer = _DryTrainer(recipe, embedder, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = _time_steps(trainer, recipe, dev, steps)
+    peak, kind = _peak(dev)
+    params = sum(p.numel() for p in trainer.model.parameters())
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    static = _static_bytes(trainer)
+    per_step = sum(times[1:]) / (len(times) - 1) if len(times) > 1 else times[0]
+    if len(times) == 1:
+        notes.append("one step timed, warm-up included: pass --steps 2 or more for a steady figure")
+    t = recipe.train
+    images = 2 * t.pairs_per_batch * t.accum_steps
+    budget = int(memory_gib * GIB) if memory_gib is not None else None
+    fits = None if budget is None else peak <= budget
+    advice = () if budget is None or fits else _advice(recipe, peak, static, before, budget)
+    dtype = amp_dtype(dev, t.precision)
+    return Preflight(
+        recipe=recipe.name, backbone=recipe.backbone.name, device=str(dev),
+        precision=str(dtype).removeprefix("torch.") if dtype is not None else "fp32", weights=weights,
+        params=params, trainable=trainable, image_size=tuple(embedder.input_size), pairs_per_batch=t.pairs_per_batch,
+        accum_steps=t.accum_steps, grad_checkpointing=t.grad_checkpointing, steps=steps, seconds_per_step=per_step,
+        images_per_s=images / max(per_step, 1e-12), peak_memory=peak, memory_kind=kind, static_memory=static,
+        total_steps=total_steps, estimated_seconds=None if total_steps is None else total_steps * per_step,
+        budget=budget, fits=fits, advice=advice, notes=tuple(notes))
+
+
+def _build(recipe: Recipe) -> tuple[torch.nn.Module, str, list[str]]:
+    """The recipe's tower with its real weights when they are on this machine, else random (with a note)."""
+    from submit.backbones import build_embedder
+    from submit.weights import locate
+
+    spec = recipe.backbone
+    loc = locate(spec.name, spec.pretrained)
+    torch.manual_seed(recipe.seed)
+    if loc.kind == "none":
+        return build_embedder(spec, load_weights=False), "random", []
+    if loc.path is None:
+        note = (f"weights {spec.pretrained!r} are not on this machine: random initialisation (same size and speed; "
+                "`reident-submit weights fetch` gets them)")
+        return build_embedder(spec, load_weights=False), "random", [note]
+    return build_embedder(spec), str(loc.path), []
+
+
+def _time_steps(trainer: _DryTrainer, recipe: Recipe, dev: torch.device, steps: int) -> list[float]:
+    """Seconds of each optimiser step on a fresh random global batch of the recipe's geometry."""
+    t = recipe.train
+    h, w = trainer.model.embedder.input_size
+    gen = torch.Generator().manual_seed(recipe.seed)
+    times = []
+    trainer.model.train()
+    for _ in range(steps):
+        batch = torch.rand(t.pairs_per_batch * t.accum_steps, 2, 3, h, w, generator=gen)
+        start = time.perf_counter()
+        trainer.train_step(batch)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - start)
+        trainer.state.step += 1
+    return times
+
+
+def _recipe_steps(recipe: Recipe, data_dir: str | Path) -> int:
+    """The optimiser steps of the whole recipe on DATA_DIR's training rows (one process)."""
+    from submit.manifest import read_manifest
+    from submit.sampler import PairBatchSampler
+
+    t = recipe.train
+    splits = training.make_splits(read_manifest(data_dir), recipe.data, recipe.seed)
+    sampler = PairBatchSampler(splits.train["pid"].tolist(), t.pairs_per_batch * t.accum_steps, 1, 0, recipe.seed)
+    steps = sum(len(sampler.global_batches(e)) for e in range(t.epochs))
+    if steps == 0:
+        raise SubmitError(f"{data_dir}: the global batch needs {sampler.global_pairs} distinct identities with >= 2 "
+                          f"images, the training rows have {len(sampler.groups)}")
+    return steps
+
+
+def _peak(dev: torch.device) -> tuple[int, str]:
+    """Peak memory in bytes and what it counts."""
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(dev)), "CUDA peak allocated"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "CPU peak resident (whole process)"
+
+
+def _resident() -> int:
+    """This process's resident memory now, in bytes (0 where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _static_bytes(trainer: _DryTrainer) -> int:
+    """Weights + gradients + AdamW moments (+ EMA copy): the part of the peak that no batch change removes."""
+    weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    return weights + 3 * trainable + (weights if trainer.ema is not None else 0)
+
+
+def _advice(recipe: Recipe, peak: int, static: int, before: int, budget: int) -> tuple[str, ...]:
+    """Changes that would bring the peak under `budget`: smaller micro-batch with accumulation, checkpointing."""
+    t = recipe.train
+    activations = max(peak - static - before, 0)
+    out = []
+    if static + before > budget:
+        out.append(f"weights, gradients and optimiser state alone take {static / GIB:.2f} GiB"
+                   f"{f' (+{before / GIB:.2f} GiB before the build)' if before else ''}: no batch change fits "
+                   f"{budget / GIB:.2f} GiB; use a smaller backbone or a larger device")
+        return tuple(out)
+    for pairs in sorted((d for d in range(1, t.pairs_per_batch) if t.pairs_per_batch % d == 0), reverse=True):
+        estimate = before + static + activations * pairs / t.pairs_per_batch
+        if estimate <= budget:
+            accum = t.accum_steps * t.pairs_per_batch // pairs
+            out.append(f"--set train.pairs_per_batch={pairs} --set train.accum_steps={accum}: same global batch "
+                       f"(every negative kept), estimated peak {estimate / GIB:.2f} GiB")
+            break
+    if not t.grad_checkpointing:
+        out.append("--set train.grad_checkpointing=true: recomputes each block's activations in the backward "
+                   "(typically several times less activation memory, ~30% slower); re-run --dry-run to measure")
+    if not out:
+        out.append(f"even 1 pair per micro-batch is estimated above {budget / GIB:.2f} GiB; use a smaller "
+                   "backbone or image size, or a larger device")
+    return tuple(out)
