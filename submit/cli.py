@@ -86,7 +86,8 @@ def main() -> None:
 @click.option("--download", "fetch", is_flag=True, help="Fetch the official zip to SOURCE if it is missing.")
 @click.option("--test-fraction", "--query-fraction", "test_fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
               help="folders layout: share of identities held out as test (one query each, the rest gallery).")
-@click.option("--seed", type=int, default=0, show_default=True, help="folders layout: seed of the identity split.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="folders layout: seed of the identity split.")
 @click.option("--force", is_flag=True, help="Replace a non-empty DATA_DIR.")
 def prepare(source: str, out: str, layout: str, fetch: bool, test_fraction: float, seed: int, force: bool) -> None:
     """Check SOURCE (zip or folder) and write DATA_DIR with images/ and manifest.csv."""
@@ -445,7 +446,7 @@ def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | N
 @click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(path_type=str),
               help="Folder for the synthetic data, runs, ranking files and scores.")
 @click.option("--players", type=click.IntRange(min=MIN_DEMO_PLAYERS), default=72, show_default=True, help="Synthetic players (60/20/20 split).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the synthetic data.")
 @click.option("--device", default=None, callback=_device, help="cpu, cuda, ... [default: cuda if available].")
 def demo(out_dir: str, players: int, seed: int, device: str | None) -> None:
     """Run the whole flow offline on synthetic players: prepare, train, predict, evaluate."""

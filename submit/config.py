@@ -98,11 +98,17 @@ class Range:
         return lo_ok and hi_ok
 
     def __str__(self) -> str:
+        lo, hi = _num(self.lo), _num(self.hi)
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            return f"{'>' if self.lo_open else '>='} {lo}"
         if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'<' if self.hi_open else '<='} {hi}"
+        return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+def _num(value: float | None) -> str:
+    """A bound as users write it: integers in full, floats short (1e-05, 0.5)."""
+    return str(value) if value is None or isinstance(value, int) else f"{value:g}"
 
 
 def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,

@@ -76,7 +76,7 @@ class TrainFrom:
     """How a member's run is produced: a recipe (path relative to the spec), an optional seed and overrides."""
 
     recipe: str
-    seed: int | None = None
+    seed: int | None = config.bounded(None, ge=0, le=2**32 - 1)
     overrides: tuple[str, ...] = ()  # `--set` style, e.g. "train.epochs=2"
 
 

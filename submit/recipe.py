@@ -85,7 +85,7 @@ class Recipe:
 
     name: str
     backbone: BackboneSpec
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 1)  # numpy generators refuse negative seeds
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     tta: TTASpec = field(default_factory=TTASpec)

@@ -288,6 +288,7 @@ RECIPE_CASES = [
     ("tta.scales=[1.0, 0]", "tta.scales[1]", "expected > 0"),
     ("tta.batch_size=0", "tta.batch_size", "expected >= 1"),
     ("backbone.std=[0.5, 0, 0.5]", "backbone.std[1]", "expected > 0"),
+    ("seed=-1", "seed", "expected in [0, 4294967295]"),
 ]
 
 
@@ -319,6 +320,7 @@ SPEC_CASES = [
     ("members: [{run: r, weight: .inf}]", "members[0].weight", "expected a finite number"),
     ("members: [{run: r, weight: -1}]", "members[0].weight", "expected >= 0"),
     ("members: [{run: r}]\nreliability_k: 0", "reliability_k", "expected >= 1"),
+    ("members: [{run: r, train: {recipe: x.yaml, seed: -3}}]", "members[0].train.seed", "expected in [0, 4294967295]"),
     ("members: [{run: r, tta: {scales: [0]}}]", "members[0].tta.scales[0]", "expected > 0"),
     ("members: [{run: r, tta: {batch_size: 0}}]", "members[0].tta.batch_size", "expected >= 1"),
     ("members: [{run: r}]\njersey: {numbers: n.csv, threshold: 2}", "jersey.threshold", "expected in [0, 1]"),
@@ -356,6 +358,8 @@ OPTION_CASES = [
     (["demo", "--out", "o", "--players", "0"], "--players"),
     (["demo", "--out", "o", "--players", str(MIN_DEMO_PLAYERS - 1)], "--players"),
     (["demo", "--out", "o", "--players", "-5"], "--players"),
+    (["demo", "--out", "o", "--seed", "-1"], "--seed"),
+    (["prepare", "s.zip", "--out", "o", "--seed", "-1"], "--seed"),
 ]
 
 
