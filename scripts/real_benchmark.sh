@@ -43,11 +43,15 @@ for S in $SEEDS; do
   printf '{"train all members (wall)": %d, "predict test (wall)": %d, "predict challenge (wall)": %d}\n' \
     $((t1 - t0)) $((t2 - t1)) $((t3 - t2)) > "$D/times.json"
   echo "seed $S: train $((t1 - t0)) s, predict test $((t2 - t1)) s, challenge $((t3 - t2)) s; load $(cut -d' ' -f1-3 /proc/loadavg)"
-  if [[ "${REAL_ABLATION:-1}" != 0 ]]; then
-    python "$REPO/scripts/real_table.py" spec "$ABLATION" "$S" "$D/ablation.yaml"
-    reident-submit train --ensemble "$D/ablation.yaml" --runs-dir "$D/runs" --data "$DATA"
-    echo "seed $S: ablation models trained; load $(cut -d' ' -f1-3 /proc/loadavg)"
-  fi
+done
+# The ablation models (scratch, triplet) after every seed's submission, so the ensemble's seeds come first.
+for S in $SEEDS; do
+  [[ "${REAL_ABLATION:-1}" == 0 ]] && break
+  D=$OUT/seed$S
+  python "$REPO/scripts/real_table.py" spec "$ABLATION" "$S" "$D/ablation.yaml"
+  t0=$(date +%s)
+  reident-submit train --ensemble "$D/ablation.yaml" --runs-dir "$D/runs" --data "$DATA"
+  echo "seed $S: ablation models trained in $(($(date +%s) - t0)) s; load $(cut -d' ' -f1-3 /proc/loadavg)"
 done
 cp "${DIRS[0]}/test.csv" "$OUT/test.csv"
 cp "${DIRS[0]}/challenge.csv" "$OUT/challenge.csv"
