@@ -123,8 +123,11 @@ def map_by_order(
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, model_name: str,
                optional: tuple[str, ...] = ()) -> None:
-    """Load by name when the key names are the module's; else by a checked order-and-shape mapping (logged)."""
-    if not names_match(state, module) and not optional:
+    """Load by name when the key names are the module's; else by a checked order-and-shape mapping (logged).
+
+    A .safetensors file keeps no tensor order (it stores them sorted by name), so it is only loaded by name:
+    mapping it by order would misreport a wrong architecture's first misfit."""
+    if not names_match(state, module) and not optional and not str(path).endswith(".safetensors"):
         state = map_by_order(state, module.state_dict(), path, model_name)
         log.warning("checkpoint %s: key names differ from %s; loaded by order and shape (%d tensors, checked)",
                     path, model_name, len(state))
