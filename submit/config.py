@@ -24,9 +24,10 @@ T = TypeVar("T")
 
 
 def read_text(path: str | Path, what: str) -> str:
-    """A text input file's content; one-line errors for a binary (non-UTF-8) or unreadable file."""
+    """A text input file's content (UTF-8, a leading byte-order mark dropped, as editors on Windows save it);
+    one-line errors for a binary (non-UTF-8) or unreadable file."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise SubmitError(f"{path}: not a {what} (not UTF-8 text)") from None
     except IsADirectoryError:

@@ -82,7 +82,7 @@ def read_csv(path: str | Path, missing: str = "file not found") -> pd.DataFrame:
     """Read any CSV the toolkit takes as input; one-line errors for a missing or unreadable file."""
     path = require_file(path, "CSV file", missing)
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, encoding="utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is not part of a header
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SubmitError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
 

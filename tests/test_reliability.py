@@ -698,3 +698,20 @@ def test_write_errors_blame_the_output_only_for_the_outputs_faults(tmp_path, exc
     if exc.filename:
         exc.filename = exc.filename.format(tmp=tmp)
     assert str(atomic.write_error(exc, target, tmp)) == expected.format(target=target)
+
+
+@pytest.mark.parametrize("name", ["recipe", "manifest", "ranking"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_key(world, tmp_path, name) -> None:
+    """Editors and Excel on Windows save UTF-8 with a BOM: it must not become part of 'name', 'path' or '0'."""
+    bom = b"\xef\xbb\xbf"
+    if name == "recipe":
+        path = tmp_path / "r.yaml"
+        path.write_bytes(bom + TINY.read_bytes())
+        assert load_recipe(path).name == "tiny-test"
+    elif name == "manifest":
+        (tmp_path / "manifest.csv").write_bytes(bom + (world["data"] / "manifest.csv").read_bytes())
+        assert len(read_manifest(tmp_path)) == len(read_manifest(world["data"]))
+    else:
+        path = tmp_path / "r.csv"
+        path.write_bytes(bom + world["ranking"].read_bytes())
+        assert read_ranking(path)[0].shape == read_ranking(world["ranking"])[0].shape
