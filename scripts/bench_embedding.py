@@ -33,6 +33,7 @@ from submit.transforms import CropDataset
 from submit.device import cpu_model
 
 MODELS = {"vit-b-16": BackboneSpec("open_clip:ViT-B-16"),
+          "vit-l-14": BackboneSpec("open_clip:ViT-L-14"),  # random weights (304 M parameters): for GPUs
           "resnet18-128x64": BackboneSpec("timm:resnet18", image_size=(128, 64))}
 
 
@@ -47,19 +48,31 @@ def synthetic_rows(n: int, root: Path) -> pd.DataFrame:
                          "image_id": range(len(paths))})
 
 
-def reference(model: torch.nn.Module, root: Path, rows: pd.DataFrame, tta: TTASpec) -> float:
+def reference(model: torch.nn.Module, root: Path, rows: pd.DataFrame, tta: TTASpec, device: str = "cpu",
+              precision: str = "auto") -> float:
     """Seconds for bare forwards of preloaded view tensors (the same views and batch size as ours)."""
+    from submit.device import autocast
+
+    dev = torch.device(device)
     views = []
     for scale, flip in tta_views(tta):
         ds = CropDataset(root, rows["path"].tolist(), model.input_size, model.mean, model.std, hflip=flip, scale=scale)
-        views.append(torch.stack([ds[i][0] for i in range(len(ds))]))
-    with torch.inference_mode():
+        views.append(torch.stack([ds[i][0] for i in range(len(ds))]).to(dev))
+    with torch.inference_mode(), autocast(dev, precision):
         model(views[0][: tta.batch_size])  # warm-up
+        _sync(dev)
         start = time.perf_counter()
         for x in views:
             for b in range(0, len(x), tta.batch_size):
                 model(x[b:b + tta.batch_size])
+        _sync(dev)
         return time.perf_counter() - start
+
+
+def _sync(dev: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock timings measure it."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 class Timed(torch.nn.Module):
@@ -73,30 +86,33 @@ class Timed(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         out = self.inner(x)
+        _sync(x.device)
         self.seconds += time.perf_counter() - start
         return out
 
 
-def ours(model: torch.nn.Module, root: Path, rows: pd.DataFrame, tta: TTASpec, workers: int) -> tuple[float, float]:
+def ours(model: torch.nn.Module, root: Path, rows: pd.DataFrame, tta: TTASpec, workers: int, device: str = "cpu",
+         precision: str = "auto") -> tuple[float, float]:
     """Seconds for `embed` from disk (no cache, worker start-up included) and the seconds of it inside forward."""
     timed = Timed(model)
     start = time.perf_counter()
-    feats = embed(timed, root, rows, tta, device="cpu", workers=workers, progress=False)
+    feats = embed(timed, root, rows, tta, device=device, workers=workers, progress=False, precision=precision)
     elapsed = time.perf_counter() - start
     assert feats.shape[0] == len(rows) and np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-4)
     return elapsed, timed.seconds
 
 
-def bench(name: str, root: Path, rows: pd.DataFrame, batch: int, workers: int, repeats: int) -> None:
+def bench(name: str, root: Path, rows: pd.DataFrame, batch: int, workers: int, repeats: int, device: str = "cpu",
+          precision: str = "auto") -> None:
     torch.manual_seed(0)
-    model = build_embedder(MODELS[name]).eval()
+    model = build_embedder(MODELS[name]).eval().to(device)
     for hflip in (False, True):
         tta = TTASpec(hflip=hflip, scales=(1.0,), batch_size=batch)
         n = len(rows) * len(tta_views(tta))
         ref_times, our_runs = [], []
         for _ in range(repeats):  # interleaved, so both sides see the same machine load
-            ref_times.append(reference(model, root, rows, tta))
-            our_runs.append(ours(model, root, rows, tta, workers))
+            ref_times.append(reference(model, root, rows, tta, device, precision))
+            our_runs.append(ours(model, root, rows, tta, workers, device, precision))
         ref_s = min(ref_times)
         our_s, in_forward = min(our_runs)
         print(f"{name:16s} views={len(tta_views(tta))} batch={batch} images={len(rows)}: ours {n / our_s:7.1f} img/s"
@@ -112,10 +128,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="best of N timings for each side")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["vit-b-16", "resnet18-128x64"], choices=list(MODELS))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (both sides run there)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                        help="autocast of both sides (submit.device.amp_dtype)")
     args = parser.parse_args()
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}")
+          f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}, device {args.device} "
+          f"({torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'CPU'}), "
+          f"precision {args.precision}")
     print(f"ours = embed() from disk with {args.workers} DataLoader worker(s); reference = bare forward on "
           f"preloaded decoded tensors; best of {args.repeats}, interleaved")
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +147,7 @@ def main() -> None:
             root = Path(tmp)
             rows = synthetic_rows(args.images, root)
         for name in args.models:
-            bench(name, root, rows, args.batch, args.workers, args.repeats)
+            bench(name, root, rows, args.batch, args.workers, args.repeats, args.device, args.precision)
 
 
 if __name__ == "__main__":

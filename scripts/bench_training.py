@@ -9,7 +9,8 @@ batch, loss and optimizer on one batch already in memory. Rounds alternate (refe
 best round of each counts, to damp a shared machine's noise.
 
     python scripts/bench_training.py [--recipe models/cpu-small.yaml] [--steps 20] [--rounds 2]
-                                     [--threads N] [--workers N]
+                                     [--threads N] [--workers N] [--device cuda] [--precision bf16]
+                                     [--random-weights] [--players N]
 """
 
 from __future__ import annotations
@@ -34,34 +35,56 @@ from submit.synthetic import make_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bare_images_per_s(recipe: Recipe, steps: int, warmup: int) -> float:
-    """Forward + backward + AdamW step of the recipe's model on one pre-loaded batch of 2P images."""
+def bare_images_per_s(recipe: Recipe, steps: int, warmup: int, device: str = "cpu") -> float:
+    """Forward + backward + AdamW step of the recipe's model on one pre-loaded batch of 2P images (on `device`,
+    under the recipe's autocast, with a gradient scaler for fp16)."""
+    from submit.device import autocast, needs_scaler
+
+    dev = torch.device(device)
     torch.manual_seed(0)
     embedder = build_embedder(recipe.backbone)
-    model = training.ContrastiveModel(embedder, LogitScale(embedder.logit_scale_init))
+    if recipe.train.grad_checkpointing:
+        embedder.set_grad_checkpointing(True)
+    model = training.ContrastiveModel(embedder, LogitScale(embedder.logit_scale_init)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    scaler = torch.amp.GradScaler(dev.type, enabled=needs_scaler(dev, recipe.train.precision))
     loss_fn = InfoNCELoss(recipe.train.label_smoothing)
     pairs = recipe.train.pairs_per_batch
-    images = torch.randn(2 * pairs, 3, *embedder.input_size)
+    images = torch.randn(2 * pairs, 3, *embedder.input_size, device=dev)
     for i in range(warmup + steps):
         if i == warmup:
+            _sync(dev)
             start = time.perf_counter()
-        feats, scale = model(images)
+        with autocast(dev, recipe.train.precision):
+            feats, scale = model(images)
         loss = loss_fn(feats[:pairs], feats[pairs:], scale)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
+    _sync(dev)
     return 2 * pairs * steps / (time.perf_counter() - start)
 
 
-def ours_images_per_s(recipe: Recipe, data_dir: Path, steps: int, warmup: int, work: Path, round_no: int
-                      ) -> tuple[float, float]:
+def _sync(dev: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock timings measure it."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def ours_images_per_s(recipe: Recipe, data_dir: Path, steps: int, warmup: int, work: Path, round_no: int,
+                      device: str | None = None) -> tuple[float, float]:
     """`train` for warmup + steps optimizer steps: (steady images/s after warm-up, images/s the run reports)."""
     clock: dict[int, float] = {}
     original = training._Trainer.on_step
-    training._Trainer.on_step = lambda self, step: clock.__setitem__(step, time.perf_counter())  # type: ignore
+    def on_step(self, step: int) -> None:
+        _sync(self.device)  # a step's CUDA work is finished before its clock
+        clock[step] = time.perf_counter()
+
+    training._Trainer.on_step = on_step  # type: ignore[method-assign]
     try:
-        result = training.train(recipe, data_dir, work / f"run{round_no}", max_steps=warmup + steps, progress=True)
+        result = training.train(recipe, data_dir, work / f"run{round_no}", max_steps=warmup + steps, progress=True,
+                                device=device)
     finally:
         training._Trainer.on_step = original  # type: ignore[method-assign]
     images = 2 * recipe.train.pairs_per_batch * steps
@@ -82,27 +105,36 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="compute threads for both sides [default: what train picks, cores - loader workers]")
     parser.add_argument("--workers", type=int, default=None, help="loader workers [default: the recipe's]")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (both sides run there)")
+    parser.add_argument("--precision", default=None, choices=("auto", "bf16", "fp16", "fp32"),
+                        help="override train.precision [default: the recipe's]")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="backbone.pretrained=null: no weight file needed (same speed)")
+    parser.add_argument("--players", type=int, default=200, help="synthetic identities (x10 training crops)")
     args = parser.parse_args()
     workers = recipe_workers(args.recipe) if args.workers is None else args.workers
     threads = args.threads or training.cpu_threads(torch.device("cpu"), workers)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # train() then keeps this thread count
     torch.set_num_threads(threads)
+    extra = ([f"train.precision={args.precision}"] if args.precision else []) + (
+        ["backbone.pretrained=null"] if args.random_weights else [])
     recipe = training.apply_overrides(load_recipe(args.recipe), [
-        "data.split=all", f"data.workers={workers}", "train.checkpoint_every=0"])
+        "data.split=all", f"data.workers={workers}", "train.checkpoint_every=0", *extra])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        make_dataset(work / "src", players=200, seqs=2, frames=5, seed=0)  # 1,200 training crops
+        make_dataset(work / "src", players=args.players, seqs=2, frames=5, seed=0)  # 6 crops per identity
         prepare(work / "src", work / "data", progress=False)
         bare, ours, reported = [], [], []
         for r in range(args.rounds):
-            bare.append(bare_images_per_s(recipe, args.steps, args.warmup))
-            steady, whole = ours_images_per_s(recipe, work / "data", args.steps, args.warmup, work, r)
+            bare.append(bare_images_per_s(recipe, args.steps, args.warmup, args.device))
+            steady, whole = ours_images_per_s(recipe, work / "data", args.steps, args.warmup, work, r, args.device)
             ours.append(steady)
             reported.append(whole)
             print(f"round {r + 1}: bare {bare[-1]:.1f} img/s, ours {steady:.1f} img/s "
                   f"(run-reported incl. start-up {whole:.1f})", flush=True)
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} compute thread(s), "
-          f"{workers} loader worker(s)")
+    gpu = f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {threads} compute "
+          f"thread(s), {workers} loader worker(s), device {args.device}, precision {recipe.train.precision}")
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"model: {recipe.backbone.name} {recipe.backbone.image_size}, {recipe.train.pairs_per_batch} pairs "
           f"({2 * recipe.train.pairs_per_batch} images) per step, {args.warmup} warm-up + {args.steps} timed steps "
