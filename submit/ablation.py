@@ -28,10 +28,11 @@ import pandas as pd
 
 from submit import atomic, config
 from submit.errors import SubmitError
+from submit.metrics import METRIC_KEYS
 from submit.recipe import Recipe, TTASpec
+from submit.reranking import cosine_distance
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ def features(run: str | Path, data: str | Path, rows: pd.DataFrame, work_dir: st
     """(N, D) unit TTA features of `rows` from a run's checkpoint (default TTA: the run's recipe), cached."""
     from submit import embedding
     from submit.recipe import load_recipe
-    from submit.training import load_trained
+    from submit.run_folder import load_trained
 
     rec = load_recipe(Path(run) / "recipe.yaml")
     tta = tta or rec.tta
@@ -270,9 +271,7 @@ def split_features(run: str | Path, data: str | Path, query: pd.DataFrame, galle
     return feats[:len(query)], feats[len(query):]
 
 
-def cosine(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """1 - q.g for unit rows: (Q, G) float32 distances."""
-    return (1.0 - q.astype(np.float32) @ g.astype(np.float32).T).astype(np.float32)
+cosine = cosine_distance  # (Q, G) float32 cosine distances; the notebooks' name for the one in submit.reranking
 
 
 def score(dist: np.ndarray, query: pd.DataFrame, gallery: pd.DataFrame) -> dict[str, float]:
@@ -280,7 +279,7 @@ def score(dist: np.ndarray, query: pd.DataFrame, gallery: pd.DataFrame) -> dict[
     from submit.metrics import evaluate_distances
 
     result = evaluate_distances(dist, query["pid"].to_numpy(), gallery["pid"].to_numpy())
-    return {k: round(100.0 * float(result[k]), 2) for k in METRICS}
+    return {k: round(100.0 * float(result[k]), 2) for k in METRIC_KEYS}
 
 
 def noisy_oracle(truth: np.ndarray, noise: float, flagged: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

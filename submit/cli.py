@@ -6,6 +6,7 @@ anywhere below becomes a one-line `error: ...` on stderr and exit status 2.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,21 @@ from submit.layouts import LAYOUTS
 # The demo trains models/demo-cnn.yaml with 16 pairs per batch, each of a different identity, on 60% of the
 # players: 27 players give the 16 training identities it needs (and 5 test, 6 challenge ones).
 MIN_DEMO_PLAYERS = 27
+
+
+class _StderrLines(logging.Handler):
+    """Library log lines (logger `submit`, INFO and up) as plain lines on the current stderr, flushed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _log_to_stderr() -> None:
+    """Show the library's progress lines (e.g. training's per-epoch line) as the commands always printed them."""
+    logger = logging.getLogger("submit")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines())
+    logger.setLevel(logging.INFO)
 
 
 class _Group(click.Group):
@@ -73,6 +89,7 @@ def _finite_grid(text: str) -> tuple[float, ...]:
 @click.version_option(package_name="reident-submit")
 def main() -> None:
     """CLIP-ReIdent player re-identification: prepare data, train, predict, evaluate."""
+    _log_to_stderr()
 
 
 # Commands are registered below, one per pipeline stage, each calling a library function.

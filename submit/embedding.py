@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -24,14 +23,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
 from submit import atomic, config
 from submit.device import amp_dtype, autocast, pick_device
 from submit.errors import SubmitError
 from submit.manifest import fingerprint
+from submit.progress import progress_bar
 from submit.recipe import TTASpec
 
 View = tuple[float, bool]  # (scale, horizontal flip)
@@ -198,9 +197,7 @@ def _last_line(message: str) -> str:
 
 def _bar(enabled: bool) -> Progress:
     """A rich progress bar on stderr (images done / total, ETA); silent when disabled or not a terminal."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("img"), TimeRemainingColumn(), console=Console(stderr=True),
-                    disable=not (enabled and sys.stderr.isatty()))
+    return progress_bar(enabled, "img", stderr=True, tty_only=True)
 
 
 def _load_cached(path: Path, n: int) -> np.ndarray | None:

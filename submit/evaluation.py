@@ -15,13 +15,11 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from submit import ranking_file
 from submit.errors import SubmitError
 from submit.manifest import read_manifest, select
-from submit.metrics import evaluate_distances
-from submit.ranking_file import id_mismatch, read_ranking
-
-RANKED_SPLITS = ("test", "challenge")
-METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
+from submit.metrics import METRIC_KEYS, evaluate_distances
+from submit.ranking_file import RANKED_SPLITS, id_mismatch, read_ranking
 
 
 def evaluate_file(path: str | Path, data_dir: str | Path, split: str | None = None) -> dict:
@@ -56,25 +54,17 @@ def evaluate_file(path: str | Path, data_dir: str | Path, split: str | None = No
 
 
 def detect_split(path: Path, manifest: pd.DataFrame, q_ids: np.ndarray, g_ids: np.ndarray) -> str:
-    """The ranked split whose query and gallery id multisets equal the file's; explain when none does."""
-    present = _ranked_splits(manifest)
-    if not present:
+    """The ranked split of the file (`ranking_file.detect_split`); explain when it fits none exactly."""
+    match = ranking_file.detect_split(manifest, q_ids, g_ids)
+    if not match.sizes:
         raise SubmitError(f"{path}: the manifest has no test or challenge query/gallery images to compare with")
-    matching = [s for s in present
-                if id_mismatch("query", q_ids, select(manifest, s, "query")["image_id"]) is None
-                and id_mismatch("gallery", g_ids, select(manifest, s, "gallery")["image_id"]) is None]
-    if len(matching) == 1:
-        return matching[0]
-    if len(matching) > 1:
+    if match.ambiguous:
         raise SubmitError(f"{path}: ids match both the test and the challenge split; pass --split")
-    sizes = {s: (len(select(manifest, s, "query")), len(select(manifest, s, "gallery"))) for s in present}
-    same_shape = [s for s in present if sizes[s] == (q_ids.size, g_ids.size)]
-    if same_shape:
-        s = same_shape[0]
-        problem = (id_mismatch("query", q_ids, select(manifest, s, "query")["image_id"])
-                   or id_mismatch("gallery", g_ids, select(manifest, s, "gallery")["image_id"]))
-        raise SubmitError(f"{path}: looks like a {s} file but {problem}")
-    shapes = ", ".join(f"{s} {q} x {g}" for s, (q, g) in sizes.items())
+    if match.exact and match.split:
+        return match.split
+    if match.split:
+        raise SubmitError(f"{path}: looks like a {match.split} file but {match.problem}")
+    shapes = ", ".join(f"{s} {q} x {g}" for s, (q, g) in match.sizes.items())
     raise SubmitError(f"{path}: {q_ids.size} queries x {g_ids.size} gallery matches no split of the manifest "
                       f"({shapes})")
 

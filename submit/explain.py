@@ -26,11 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from submit import atomic
 from submit.device import autocast, pick_device
 from submit.errors import SubmitError
+from submit.progress import progress_bar
 
 
 def score_cam(model: torch.nn.Module, img_a: torch.Tensor, img_b: torch.Tensor, batch_size: int = 32,
@@ -102,8 +103,7 @@ def _one_way(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, maps
 
 def _bar(enabled: bool) -> Progress:
     """A rich progress bar over masked forward passes."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("masks"), TimeRemainingColumn(), disable=not enabled)
+    return progress_bar(enabled, "masks")
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -128,7 +128,7 @@ def load_model(run_dir: str | Path | None = None, checkpoint: str = "best", mode
     if (run_dir is None) == (model is None):
         raise SubmitError("give exactly one of --run RUN_DIR or --model NAME")
     if run_dir is not None:
-        from submit.training import load_trained
+        from submit.run_folder import load_trained
 
         return load_trained(run_dir, checkpoint=checkpoint)[0]
     from submit.backbones import build_embedder

@@ -69,18 +69,6 @@ class NormalizedEmbedder(nn.Module):
         return nn.functional.normalize(feats.float(), dim=1)
 
 
-def checkpoint_path(run_dir: str | Path, checkpoint: str) -> Path:
-    """RUN_DIR/best.pt or last.pt, or an explicit .pt file (as `training.load_trained` resolves it)."""
-    if checkpoint.endswith(".pt"):
-        return Path(checkpoint)
-    if checkpoint not in ("best", "last"):
-        raise SubmitError(f"--checkpoint {checkpoint!r}: expected best, last or a .pt file")
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise SubmitError(f"{run}: not a folder (expected a training run dir with best.pt/last.pt)")
-    return run / f"{checkpoint}.pt"
-
-
 def _onnx() -> Any:
     """The onnx package, or a one-line error saying how to install it (it is in the dev extra)."""
     try:
@@ -94,7 +82,7 @@ def _onnx() -> Any:
 def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
                 opset: int = DEFAULT_OPSET) -> ExportResult:
     """Export RUN_DIR's trained tower to ONNX file `out` (see the module docstring for its contract)."""
-    from submit.training import load_trained, recorded_manifest
+    from submit.run_folder import checkpoint_path, load_trained, recorded_manifest
 
     max_opset = _max_opset()
     if not MIN_OPSET <= opset <= max_opset:

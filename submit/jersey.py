@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from torch.utils.data import DataLoader
 
 from submit import atomic, config
@@ -38,6 +38,7 @@ from submit.device import autocast, check_device, pick_device
 from submit.ensembling import JerseySpec  # the spec's `jersey:` block lives with the (torch-free) ensemble spec
 from submit.errors import SubmitError
 from submit.manifest import read_csv, read_manifest, select
+from submit.progress import progress_bar
 
 NONE = -1  # the "no readable number" class
 CLASSES: tuple[int, ...] = (*range(100), NONE)
@@ -421,5 +422,4 @@ def _dev_str(device: str | torch.device | None) -> str | None:
 
 
 def _bar(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("img"), TimeRemainingColumn(), disable=not enabled)
+    return progress_bar(enabled, "img")

@@ -22,6 +22,9 @@ from submit.errors import SubmitError
 
 # Distance-matrix elements per block of query rows: bounds the temporaries (~100 bytes per candidate in
 # the worst case, when every item of a row is at or below its hardest positive).
+METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")  # the scores every table, row and curve reports
+METRIC_LABELS = {"mAP": "mAP", "rank1": "rank-1", "rank5": "rank-5", "rank10": "rank-10", "mINP": "mINP"}
+
 BLOCK_ELEMENTS = 2_000_000
 # Elements per padded group of candidates: small groups of rows with similar candidate counts keep the
 # padding waste low (the comparison path sub-blocks rows x positives x candidates by the same budget).

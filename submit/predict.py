@@ -25,7 +25,9 @@ from submit import atomic, config, embedding, ensembling
 from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec
 from submit.errors import SubmitError
 from submit.manifest import fingerprint, read_manifest, select
+from submit.metrics import METRIC_KEYS, METRIC_LABELS
 from submit.recipe import BackboneSpec, load_recipe
+from submit.reranking import cosine_distance
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -175,7 +177,7 @@ def trained_manifests(spec: EnsembleSpec) -> dict[str, str | None]:
     Read from the checkpoint the member loads, memory-mapped, so no weights are read. Pretrained (zero-shot)
     members are left out: they were never trained on a manifest.
     """
-    from submit.training import recorded_manifest
+    from submit.run_folder import recorded_manifest
 
     out: dict[str, str | None] = {}
     for m in spec.members:
@@ -267,7 +269,7 @@ def member_matrices(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFram
         if f.shape[0] != len(rows):
             raise SubmitError(f"member {m.name}: {f.shape[0]} feature rows for {len(rows)} manifest rows")
         q, g = f[:nq], f[nq:]
-        raw.append(cosine_distances(q, g))
+        raw.append(cosine_distance(q, g))
         if stages is not None:
             stages[m.name or "member"] = raw[-1]
         if spec.postprocess_on == "member" and spec.postprocess:
@@ -327,7 +329,7 @@ def train_features(member: MemberSpec, data_dir: str | Path, device: str | None,
 
 def _run_loader(member: MemberSpec) -> Callable[[], torch.nn.Module]:
     def load() -> torch.nn.Module:
-        from submit.training import load_trained
+        from submit.run_folder import load_trained
 
         return load_trained(member.run, member.checkpoint)[0]  # type: ignore[arg-type]
     return load
@@ -347,11 +349,6 @@ def pretrained_identity(backbone: BackboneSpec) -> str:
     if local is not None and local.is_file():
         return embedding.checkpoint_identity(local, backbone)
     return "pretrained:" + json.dumps(config.to_mapping(backbone), sort_keys=True)
-
-
-def cosine_distances(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """1 - q.g for L2-normalised rows: (Q, G) float32 in [0, 2]."""
-    return (1.0 - q.astype(np.float32) @ g.astype(np.float32).T).astype(np.float32)
 
 
 def concat_features(feats: list[tuple[np.ndarray, np.ndarray]], weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -375,7 +372,7 @@ def stage_distances(q: np.ndarray, g: np.ndarray, steps: tuple[StepSpec, ...],
 
     for stage in reranking.run_chain(q, g, [(step.op, step.params) for step in steps], train_feats):
         dist = stage.distances
-        yield stage.label, dist if dist is not None else cosine_distances(stage.query, stage.gallery)
+        yield stage.label, dist if dist is not None else cosine_distance(stage.query, stage.gallery)
 
 
 def chain_text(steps: tuple[StepSpec, ...]) -> str:
@@ -396,7 +393,7 @@ def _scorer(query: pd.DataFrame, gallery: pd.DataFrame) -> Callable[[np.ndarray]
 
     def score(dist: np.ndarray) -> dict:
         result = evaluate_distances(dist, q_pids, g_pids)
-        return {k: float(result[k]) for k in ("mAP", "rank1", "rank5", "rank10", "mINP")}
+        return {k: float(result[k]) for k in METRIC_KEYS}
     return score
 
 
@@ -408,11 +405,11 @@ def score_table(result: dict) -> "Table":
                         f"({result['shape'][0]} queries x {result['shape'][1]} gallery)",
                   caption=result["postprocess"])
     table.add_column("stage")
-    for col in ("mAP", "rank-1", "rank-5", "rank-10", "mINP"):
-        table.add_column(col, justify="right")
+    for key in METRIC_KEYS:
+        table.add_column(METRIC_LABELS[key], justify="right")
     labels = list(result["scores"])
     for i, label in enumerate(labels):
         s = result["scores"][label]
-        cells = [f"{100 * s[k]:.2f}" for k in ("mAP", "rank1", "rank5", "rank10", "mINP")]
+        cells = [f"{100 * s[k]:.2f}" for k in METRIC_KEYS]
         table.add_row(label, *cells, style="bold" if i == len(labels) - 1 else None)
     return table

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn
 
 from submit import atomic, layouts
 from submit.errors import SubmitError
 from submit.manifest import COLUMNS, ROLES, SPLITS, write_manifest
+from submit.progress import progress_bar
 
 OFFICIAL_URL = ("https://github.com/DeepSportradar/player-reidentification-challenge/raw/master/"
                 "baseline/data/synergyreid/raw/synergyreid_data.zip")
@@ -317,9 +317,8 @@ def _decode_reason(exc: BaseException) -> str:
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", _one_line(exc))
 
 
-def _progress(enabled: bool, counter: object) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), counter, TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
+def _progress(enabled: bool, counter: ProgressColumn) -> Progress:
+    return progress_bar(enabled, counter=counter, bold=False, stderr=True)
 
 
 def _one_line(obj: object) -> str:

@@ -16,6 +16,7 @@ import io
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,43 @@ def id_mismatch(kind: str, found: Iterable[int], expected: Iterable[int]) -> str
         parts.append(f"{sum(extra.values())} not expected (e.g. {_examples(extra)})")
     return (f"{kind} ids differ from the manifest's ({sum(have.values())} in the file, "
             f"{sum(want.values())} expected): " + ", ".join(parts))
+
+
+RANKED_SPLITS = ("test", "challenge")  # the manifest splits a ranking file can rank
+
+
+@dataclass(frozen=True)
+class SplitMatch:
+    """Which ranked split a ranking file's ids belong to (`detect_split`)."""
+
+    split: str | None  # the exact fit; else the same-sized split sharing most ids; None when neither exists
+    exact: bool  # the split's query and gallery id multisets equal the file's
+    ambiguous: bool  # the ids fit both splits exactly
+    problem: str | None  # for an inexact match: how the split's ids differ from the file's (`id_mismatch`)
+    sizes: dict[str, tuple[int, int]]  # (queries, gallery) of each ranked split that has both roles
+
+
+def detect_split(manifest: pd.DataFrame, q_ids: np.ndarray, g_ids: np.ndarray) -> SplitMatch:
+    """The one rule for `--split auto` (evaluate, report): the ranked split whose query and gallery id multisets
+    equal the file's; when none does, the same-sized split sharing most of the file's ids (at least one)."""
+    def ids(split: str, role: str) -> np.ndarray:
+        return manifest.loc[(manifest["split"] == split) & (manifest["role"] == role), "image_id"].to_numpy()
+
+    rows = {s: (ids(s, "query"), ids(s, "gallery")) for s in RANKED_SPLITS}
+    sizes = {s: (len(q), len(g)) for s, (q, g) in rows.items() if len(q) and len(g)}
+
+    def problem(s: str) -> str | None:
+        return id_mismatch("query", q_ids, rows[s][0]) or id_mismatch("gallery", g_ids, rows[s][1])
+
+    fits = [s for s in sizes if problem(s) is None]
+    if fits:
+        return SplitMatch(fits[0], True, len(fits) > 1, None, sizes)
+    shared = {s: int(np.isin(q_ids, rows[s][0]).sum() + np.isin(g_ids, rows[s][1]).sum())
+              for s in sizes if sizes[s] == (len(q_ids), len(g_ids))}
+    if shared and max(shared.values()) > 0:
+        closest = max(shared, key=lambda s: shared[s])
+        return SplitMatch(closest, False, False, problem(closest), sizes)
+    return SplitMatch(None, False, False, None, sizes)
 
 
 def _examples(ids: Counter) -> str:

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from submit import atomic
 from submit import manifest as mf
 from submit.errors import SubmitError
-from submit.metrics import average_precision, evaluate_distances
+from submit.metrics import METRIC_LABELS, average_precision, evaluate_distances
 from submit.prepare import to_8bit
-from submit.ranking_file import id_mismatch, read_ranking
+from submit.progress import progress_bar
+from submit.ranking_file import detect_split, id_mismatch, read_ranking
 
 THUMB_HEIGHT = 128
 MARKER = ".reident-report"  # marks a folder as ours, so a rerun may replace it
@@ -65,36 +65,17 @@ def load_aligned(ranking_csv: str | Path, data_dir: str | Path, split: str = "au
     return Aligned(dist=dist, queries=queries, gallery=gallery, split=split)
 
 
-def _ids_equal(df: pd.DataFrame, split: str, role: str, ids: np.ndarray) -> bool:
-    """Whether the manifest's split/role holds exactly `ids` (in ranking-file order)."""
-    rows = df[(df["split"] == split) & (df["role"] == role)]
-    return len(rows) == len(ids) and bool((np.sort(rows["image_id"].to_numpy()) == ids).all())
-
-
 def _detect_split(df: pd.DataFrame, q_ids: np.ndarray, g_ids: np.ndarray,
                   ranking_csv: str | Path, data_dir: str | Path) -> str:
-    """The split whose ids are exactly the file's; else the same-sized split sharing most of its ids."""
-    fits = [s for s in ("test", "challenge")
-            if _ids_equal(df, s, "query", q_ids) and _ids_equal(df, s, "gallery", g_ids)]
-    if len(fits) == 1:
-        return fits[0]
-    if len(fits) > 1:
+    """The file's split by `ranking_file.detect_split` (an inexact match is returned: `_rows` names the ids)."""
+    match = detect_split(df, q_ids, g_ids)
+    if match.ambiguous:
         raise SubmitError(f"{ranking_csv}: ids fit both test and challenge splits; pass --split")
-    overlap = {s: _overlap(df, s, q_ids, g_ids) for s in ("test", "challenge")
-               if (_count(df, s, "query"), _count(df, s, "gallery")) == (len(q_ids), len(g_ids))}
-    if overlap and max(overlap.values()) > 0:
-        return max(overlap, key=overlap.get)  # the closest split; the caller names the ids that differ
+    if match.split:
+        return match.split
     sizes = ", ".join(f"{s} {_count(df, s, 'query')}x{_count(df, s, 'gallery')}" for s in ("test", "challenge"))
     raise SubmitError(f"{ranking_csv}: its {len(q_ids)} query x {len(g_ids)} gallery ids match no split of "
                       f"{mf.manifest_path(data_dir)} ({sizes}); wrong --data?")
-
-
-def _overlap(df: pd.DataFrame, split: str, q_ids: np.ndarray, g_ids: np.ndarray) -> int:
-    """How many of the file's ids occur in the split (queries plus gallery)."""
-    def known(role: str) -> np.ndarray:
-        return df.loc[(df["split"] == split) & (df["role"] == role), "image_id"].to_numpy()
-
-    return int(np.isin(q_ids, known("query")).sum() + np.isin(g_ids, known("gallery")).sum())
 
 
 def _count(df: pd.DataFrame, split: str, role: str) -> int:
@@ -205,8 +186,7 @@ def write_thumbs(rels: list[str], data_dir: Path, thumbs: Path, previous: Path |
     """
     thumbs.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, tuple[int, int]] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns) as bar:
+    with progress_bar(bold=False) as bar:
         task = bar.add_task("thumbnails", total=len(rels))
         for rel in rels:
             sizes[rel] = _thumb(rel, data_dir, thumbs, previous)
@@ -315,9 +295,8 @@ def _nav(page: int, n_pages: int) -> str:
 def _header(ctx: PageContext) -> str:
     cells = ""
     if ctx.scores is not None:
-        names = [("mAP", "mAP"), ("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"), ("mINP", "mINP")]
         cells = "".join(f'<div class="score"><b>{100 * ctx.scores.summary[k]:.2f}</b>{label}</div>'
-                        for k, label in names if k in ctx.scores.summary)
+                        for k, label in METRIC_LABELS.items() if k in ctx.scores.summary)
         cells = f'<div class="scores">{cells}</div>'
     return (f"<header><h1>{html.escape(ctx.title)}</h1><div class=\"meta\">{html.escape(ctx.meta)}</div>"
             f"{cells}</header>")

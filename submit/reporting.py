@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from submit.errors import SubmitError, first_line
+from submit.metrics import METRIC_KEYS
 
 TARGETS = ("tensorboard", "wandb", "none")
 DEFAULT = ("tensorboard",)
 STEP_KEYS = ("loss", "lr", "temperature", "images_per_s")
-VALIDATION_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
+VALIDATION_KEYS = METRIC_KEYS
 TB_DIR = "tb"
 
 

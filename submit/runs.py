@@ -18,11 +18,12 @@ import yaml
 
 from submit import atomic
 from submit.errors import SubmitError
+from submit.metrics import METRIC_LABELS
 
 SORTS = {"mAP": "best_mAP", "rank1": "best_rank1", "last-mAP": "last_mAP", "last-rank1": "last_rank1",
          "time": "train_seconds", "name": "name"}
 ASCENDING = ("train_seconds", "name")
-CURVE_METRICS = (("mAP", "mAP"), ("rank1", "rank-1"), ("mINP", "mINP"))
+CURVE_METRICS = tuple((key, METRIC_LABELS[key]) for key in ("mAP", "rank1", "mINP"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +163,7 @@ def _read_last(path: Path) -> tuple[dict, list, str | None]:
     """(state, history, manifest) of last.pt, memory-mapped; empty when the run has none."""
     if not path.is_file():
         return {}, [], None
-    from submit.training import load_checkpoint
+    from submit.run_folder import load_checkpoint
 
     ckpt = load_checkpoint(path, mmap=True)
     state = ckpt.get("state") if isinstance(ckpt.get("state"), dict) else {}

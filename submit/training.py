@@ -34,11 +34,11 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import random
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,11 +56,13 @@ from submit.device import amp_dtype, autocast, pick_device, usable_cores
 from submit.errors import SubmitError
 from submit.losses import LOSSES, LogitScale, build_loss
 from submit.manifest import fingerprint, read_manifest
+from submit.metrics import METRIC_KEYS
 from submit.recipe import AugmentSpec, DataSpec, Recipe
+from submit.run_folder import FORMAT, load_checkpoint, load_trained, recorded_manifest, save_atomic  # noqa: F401
+from submit.run_folder import rng_state as _rng_state
+from submit.run_folder import set_rng_state as _set_rng_state
 from submit.sampler import PairBatchSampler
 
-FORMAT = "reident-submit/train-v1"
-METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 RESUME_MAY_CHANGE = ("train.epochs", "train.checkpoint_every", "data.workers", "data.cache_images")
 CSV_COLUMNS = ("epoch", "step", "loss", "lr", "temperature", "images_per_s", "seconds", *METRIC_KEYS)
 
@@ -302,76 +304,10 @@ def _gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save through submit.atomic, so a kill never leaves a half-written checkpoint (nor a stale temp)."""
-    with atomic.atomic_file(path, "wb") as fh:  # a Python file: a full disk raises OSError, not RuntimeError
-        torch.save(obj, fh)
-
-
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """Load a checkpoint with weights_only=True; one-line errors for a missing or foreign file.
-
-    `mmap` maps the tensors instead of reading them: cheap when only the plain fields are needed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SubmitError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise SubmitError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise SubmitError(f"{path}: not a reident-submit training checkpoint (format {FORMAT})")
-    return obj
-
-
-def recorded_manifest(path: str | Path) -> str | None:
-    """The manifest fingerprint a checkpoint's run trained on; None for runs saved before it was recorded."""
-    value = load_checkpoint(path, mmap=True).get("manifest")
-    return value if isinstance(value, str) else None
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, key, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def load_trained(run_dir: str | Path, checkpoint: str = "best") -> tuple[nn.Module, Recipe]:
-    """The trained embedder (EMA weights when the run used EMA) and its recipe, from RUN_DIR/<checkpoint>.pt.
-
-    `checkpoint` is 'best', 'last' or a path to a .pt file. The backbone is built without pretrained
-    weights (nothing is downloaded); the checkpoint supplies them.
-    """
-    from submit.backbones import build_embedder
-
-    path = Path(checkpoint) if checkpoint.endswith(".pt") else Path(run_dir) / f"{checkpoint}.pt"
-    obj = load_checkpoint(path)
-    recipe = config.from_mapping(Recipe, obj["recipe"], where=str(path))
-    embedder = build_embedder(recipe.backbone, load_weights=False)
-    weights = obj.get("ema") or obj["model"]
-    embedder.load_state_dict(weights)
-    return embedder.eval(), recipe
 
 
 # ---- validation -------------------------------------------------------------------------------------
@@ -728,16 +664,16 @@ def write_metrics(out_dir: Path, history: list[dict], meta: dict) -> None:
 
 
 def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from submit.progress import progress_bar
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} "
-                               "temp {task.fields[temp]:.1f} {task.fields[ips]:.0f} img/s"),
-                    TimeRemainingColumn(), disable=not (enabled and sys.stderr.isatty()))
+    return progress_bar(enabled, "loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} "
+                                 "temp {task.fields[temp]:.1f} {task.fields[ips]:.0f} img/s", tty_only=True)
 
 
 def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    """A line for the user through `logging` (logger `submit.training`, INFO): the CLI prints it on stderr,
+    a library caller or a notebook sees it only when it configures logging."""
+    logging.getLogger(__name__).info(text)
 
 
 def _row_text(row: dict, partial: bool) -> str:

@@ -20,6 +20,7 @@ from submit.metrics import evaluate_distances
 from submit.prepare import prepare
 from submit.ranking_file import read_ranking
 from submit.recipe import load_recipe
+from submit.reranking import cosine_distance
 from submit.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,8 +227,8 @@ def test_concatenated_features_give_the_weighted_mean_cosine_distance() -> None:
 
     a, b = (unit(3, 4), unit(5, 4)), (unit(3, 6), unit(5, 6))
     q, g = predict_mod.concat_features([a, b], [1.0, 3.0])
-    mean = (predict_mod.cosine_distances(*a) + 3 * predict_mod.cosine_distances(*b)) / 4
-    assert np.allclose(predict_mod.cosine_distances(q, g), mean, atol=1e-6)
+    mean = (cosine_distance(*a) + 3 * cosine_distance(*b)) / 4
+    assert np.allclose(cosine_distance(q, g), mean, atol=1e-6)
     assert np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-6)
 
 
@@ -394,6 +395,6 @@ def test_whitening_fitted_on_the_train_split_per_member_and_after_fusion(world, 
     q, g, t = (predict_mod.weighted_concat([feats(m, rows) for m in members], weights)
                for rows in (query, gallery, train))
     q, g = reranking.pca_whitening(q, g, dim=12, fit_on="train", train_feats=t)
-    want = evaluate_distances(predict_mod.cosine_distances(q, g), query["pid"], gallery["pid"])
+    want = evaluate_distances(cosine_distance(q, g), query["pid"], gallery["pid"])
     assert result["scores"][f"{first} + PCA-whiten"]["mAP"] == pytest.approx(want["mAP"], abs=1e-12)
     _check_file(world, tmp_path / "w.csv", "test")
