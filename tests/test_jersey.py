@@ -187,3 +187,14 @@ def test_cli_writes_numbers_and_reports_accuracy(data_dir, tmp_path) -> None:
                                     "--truth", str(tmp_path / "nope.csv")])
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == [f"error: {tmp_path / 'nope.csv'}: ground-truth numbers file not found"]
+
+
+def test_truth_match_prefers_the_longest_suffix_when_several_match() -> None:
+    """Several truth rows end like one manifest path: the longest (most specific) one wins, the whole path
+    included; a shorter row only answers for paths the longer ones do not fit."""
+    truth = {"00001.jpeg": 1, "gallery/00001.jpeg": 2, "reid_challenge/gallery/00001.jpeg": 3,
+             "query/00001.jpeg": 4, "images/reid_test/query/5.jpeg": 9, "reid_test/query/5.jpeg": 8}
+    paths = ["images/reid_challenge/gallery/00001.jpeg", "images/other/gallery/00001.jpeg", "images/x/00001.jpeg",
+             "images/reid_challenge/query/00001.jpeg", "images/reid_test/query/5.jpeg", "data/reid_test/query/5.jpeg",
+             "images/reid_challenge/query/00002.jpeg", "00001.jpeg/other.jpeg"]
+    assert jersey.match_truth(paths, truth).tolist() == [3, 2, 1, 4, 9, 8, -2, -2]
