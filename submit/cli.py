@@ -57,7 +57,7 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
     """The error's text on one line (a message must never spill onto a second line)."""
     return " ".join(str(exc).splitlines())
 
@@ -101,7 +101,8 @@ def main() -> None:
 @click.option("--layout", type=click.Choice(["auto", *LAYOUTS]), default="auto",
               show_default=True, help="Source layout; auto detects it.")
 @click.option("--download", "fetch", is_flag=True, help="Fetch the official zip to SOURCE if it is missing.")
-@click.option("--test-fraction", "--query-fraction", "test_fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
+@click.option("--test-fraction", "--query-fraction", "test_fraction",
+              type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
               help="folders layout: share of identities held out as test (one query each, the rest gallery).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="folders layout: seed of the identity split.")
@@ -192,7 +193,8 @@ def weights_fetch(targets: tuple[str, ...], wheel: str | None, force: bool) -> N
 @click.argument("ranking", type=click.Path(path_type=str))
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="DATA_DIR (from prepare).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Report folder to (re)write.")
-@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Gallery crops shown per query.")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Gallery crops shown per query.")
 @click.option("--per-page", type=click.IntRange(min=1), default=50, show_default=True, help="Queries per HTML page.")
 @click.option("--split", type=click.Choice(["auto", "test", "challenge"]), default="auto", show_default=True,
               help="Which split the ranking file is for; auto matches its ids against the manifest.")
@@ -251,8 +253,10 @@ def jersey(data_dir: str, split: str, role: str, model: str, pretrained: str | N
 @click.option("--model", default=None, help="Untrained backbone instead of --run, e.g. open_clip:ViT-B-16.")
 @click.option("--pretrained", default=None, help="Weights for --model (tag, hf-hub:<org>/<repo> or file).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="PNG to write.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Masked images per forward pass.")
-@click.option("--max-maps", type=click.IntRange(min=1), default=None, help="Use only the N most varied activation maps [default: all].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Masked images per forward pass.")
+@click.option("--max-maps", type=click.IntRange(min=1), default=None,
+              help="Use only the N most varied activation maps [default: all].")
 @click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, model: str | None,
             pretrained: str | None, out: str, batch_size: int, max_maps: int | None, device: str | None) -> None:
@@ -271,10 +275,12 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
 @click.option("--out", "out_dir", default=None, type=click.Path(path_type=str), help="Run dir to write (with RECIPE).")
 @click.option("--ensemble", "spec", default=None,
               help="Instead of RECIPE: train every member of this ensemble spec that has a `train` block.")
-@click.option("--runs-dir", default=None, type=click.Path(path_type=str), help="Folder that ${RUNS} in the spec stands for.")
+@click.option("--runs-dir", default=None, type=click.Path(path_type=str),
+              help="Folder that ${RUNS} in the spec stands for.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (same recipe).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override train.epochs.")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps in total.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many optimizer steps in total.")
 @click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.lr=1e-4 (repeatable; validated like the YAML).")
@@ -393,7 +399,8 @@ def _report_run(result: dict) -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Ranking file (CSV) to write.")
 @click.option("--runs-dir", default=None, type=click.Path(path_type=str),
               help="Folder that ${RUNS} in the spec stands for (e.g. the demo's OUT/runs).")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Image-decoding worker processes.")
 @click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 def predict(spec: str, data_dir: str, split: str, out: str, runs_dir: str | None, workers: int,
             device: str | None) -> None:
@@ -442,12 +449,12 @@ def evaluate(ranking: str, data_dir: str, split: str | None, as_json: bool) -> N
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="New spec (YAML) to write.")
 @click.option("--grid", default="0,0.5,1,2", show_default=True, help="Comma-separated weights tried per member.")
 @click.option("--runs-dir", default=None, type=click.Path(path_type=str), help="Folder that ${RUNS} stands for.")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Image-decoding worker processes.")
 @click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | None, workers: int,
                 device: str | None) -> None:
     """Grid-search member weights on the test split and write a copy of the spec with the best ones."""
-    from submit.errors import SubmitError
     from submit.predict import fit_weights as run_fit
 
     values = _finite_grid(grid)
@@ -462,8 +469,10 @@ def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | N
 @main.command()
 @click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(path_type=str),
               help="Folder for the synthetic data, runs, ranking files and scores.")
-@click.option("--players", type=click.IntRange(min=MIN_DEMO_PLAYERS), default=72, show_default=True, help="Synthetic players (60/20/20 split).")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the synthetic data.")
+@click.option("--players", type=click.IntRange(min=MIN_DEMO_PLAYERS), default=72, show_default=True,
+              help="Synthetic players (60/20/20 split).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of the synthetic data.")
 @click.option("--device", default=None, callback=_device, help="cpu, cuda, ... [default: cuda if available].")
 def demo(out_dir: str, players: int, seed: int, device: str | None) -> None:
     """Run the whole flow offline on synthetic players: prepare, train, predict, evaluate."""

@@ -229,7 +229,7 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
         if not isinstance(value, dict):
             raise SubmitError(f"{where}: key {key!r}: expected a mapping, got {value!r}")
         return {k: _convert(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_mapping(tp, value, where, key)
     return _scalar(tp, value, where, key)
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from submit import ensembling, evaluation, prepare, predict, synthetic
+from submit import ensembling, evaluation, predict, prepare, synthetic
 from submit.errors import SubmitError
 
 DEMO_SPEC = "demo"

@@ -134,6 +134,7 @@ def load_model(run_dir: str | Path | None = None, checkpoint: str = "best", mode
     from submit.backbones import build_embedder
     from submit.recipe import BackboneSpec
 
+    assert model is not None  # exactly one of run_dir and model, checked above
     return build_embedder(BackboneSpec(name=model, pretrained=pretrained))
 
 

@@ -291,9 +291,10 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
 # ---------------------------------------------------------------- ranking step
 
 
-def number_agreement(dist: np.ndarray, q_numbers: Sequence[int], q_probs: Sequence[float],
-                     g_numbers: Sequence[int], g_probs: Sequence[float], bonus: float = 0.1,
-                     penalty: float = 0.1, threshold: float = 0.5) -> np.ndarray:
+def number_agreement(dist: np.ndarray, q_numbers: Sequence[int] | np.ndarray,
+                     q_probs: Sequence[float] | np.ndarray, g_numbers: Sequence[int] | np.ndarray,
+                     g_probs: Sequence[float] | np.ndarray, bonus: float = 0.1, penalty: float = 0.1,
+                     threshold: float = 0.5) -> np.ndarray:
     """Distances minus `bonus` where both confident numbers agree, plus `penalty` where they differ.
 
     A side is confident when its number is not "none" (-1) and its probability >= `threshold`; a pair

@@ -150,8 +150,8 @@ def _block_scores(d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     last = np.zeros(n_rows, dtype=np.int64)
     rows = np.flatnonzero(has)
     rows = rows[np.argsort(counts[rows], kind="stable")]
-    for idx in _groups(counts[rows], GROUP_ELEMENTS):
-        idx = rows[idx]
+    for group in _groups(counts[rows], GROUP_ELEMENTS):
+        idx = rows[group]
         pad, pad_pos = _padded(values, is_pos, offsets[idx], counts[idx])
         fn = _compare_scores if npos[idx].max() <= MAX_COMPARE_POSITIVES else _sort_scores
         ap[idx], first[idx], last[idx] = fn(pad, pad_pos)

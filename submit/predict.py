@@ -102,7 +102,8 @@ def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
     spec_file = resolve_spec_path(spec_path)
     spec = ensembling.load_spec(spec_file, runs_dir)
     if spec.postprocess_on == "fused" and spec.postprocess:
-        raise SubmitError(f"{spec_file}: fitting weights needs postprocess_on: member (fused re-runs the chain per try)")
+        raise SubmitError(f"{spec_file}: fitting weights needs postprocess_on: member "
+                          "(fused re-runs the chain per try)")
     if not grid or any(w < 0 for w in grid) or max(grid) <= 0:
         raise SubmitError(f"--grid {list(grid)}: expected non-negative weights, at least one positive")
     manifest = read_manifest(data_dir)

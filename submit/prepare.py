@@ -228,7 +228,7 @@ def _check_out(source: Path, out: Path, force: bool) -> None:
 def _make_parents(out: Path) -> list[Path]:
     """Create the folders above `out`; return those that are new, outermost first, to undo on failure."""
     missing = [p for p in reversed(out.absolute().parents) if not p.exists()]
-    made = []
+    made: list[Path] = []
     for folder in missing:
         try:
             folder.mkdir()

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 
 
-def progress_bar(enabled: bool = True, unit: str | None = None, counter: ProgressColumn | None = None, bold: bool = True,
-        stderr: bool = False, tty_only: bool = False) -> Progress:
+def progress_bar(enabled: bool = True, unit: str | None = None, counter: ProgressColumn | None = None,
+                 bold: bool = True, stderr: bool = False, tty_only: bool = False) -> Progress:
     """A progress bar: `unit` is text after the counter (rich field markup allowed), `counter` replaces done/total
     (e.g. a download's bytes), `stderr` draws on stderr instead of rich's default console, and `tty_only` keeps
     it silent unless stderr is a terminal."""

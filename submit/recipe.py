@@ -65,7 +65,7 @@ class TrainSpec:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     grad_clip: float | None = bounded(None, gt=0.0)
     ema_decay: float | None = bounded(None, ge=0.0, lt=1.0)
-    max_logit_scale: float | None = bounded(None, gt=0.0)  # optional cap on the learnable temperature (None: not clamped)
+    max_logit_scale: float | None = bounded(None, gt=0.0)  # optional cap on the learnable temperature (None: none)
     checkpoint_every: int = bounded(500, ge=0)  # optimizer steps between resumable checkpoints (0: only at epoch ends)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 

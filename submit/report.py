@@ -145,7 +145,7 @@ def write_plots(out: Path, al: Aligned, order: np.ndarray, scores: Scores | None
         fig = Figure(figsize=(5, 3.4), dpi=100)
         ax = fig.add_subplot()
         ap = scores.ap[~np.isnan(scores.ap)]
-        ax.hist(ap, bins=np.linspace(0, 1, 21), color="#3a8f4b", edgecolor="white")
+        ax.hist(ap, bins=np.linspace(0, 1, 21).tolist(), color="#3a8f4b", edgecolor="white")
         ax.set(xlabel="average precision", ylabel="queries", title=f"Per-query AP (mean {ap.mean():.3f})"
                if ap.size else "Per-query AP")
         fig.tight_layout()
@@ -154,7 +154,7 @@ def write_plots(out: Path, al: Aligned, order: np.ndarray, scores: Scores | None
     fig = Figure(figsize=(5, 3.4), dpi=100)
     ax = fig.add_subplot()
     top1 = al.dist[np.arange(len(order)), order[:, 0]]
-    bins = np.histogram_bin_edges(top1, bins=20)
+    bins = np.histogram_bin_edges(top1, bins=20).tolist()
     if scores is not None:
         ok = scores.first_hit == 1
         ax.hist([top1[ok], top1[~ok]], bins=bins, stacked=True, color=["#6aa84f", "#e69138"],
@@ -215,7 +215,7 @@ def _thumb(rel: str, data_dir: Path, thumbs: Path, previous: Path | None) -> tup
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise SubmitError(f"{src}: not a readable image ({type(exc).__name__})") from None
     scale = min(1.0, THUMB_HEIGHT / im.height, THUMB_HEIGHT / im.width * 2)
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BILINEAR)
     im.save(thumbs / name, "JPEG", quality=85)  # an OSError here is the output's (full disk), not the image's
     return im.size
 

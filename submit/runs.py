@@ -105,8 +105,8 @@ def read_run(path: str | Path) -> RunSummary:
     scored = [r for r in history if r.get("mAP") is not None]
     best = max(scored, key=lambda r: r["mAP"]) if scored else None
     last = scored[-1] if scored else None
-    train = recipe.get("train") if isinstance(recipe.get("train"), dict) else {}
-    backbone = recipe.get("backbone") if isinstance(recipe.get("backbone"), dict) else {}
+    train = recipe["train"] if isinstance(recipe.get("train"), dict) else {}
+    backbone = recipe["backbone"] if isinstance(recipe.get("backbone"), dict) else {}
     epochs_done = state.get("epoch", max((int(r.get("epoch", 0)) for r in history), default=0))
     return RunSummary(
         run_dir=str(path), name=path.name, recipe=str(metrics.get("recipe") or recipe.get("name") or path.name),
@@ -166,7 +166,7 @@ def _read_last(path: Path) -> tuple[dict, list, str | None]:
     from submit.run_folder import load_checkpoint
 
     ckpt = load_checkpoint(path, mmap=True)
-    state = ckpt.get("state") if isinstance(ckpt.get("state"), dict) else {}
+    state = ckpt["state"] if isinstance(ckpt.get("state"), dict) else {}
     manifest = ckpt.get("manifest")
     return state, list(ckpt.get("history") or []), manifest if isinstance(manifest, str) else None
 
