@@ -85,6 +85,49 @@ def _finite_grid(text: str) -> tuple[float, ...]:
     return values
 
 
+# ---- rendering: library functions return plain results, the commands draw them ----------------------------
+
+
+def score_table(result: dict) -> Any:
+    """`predict`'s ablation as a rich table: one row per stage (members, post-processing steps, fused)."""
+    from rich.table import Table
+
+    from submit.metrics import METRIC_KEYS, METRIC_LABELS
+
+    table = Table(title=f"{Path(result['spec']).name} on the {result['split']} split "
+                        f"({result['shape'][0]} queries x {result['shape'][1]} gallery)",
+                  caption=result["postprocess"])
+    table.add_column("stage")
+    for key in METRIC_KEYS:
+        table.add_column(METRIC_LABELS[key], justify="right")
+    labels = list(result["scores"])
+    for i, label in enumerate(labels):
+        s = result["scores"][label]
+        cells = [f"{100 * s[k]:.2f}" for k in METRIC_KEYS]
+        table.add_row(label, *cells, style="bold" if i == len(labels) - 1 else None)
+    return table
+
+
+def print_result(result: dict, console: Any) -> None:
+    """`evaluate_file`'s result: a rich table of the metrics (percent), or the not-scorable message for a
+    challenge file."""
+    from rich.table import Table
+
+    from submit.metrics import METRIC_KEYS
+
+    if not result["scored"]:
+        console.print(result["message"])
+        return
+    table = Table(title=f"{Path(result['file']).name}: {result['split']} split, "
+                        f"{result['num_valid_queries']}/{result['num_queries']} queries scored, "
+                        f"{result['num_gallery']} gallery")
+    table.add_column("metric")
+    table.add_column("value (%)", justify="right")
+    for key in METRIC_KEYS:
+        table.add_row(key, f"{100 * result[key]:.2f}")
+    console.print(table)
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="reident-submit")
 def main() -> None:
@@ -408,7 +451,6 @@ def predict(spec: str, data_dir: str, split: str, out: str, runs_dir: str | None
     from rich.console import Console
 
     from submit.predict import predict as run_predict
-    from submit.predict import score_table
 
     result = run_predict(spec, data_dir, split, out, device=device, runs_dir=runs_dir, workers=workers)
     console = Console()
@@ -432,7 +474,7 @@ def evaluate(ranking: str, data_dir: str, split: str | None, as_json: bool) -> N
 
     from rich.console import Console
 
-    from submit.evaluation import all_warnings, evaluate_file, print_result
+    from submit.evaluation import all_warnings, evaluate_file
 
     result = evaluate_file(ranking, data_dir, split)
     for warning in all_warnings(result):
@@ -480,7 +522,6 @@ def demo(out_dir: str, players: int, seed: int, device: str | None) -> None:
     from rich.table import Table
 
     from submit.demo import run_demo
-    from submit.predict import score_table
 
     console = Console()
     result = run_demo(out_dir, players=players, seed=seed, device=device,

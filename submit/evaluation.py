@@ -12,13 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
-from rich.table import Table
 
 from submit import ranking_file
 from submit.errors import SubmitError
 from submit.manifest import read_manifest, select
-from submit.metrics import METRIC_KEYS, evaluate_distances
+from submit.metrics import evaluate_distances
 from submit.ranking_file import RANKED_SPLITS, id_mismatch, read_ranking
 
 
@@ -130,18 +128,3 @@ def unmatched_warning(result: dict) -> str | None:
     shown = ", ".join(str(i) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
     return (f"warning: {n} of {result['num_queries']} queries have no match in the gallery (query ids {shown}); "
             f"they are skipped in mAP, CMC and mINP, as the official scorer does")
-
-
-def print_result(result: dict, console: Console) -> None:
-    """A rich table of the metrics (percent), or the not-scorable message for a challenge file."""
-    if not result["scored"]:
-        console.print(result["message"])
-        return
-    table = Table(title=f"{Path(result['file']).name}: {result['split']} split, "
-                        f"{result['num_valid_queries']}/{result['num_queries']} queries scored, "
-                        f"{result['num_gallery']} gallery")
-    table.add_column("metric")
-    table.add_column("value (%)", justify="right")
-    for key in METRIC_KEYS:
-        table.add_row(key, f"{100 * result[key]:.2f}")
-    console.print(table)

@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -25,12 +25,9 @@ from submit import atomic, config, embedding, ensembling
 from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec
 from submit.errors import SubmitError
 from submit.manifest import fingerprint, read_manifest, select
-from submit.metrics import METRIC_KEYS, METRIC_LABELS
+from submit.metrics import METRIC_KEYS
 from submit.recipe import BackboneSpec, load_recipe
 from submit.reranking import cosine_distance
-
-if TYPE_CHECKING:
-    from rich.table import Table
 
 REPO_ENSEMBLES = Path(__file__).resolve().parents[1] / "ensembles"
 SPLITS = ("test", "challenge")
@@ -396,21 +393,3 @@ def _scorer(query: pd.DataFrame, gallery: pd.DataFrame) -> Callable[[np.ndarray]
         result = evaluate_distances(dist, q_pids, g_pids)
         return {k: float(result[k]) for k in METRIC_KEYS}
     return score
-
-
-def score_table(result: dict) -> "Table":
-    """The ablation as a rich table: one row per stage (members, post-processing steps, fused)."""
-    from rich.table import Table
-
-    table = Table(title=f"{Path(result['spec']).name} on the {result['split']} split "
-                        f"({result['shape'][0]} queries x {result['shape'][1]} gallery)",
-                  caption=result["postprocess"])
-    table.add_column("stage")
-    for key in METRIC_KEYS:
-        table.add_column(METRIC_LABELS[key], justify="right")
-    labels = list(result["scores"])
-    for i, label in enumerate(labels):
-        s = result["scores"][label]
-        cells = [f"{100 * s[k]:.2f}" for k in METRIC_KEYS]
-        table.add_row(label, *cells, style="bold" if i == len(labels) - 1 else None)
-    return table
