@@ -248,11 +248,11 @@ def features(run: str | Path, data: str | Path, rows: pd.DataFrame, work_dir: st
     """(N, D) unit TTA features of `rows` from a run's checkpoint (default TTA: the run's recipe), cached."""
     from submit import embedding
     from submit.recipe import load_recipe
-    from submit.run_folder import load_trained
+    from submit.run_folder import checkpoint_path, load_trained
 
     rec = load_recipe(Path(run) / "recipe.yaml")
     tta = tta or rec.tta
-    identity = embedding.checkpoint_identity(Path(run) / f"{checkpoint}.pt", rec.backbone)
+    identity = embedding.checkpoint_identity(checkpoint_path(run, checkpoint), rec.backbone)
     path = Path(work_dir) / "features" / f"{embedding.cache_key(identity, tta, rows)}.npy"
     cached = _load_npy(path, len(rows))
     if cached is not None:
