@@ -41,7 +41,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,9 +51,9 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from submit import atomic, config, reporting
+from submit import atomic, config, locks, reporting
 from submit.device import amp_dtype, autocast, pick_device, usable_cores
-from submit.errors import SubmitError
+from submit.errors import SubmitError, loader_errors
 from submit.losses import LOSSES, LogitScale, build_loss
 from submit.manifest import fingerprint, read_manifest
 from submit.metrics import METRIC_KEYS
@@ -341,13 +341,14 @@ def validate(embedder: nn.Module, root: str | Path, query: pd.DataFrame, gallery
              workers: int = 0) -> dict[str, float]:
     """Test-split metrics with cosine distance; each rank embeds a shard, then every rank computes the same result."""
     from submit.metrics import evaluate_distances
+    from submit.reranking import cosine_distance
 
     paths = query["path"].tolist() + gallery["path"].tolist()
     shard = np.array_split(np.arange(len(paths)), info.world_size)[info.rank]
     feats = embed_rows(embedder, root, [paths[i] for i in shard], device, precision, batch_size, workers)
     feats = np.concatenate(_gather_objects(feats, info))
     q, g = feats[:len(query)], feats[len(query):]
-    result = evaluate_distances(1.0 - q @ g.T, query["pid"].to_numpy(), gallery["pid"].to_numpy())
+    result = evaluate_distances(cosine_distance(q, g), query["pid"].to_numpy(), gallery["pid"].to_numpy())
     return {k: float(result[k]) for k in METRIC_KEYS}
 
 
@@ -698,11 +699,29 @@ def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: boo
     threads = torch.get_num_threads()
     try:
         cpu_threads(dev, recipe.data.workers)
-        return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress, report_to)
+        with _run_lock(out_dir, info):
+            return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress, report_to)
     finally:
         torch.set_num_threads(threads)
         if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: Path, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds RUN_DIR's lock (`locks.run_lock`) for the whole run; every rank hears a refusal, so
+    none waits at a barrier for a rank that stopped (a second `train` into one --out is refused at once)."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if info.main:
+            try:
+                stack.enter_context(locks.run_lock(out_dir, "train"))
+            except SubmitError as exc:
+                refused = str(exc)
+        refused = _gather_objects(refused, info)[0]
+        if refused:
+            raise SubmitError(refused)
+        yield
 
 
 def cpu_threads(device: torch.device, workers: int) -> int:
@@ -747,7 +766,8 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool, device: 
     trainer.reporter = reporting.open_reporter(report_to, out_dir, main=info.main, start_step=trainer.state.step,
                                                name=recipe.name, recipe=config.to_mapping(recipe))
     try:
-        trainer.run(max_steps, progress)
+        with loader_errors():  # a loader worker's error: its one line, not the worker's traceback
+            trainer.run(max_steps, progress)
     finally:
         trainer.reporter.close()
     s = trainer.state
