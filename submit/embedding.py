@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from submit import atomic, config
 from submit.device import amp_dtype, autocast, pick_device
-from submit.errors import SubmitError
+from submit.errors import SubmitError, loader_errors
 from submit.manifest import fingerprint
 from submit.progress import progress_bar
 from submit.recipe import TTASpec
@@ -154,7 +154,7 @@ def embed_views(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame
         model.to(memory_format=torch.channels_last)
     out: np.ndarray | None = None
     try:
-        with torch.inference_mode(), _bar(progress) as bar:
+        with loader_errors(), torch.inference_mode(), _bar(progress) as bar:
             task = bar.add_task(label, total=len(paths))
             for batch, index in loader:
                 feats = _forward_views(model, batch, dev, precision)
@@ -162,8 +162,6 @@ def embed_views(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame
                     out = np.empty((len(paths), feats.shape[1]), dtype=np.float32)
                 out[index.numpy()] = feats.cpu().numpy()
                 bar.advance(task, len(index))
-    except SubmitError as exc:  # from a worker it arrives wrapped in a multi-line traceback: keep the message
-        raise SubmitError(_last_line(str(exc))) from None
     finally:
         model.train(was_training)
     if out is None:
@@ -185,14 +183,6 @@ def _forward_views(model: torch.nn.Module, batch: torch.Tensor, dev: torch.devic
         total = f if total is None else total + f
     assert total is not None, "at least one view is required"
     return F.normalize(total, dim=1)
-
-
-def _last_line(message: str) -> str:
-    """The original one-line message of an error re-raised by a DataLoader worker."""
-    lines = [line for line in message.splitlines() if line.strip()]
-    last = lines[-1] if lines else message
-    prefix = f"{SubmitError.__module__}.{SubmitError.__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 def _bar(enabled: bool) -> Progress:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from submit import atomic, config
 from submit.device import autocast, check_device, pick_device
 from submit.ensembling import JerseySpec  # the spec's `jersey:` block lives with the (torch-free) ensemble spec
-from submit.errors import SubmitError
+from submit.errors import SubmitError, loader_errors
 from submit.manifest import read_csv, read_manifest, select
 from submit.progress import progress_bar
 
@@ -159,7 +159,7 @@ def read_numbers(clip_model: torch.nn.Module, tokenizer: Callable[..., torch.Ten
     scale = float(clip_model.logit_scale.detach().float().exp())
     out = np.zeros((len(paths), len(CLASSES)), dtype=np.float32)
     clip_model.eval().to(dev)
-    with torch.inference_mode(), _bar(progress) as bar:
+    with loader_errors(), torch.inference_mode(), _bar(progress) as bar:
         task = bar.add_task("shirt numbers", total=len(paths))
         for images, index in loader:
             with autocast(dev):

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from submit import atomic, config, reporting
 from submit.device import amp_dtype, autocast, pick_device, usable_cores
-from submit.errors import SubmitError
+from submit.errors import SubmitError, loader_errors
 from submit.losses import LOSSES, LogitScale, build_loss
 from submit.manifest import fingerprint, read_manifest
 from submit.metrics import METRIC_KEYS
@@ -748,7 +748,8 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool, device: 
     trainer.reporter = reporting.open_reporter(report_to, out_dir, main=info.main, start_step=trainer.state.step,
                                                name=recipe.name, recipe=config.to_mapping(recipe))
     try:
-        trainer.run(max_steps, progress)
+        with loader_errors():  # a loader worker's error: its one line, not the worker's traceback
+            trainer.run(max_steps, progress)
     finally:
         trainer.reporter.close()
     s = trainer.state
