@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 from rich.progress import DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn
 
-from submit import atomic, layouts
+from submit import atomic, layouts, locks
 from submit.errors import SubmitError
 from submit.manifest import COLUMNS, ROLES, SPLITS, write_manifest
 from submit.progress import progress_bar
@@ -131,7 +131,8 @@ def prepare(source: str | Path, out: str | Path, layout: str = "auto", fetch: bo
             raise SubmitError(f"{out}: DATA_DIR must not lie inside the identity folders of {source}")
         made = _make_parents(out)
         try:
-            with atomic.atomic_dir(out) as tmp:
+            with locks.sibling_lock(out, "prepare"), atomic.atomic_dir(out) as tmp:
+                _check_out(source, out, force)  # again, now that no other prepare can fill `out` meanwhile
                 _copy_images(src, plan.entries, tmp, workers, progress)
                 for name, member in plan.extras.items():
                     (tmp / name).write_bytes(src.read(member))

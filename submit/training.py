@@ -41,7 +41,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,7 +51,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from submit import atomic, config, reporting
+from submit import atomic, config, locks, reporting
 from submit.device import amp_dtype, autocast, pick_device, usable_cores
 from submit.errors import SubmitError, loader_errors
 from submit.losses import LOSSES, LogitScale, build_loss
@@ -699,11 +699,29 @@ def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: boo
     threads = torch.get_num_threads()
     try:
         cpu_threads(dev, recipe.data.workers)
-        return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress, report_to)
+        with _run_lock(out_dir, info):
+            return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress, report_to)
     finally:
         torch.set_num_threads(threads)
         if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: Path, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds RUN_DIR's lock (`locks.run_lock`) for the whole run; every rank hears a refusal, so
+    none waits at a barrier for a rank that stopped (a second `train` into one --out is refused at once)."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if info.main:
+            try:
+                stack.enter_context(locks.run_lock(out_dir, "train"))
+            except SubmitError as exc:
+                refused = str(exc)
+        refused = _gather_objects(refused, info)[0]
+        if refused:
+            raise SubmitError(refused)
+        yield
 
 
 def cpu_threads(device: torch.device, workers: int) -> int:
