@@ -38,7 +38,9 @@ def checkpoint_path(run_dir: str | Path, checkpoint: str) -> Path:
 
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save through submit.atomic, so a kill never leaves a half-written checkpoint (nor a stale temp)."""
-    with atomic.atomic_file(path, "wb") as fh:  # a Python file: a full disk raises OSError, not RuntimeError
+    # torch.save reports a full disk as RuntimeError ('unexpected pos ...'), not OSError: atomic_file checks
+    # the free space on any failure and names the full disk anyway (`PATH: cannot write (No space left ...)`)
+    with atomic.atomic_file(path, "wb") as fh:
         torch.save(obj, fh)
 
 
@@ -63,6 +65,19 @@ def recorded_manifest(path: str | Path) -> str | None:
     """The manifest fingerprint a checkpoint's run trained on; None for runs saved before it was recorded."""
     value = load_checkpoint(path, mmap=True).get("manifest")
     return value if isinstance(value, str) else None
+
+
+def check_same_backbone(recipe_file: Path, path: Path, recorded: Recipe) -> None:
+    """Refuse a checkpoint whose recorded backbone differs from the run folder's recipe.yaml (a folder mixing
+    two runs would otherwise load silently with the wrong recipe's TTA and cache key, or fail on shapes)."""
+    if not recipe_file.is_file():
+        return
+    own = config.to_mapping(config.load(Recipe, recipe_file).backbone)
+    saved = config.to_mapping(recorded.backbone)
+    for key in own:
+        if own[key] != saved[key]:
+            raise SubmitError(f"{path}: trained with backbone.{key} {saved[key]!r}, but {recipe_file} says "
+                              f"{own[key]!r}; the folder mixes two runs (retrain it, or use the checkpoint's own run)")
 
 
 def rng_state() -> dict:
@@ -95,6 +110,7 @@ def load_trained(run_dir: str | Path, checkpoint: str = "best") -> tuple[nn.Modu
     path = checkpoint_path(run_dir, checkpoint)
     obj = load_checkpoint(path)
     recipe = config.from_mapping(Recipe, obj["recipe"], where=str(path))
+    check_same_backbone(Path(run_dir) / "recipe.yaml", path, recipe)
     embedder = build_embedder(recipe.backbone, load_weights=False)
     weights = obj.get("ema") or obj["model"]
     embedder.load_state_dict(weights)
