@@ -77,10 +77,19 @@ def write_error(exc: OSError, target: Path, tmp: Path | None = None) -> SubmitEr
     return SubmitError(f"{target}: cannot write ({reason})")
 
 
-def describe(exc: OSError) -> str:
-    """One line for a stray OSError (the CLI's last resort): the file it concerns and the system's reason."""
+def describe(exc: OSError, output: str | None = None, command: str | None = None) -> str:
+    """One line for a stray OSError (the CLI's last resort): the file it concerns and the system's reason.
+
+    Without a file name (a write on an open file, a library's bare OSError) a full or read-only disk is the
+    command's `output`'s; anything else is said to come from `command`, with no file named by the system.
+    """
     reason = exc.strerror or str(exc)
-    name = target_of(exc.filename) if exc.filename else "(unknown file)"
+    if exc.filename:
+        name = target_of(exc.filename)
+    elif exc.errno in DISK_ERRNOS and output:
+        name = output
+    else:
+        return f"{command or 'reident-submit'}: {reason} (the operating system named no file)"
     if exc.errno in DISK_ERRNOS:
         return f"{name}: cannot write ({reason})"
     kind = {errno.EEXIST: "exists and is not a folder; expected a folder path",

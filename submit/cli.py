@@ -37,8 +37,28 @@ def _log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
+_INVOKED = "submit.invoked"  # ctx.meta key: (command name, its parsed options)
+
+
+class _Command(click.Command):
+    """A command that leaves its name and options in `ctx.meta` (shared with the group), for the funnel."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        ctx.meta[_INVOKED] = (ctx.info_name, ctx.params)
+        return super().invoke(ctx)
+
+
+def _describe(exc: OSError, ctx: click.Context) -> str:
+    """`atomic.describe` with the running command's name and output (--out) for an OSError naming no file."""
+    name, params = ctx.meta.get(_INVOKED, (None, {}))
+    output = params.get("out") or params.get("out_dir")
+    return _one_line(describe(exc, str(output) if output else None, name))
+
+
 class _Group(click.Group):
     """Turns SubmitError and stray OSErrors into one-line messages (exit 2) instead of tracebacks."""
+
+    command_class = _Command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -50,7 +70,7 @@ class _Group(click.Group):
             click.echo(f"error: {_one_line(exc.format_message())}", err=True)
             sys.exit(2)
         except OSError as exc:  # last resort: a write that bypassed submit.atomic, or a file vanishing mid-run
-            click.echo(f"error: {describe(exc)}", err=True)
+            click.echo(f"error: {_describe(exc, ctx)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
