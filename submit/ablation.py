@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from submit import atomic, config
+from submit import atomic, bundled, config
 from submit.errors import SubmitError
 from submit.metrics import METRIC_KEYS
 from submit.recipe import Recipe, TTASpec
@@ -164,7 +164,7 @@ def recipe(budget_name: str, overrides: Sequence[str] = ()) -> Recipe:
     from submit.training import apply_overrides
 
     b = budget(budget_name)
-    base = load_recipe(REPO / "models" / b.recipe)
+    base = load_recipe(bundled.MODELS / b.recipe)
     return apply_overrides(base, [*b.overrides, *overrides], where="ablation overrides")
 
 

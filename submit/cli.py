@@ -359,8 +359,9 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
 def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: str | None, runs_dir: str | None,
           resume: bool, epochs: int | None, max_steps: int | None, device: str | None,
           overrides: tuple[str, ...], report_to: str, dry_run: bool, steps: int, memory_gib: float | None) -> None:
-    """Fine-tune a RECIPE (models/*.yaml) on DATA_DIR; under torchrun, trains with DDP on every process."""
+    """Fine-tune a RECIPE (a file or a name in models/) on DATA_DIR; under torchrun, trains with DDP on each process."""
     from submit import reporting, training
+    from submit.bundled import recipe_path
     from submit.recipe import load_recipe
 
     if dry_run:
@@ -385,7 +386,7 @@ def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: s
     if recipe is None or out_dir is None:
         raise SubmitError("train needs RECIPE and --out (or --ensemble SPEC)")
     extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
-    spec_ = training.apply_overrides(load_recipe(recipe), extra, where=f"{recipe} (--set/--epochs)")
+    spec_ = training.apply_overrides(load_recipe(recipe_path(recipe)), extra, where=f"{recipe} (--set/--epochs)")
     result = training.train(spec_, data_dir, out_dir, resume=resume, device=device, max_steps=max_steps,
                             report_to=targets)
     if result["main"]:  # under torchrun only rank 0 reports
@@ -397,6 +398,7 @@ def _dry_run(recipe: str | None, data_dir: str | None, out_dir: str | None, spec
              memory_gib: float | None) -> None:
     """`train RECIPE --dry-run`: run the pre-flight and print it as a table; nothing is written."""
     from submit import training
+    from submit.bundled import recipe_path
     from submit.preflight import dry_run
     from submit.recipe import load_recipe
 
@@ -404,7 +406,7 @@ def _dry_run(recipe: str | None, data_dir: str | None, out_dir: str | None, spec
         raise SubmitError("--dry-run takes RECIPE and optionally --data, --device, --steps, --memory, --set, "
                           "--epochs (no --out, --ensemble, --resume or --max-steps: it writes nothing)")
     extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
-    spec_ = training.apply_overrides(load_recipe(recipe), extra, where=f"{recipe} (--set/--epochs)")
+    spec_ = training.apply_overrides(load_recipe(recipe_path(recipe)), extra, where=f"{recipe} (--set/--epochs)")
     _print_preflight(dry_run(spec_, device=device, steps=steps, data_dir=data_dir, memory_gib=memory_gib))
 
 

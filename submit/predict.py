@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import yaml
 
-from submit import atomic, config, embedding, ensembling
+from submit import atomic, bundled, config, embedding, ensembling
 from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec
 from submit.errors import SubmitError
 from submit.manifest import fingerprint, read_manifest, select
@@ -29,12 +29,12 @@ from submit.metrics import METRIC_KEYS
 from submit.recipe import BackboneSpec, load_recipe
 from submit.reranking import cosine_distance
 
-REPO_ENSEMBLES = Path(__file__).resolve().parents[1] / "ensembles"
+REPO_ENSEMBLES = bundled.ENSEMBLES  # the checkout's ensembles/, or the installed wheel's copy
 SPLITS = ("test", "challenge")
 
 
 def resolve_spec_path(name: str | Path) -> Path:
-    """A path to a spec file, or a bare name (`best`, `best.yaml`) inside the repo's `ensembles/` folder."""
+    """A path to a spec file, or a bare name (`best`, `best.yaml`) in the bundled `ensembles/` (`submit.bundled`)."""
     path = Path(name)
     if path.is_file():
         return path
