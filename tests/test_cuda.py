@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from submit import training
-from submit.prepare import prepare
 from submit.recipe import load_recipe
-from submit.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-test.yaml"
@@ -28,11 +26,9 @@ pytestmark = [pytest.mark.cuda,
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cuda_data")
-    make_dataset(root / "src", players=30, seqs=2, frames=3, seed=2)
-    prepare(root / "src", root / "data", progress=False)
-    return root / "data"
+def data_dir(tmp_path_factory, players) -> Path:
+    """A prepared synthetic DATA_DIR of other players than the other modules' (seed 2)."""
+    return players(tmp_path_factory.mktemp("data"), seed=2)
 
 
 def test_cuda_device_check_and_pinned_loader(data_dir, tmp_path):

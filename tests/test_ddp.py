@@ -14,9 +14,7 @@ import pytest
 import torch
 
 from submit import training
-from submit.prepare import prepare
 from submit.recipe import load_recipe
-from submit.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-test.yaml"
@@ -49,11 +47,9 @@ RANK_SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ddp_data")
-    make_dataset(root / "src", players=30, seqs=2, frames=3, seed=2)
-    prepare(root / "src", root / "data", progress=False)
-    return root / "data"
+def data_dir(tmp_path_factory, players) -> Path:
+    """A prepared synthetic DATA_DIR of other players than the other modules' (seed 2)."""
+    return players(tmp_path_factory.mktemp("data"), seed=2)
 
 
 def _comparable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

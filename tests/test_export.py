@@ -15,9 +15,9 @@ from submit import export, training
 from submit.cli import main
 from submit.errors import SubmitError
 from submit.manifest import fingerprint, read_manifest
-from submit.prepare import prepare
 from submit.recipe import load_recipe
-from submit.synthetic import make_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ort = pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[1]
@@ -25,24 +25,6 @@ FAST = ["data.workers=0", "train.checkpoint_every=0", "train.epochs=1", "train.p
         "data.split=all"]
 RECIPES = {"vit": (REPO / "models" / "tiny-test.yaml", []),
            "cnn": (REPO / "models" / "demo-cnn.yaml", ["tta.batch_size=16"])}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A prepared synthetic DATA_DIR (30 players)."""
-    root = tmp_path_factory.mktemp("export_data")
-    make_dataset(root / "src", players=30, seqs=2, frames=3, seed=1)
-    prepare(root / "src", root / "data", progress=False)
-    return root / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one compute thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=sorted(RECIPES))

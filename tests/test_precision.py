@@ -14,9 +14,9 @@ from submit import training
 from submit.device import amp_dtype, autocast, needs_scaler
 from submit.embedding import cache_key, embed_views
 from submit.manifest import read_manifest
-from submit.prepare import prepare
 from submit.recipe import TTASpec, load_recipe
-from submit.synthetic import make_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-test.yaml"
@@ -24,24 +24,6 @@ CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
                                                      "scripts/gpu_check.sh runs these on one")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A prepared synthetic DATA_DIR: 18 training identities x 6 crops, 6 test identities."""
-    root = tmp_path_factory.mktemp("precision_data")
-    make_dataset(root / "src", players=30, seqs=2, frames=3, seed=1)
-    prepare(root / "src", root / "data", progress=False)
-    return root / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One compute thread: the CI machine's two cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(precision: str, *overrides: str):

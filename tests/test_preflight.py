@@ -14,28 +14,12 @@ from submit import training
 from submit.cli import main
 from submit.errors import SubmitError
 from submit.preflight import GIB, Preflight, _advice, dry_run
-from submit.prepare import prepare
 from submit.recipe import load_recipe
-from submit.synthetic import make_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-test.yaml"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("preflight_data")
-    make_dataset(root / "src", players=30, seqs=2, frames=3, seed=1)
-    prepare(root / "src", root / "data", progress=False)
-    return root / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(*overrides: str):

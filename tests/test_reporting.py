@@ -17,32 +17,14 @@ from click.testing import CliRunner
 from submit import reporting, training
 from submit.cli import main
 from submit.errors import SubmitError
-from submit.prepare import prepare
 from submit.recipe import load_recipe
-from submit.synthetic import make_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-test.yaml"
 # 18 training identities, 8 pairs per batch: 13 steps per epoch, 26 in two epochs.
 FAST = ["data.workers=0", "train.pairs_per_batch=8", "train.checkpoint_every=2", "train.epochs=2"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A prepared synthetic DATA_DIR: 18 training identities x 6 crops, 6 test identities."""
-    root = tmp_path_factory.mktemp("report_data")
-    make_dataset(root / "src", players=30, seqs=2, frames=3, seed=1)
-    prepare(root / "src", root / "data", progress=False)
-    return root / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one compute thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(*overrides: str):

@@ -26,32 +26,14 @@ from submit.cli import main
 from submit.errors import SubmitError
 from submit.manifest import fingerprint, read_manifest, write_manifest
 from submit.metrics import METRIC_KEYS
-from submit.prepare import prepare
 from submit.recipe import load_recipe
 from submit.sampler import PairBatchSampler
-from submit.synthetic import make_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-test.yaml"
 FAST = ["data.workers=0", "train.checkpoint_every=0"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A prepared synthetic DATA_DIR: 18 training identities x 6 crops, 6 test identities."""
-    root = tmp_path_factory.mktemp("train_data")
-    make_dataset(root / "src", players=30, seqs=2, frames=3, seed=1)
-    prepare(root / "src", root / "data", progress=False)
-    return root / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bitwise-reproducible CPU runs (and no oversubscription of the two shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(*overrides: str):
