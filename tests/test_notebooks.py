@@ -177,7 +177,7 @@ def test_notebook_outputs_reused(work_dir: Path, kernel_env: dict[str, str]) -> 
 
 
 def test_bad_parameters_fail_with_one_line_errors(tmp_path: Path) -> None:
-    with pytest.raises(SubmitError, match=r"BUDGET 'huge': expected one of \['ci', 'full'\]"):
+    with pytest.raises(SubmitError, match=r"BUDGET 'huge': expected one of \['ci', 'full', 'pretrained'\]"):
         ablation.budget("huge")
     with pytest.raises(SubmitError, match=rf"DATA_DIR {tmp_path}: no manifest.csv"):
         ablation.data_dir(tmp_path, tmp_path / "work", "ci")
