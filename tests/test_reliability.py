@@ -27,6 +27,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from cli_helpers import invoke, one_error_line
 from click.testing import CliRunner
 from PIL import Image
 
@@ -67,21 +68,8 @@ def world(tmp_path_factory) -> dict:
             "crops": crops}
 
 
-def _invoke(args: list[str]) -> tuple[int, str]:
-    """Run the CLI in-process; return (exit status, stderr); a traceback would be an uncaught exception."""
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    assert res.exception is None or isinstance(res.exception, SystemExit), \
-        f"uncaught {type(res.exception).__name__}: {res.exception}\n{res.output}"
-    return res.exit_code, res.stderr
-
-
-def _one_error_line(stderr: str) -> str:
-    """The refusal: the last stderr line, the only one starting with `error:`, and no traceback."""
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    return errors[0]
+_invoke = invoke
+_one_error_line = one_error_line
 
 
 def _files_below(folder: Path) -> list[str]:

@@ -26,10 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
+from cli_helpers import invoke, one_error_line
 
 from submit import atomic, bundled, locks, training
-from submit.cli import main
 from submit.errors import SubmitError, loader_errors, worker_message
 from submit.manifest import read_manifest
 from submit.prepare import prepare
@@ -57,21 +56,8 @@ def world(tmp_path_factory) -> dict:
     return {"root": root, "src": src, "data": data, "run": root / "runs" / "tiny", "spec": spec}
 
 
-def _invoke(args: list) -> tuple[int, str]:
-    """Run the CLI in-process; return (exit status, stderr); a traceback would be an uncaught exception."""
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    assert res.exception is None or isinstance(res.exception, SystemExit), \
-        f"uncaught {type(res.exception).__name__}: {res.exception}\n{res.output}"
-    return res.exit_code, res.stderr
-
-
-def _one_error_line(stderr: str) -> str:
-    """The refusal: the last stderr line, the only one starting with `error:`, and no traceback."""
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    return errors[0]
+_invoke = invoke
+_one_error_line = one_error_line
 
 
 def _everything_below(folder: Path) -> list[str]:

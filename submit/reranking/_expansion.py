@@ -28,16 +28,22 @@ def _weighted_mean(feats: np.ndarray, sims: np.ndarray, idx: np.ndarray, alpha: 
     return out
 
 
-def query_expansion(query_feats: np.ndarray, gallery_feats: np.ndarray, k: int = 1,
-                    alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
-    """Alpha query expansion (Radenovic et al.): each query becomes the unit-normalised sum of itself and its
-    k nearest gallery features weighted by cosine^alpha (alpha=0: plain average). Returns (queries, gallery)."""
+def _expansion_inputs(query_feats: np.ndarray, gallery_feats: np.ndarray, k: int,
+                      alpha: float) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """Checked QE/DBA arguments: unit query and gallery rows, k (at most the gallery size) and alpha."""
     q, g = _pair(query_feats, gallery_feats)
     k = _check_int(k, "k")
     alpha = _check_float(alpha, "alpha", 0.0, 100.0)
     if k > len(g):
         raise SubmitError(f"k: {k} is more than the {len(g)} gallery features")
-    q, g = _unit(q), _unit(g)
+    return _unit(q), _unit(g), k, alpha
+
+
+def query_expansion(query_feats: np.ndarray, gallery_feats: np.ndarray, k: int = 1,
+                    alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Alpha query expansion (Radenovic et al.): each query becomes the unit-normalised sum of itself and its
+    k nearest gallery features weighted by cosine^alpha (alpha=0: plain average). Returns (queries, gallery)."""
+    q, g, k, alpha = _expansion_inputs(query_feats, gallery_feats, k, alpha)
     sims, idx = _top_k(g, q, k)
     return _unit(q + _weighted_mean(g, sims, idx, alpha)), g
 
@@ -46,12 +52,7 @@ def database_augmentation(query_feats: np.ndarray, gallery_feats: np.ndarray, k:
                           alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
     """Database-side augmentation (DBA): each gallery feature becomes the unit-normalised mean of its k nearest
     gallery features (itself included) weighted by cosine^alpha (alpha=0: plain mean). Queries are unchanged."""
-    q, g = _pair(query_feats, gallery_feats)
-    k = _check_int(k, "k")
-    alpha = _check_float(alpha, "alpha", 0.0, 100.0)
-    if k > len(g):
-        raise SubmitError(f"k: {k} is more than the {len(g)} gallery features")
-    q, g = _unit(q), _unit(g)
+    q, g, k, alpha = _expansion_inputs(query_feats, gallery_feats, k, alpha)
     sims, idx = _top_k(g, g, k)
     return q, _unit(_weighted_mean(g, sims, idx, alpha))
 
