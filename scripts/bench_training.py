@@ -27,10 +27,12 @@ import torch
 from submit import training
 from submit.backbones import build_embedder
 from submit.device import cpu_model
+from submit.distributed import cpu_threads
 from submit.losses import InfoNCELoss, LogitScale
 from submit.prepare import prepare
-from submit.recipe import Recipe, load_recipe
+from submit.recipe import Recipe, apply_overrides, load_recipe
 from submit.synthetic import make_dataset
+from submit.train_step import ContrastiveModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +47,7 @@ def bare_images_per_s(recipe: Recipe, steps: int, warmup: int, device: str = "cp
     embedder = build_embedder(recipe.backbone)
     if recipe.train.grad_checkpointing:
         embedder.set_grad_checkpointing(True)
-    model = training.ContrastiveModel(embedder, LogitScale(embedder.logit_scale_init)).to(dev)
+    model = ContrastiveModel(embedder, LogitScale(embedder.logit_scale_init)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     scaler = torch.amp.GradScaler(dev.type, enabled=needs_scaler(dev, recipe.train.precision))
     loss_fn = InfoNCELoss(recipe.train.label_smoothing)
@@ -113,12 +115,12 @@ def main() -> None:
     parser.add_argument("--players", type=int, default=200, help="synthetic identities (x10 training crops)")
     args = parser.parse_args()
     workers = recipe_workers(args.recipe) if args.workers is None else args.workers
-    threads = args.threads or training.cpu_threads(torch.device("cpu"), workers)
+    threads = args.threads or cpu_threads(torch.device("cpu"), workers)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # train() then keeps this thread count
     torch.set_num_threads(threads)
     extra = ([f"train.precision={args.precision}"] if args.precision else []) + (
         ["backbone.pretrained=null"] if args.random_weights else [])
-    recipe = training.apply_overrides(load_recipe(args.recipe), [
+    recipe = apply_overrides(load_recipe(args.recipe), [
         "data.split=all", f"data.workers={workers}", "train.checkpoint_every=0", *extra])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

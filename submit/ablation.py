@@ -160,8 +160,7 @@ def split_rows(data: str | Path, split: str = "test") -> tuple[pd.DataFrame, pd.
 
 def recipe(budget_name: str, overrides: Sequence[str] = ()) -> Recipe:
     """The budget's base recipe with the budget's and then the caller's `a.b=value` overrides."""
-    from submit.recipe import load_recipe
-    from submit.training import apply_overrides
+    from submit.recipe import apply_overrides, load_recipe
 
     b = budget(budget_name)
     base = load_recipe(bundled.MODELS / b.recipe)

@@ -52,7 +52,7 @@ import numpy as np
 
 from submit import config, reranking
 from submit.errors import SubmitError
-from submit.recipe import TTASpec, load_recipe
+from submit.recipe import TTASpec, apply_overrides, load_recipe
 
 RUNS_PLACEHOLDER = "${RUNS}"
 
@@ -291,8 +291,8 @@ def train_members(spec_path: str | Path, data_dir: str | Path, runs_dir: str | P
             continue
         recipe = load_recipe(member.train.recipe)
         seed = [] if member.train.seed is None else [f"seed={member.train.seed}"]
-        recipe = training.apply_overrides(recipe, [*seed, *member.train.overrides],
-                                          where=f"{spec_path}: member {member.name} train.overrides")
+        recipe = apply_overrides(recipe, [*seed, *member.train.overrides],
+                                 where=f"{spec_path}: member {member.name} train.overrides")
         run = Path(member.run or "")
         results.append(training.train(recipe, data_dir, run, resume=(run / "last.pt").is_file(),
                                       device=device, progress=progress))

@@ -1,7 +1,7 @@
 """Pre-flight for a training recipe: build the tower, run a few real optimiser steps on random crops, report.
 
 `dry_run` answers "will this recipe fit, and how long will it take?" before hours on a rented GPU. It uses the
-training loop's own step (`training._Trainer.train_step`: the recipe's micro-batch, accumulation with cached
+training loop's own step (`train_step.TrainStep`: the recipe's micro-batch, accumulation with cached
 negatives, precision and gradient scaler, clipping, gradient checkpointing, EMA) on random crops at the
 recipe's image size, and writes nothing. Weights are the real ones when cached, else random (same cost).
 
@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from submit import training
-from submit.device import amp_dtype, needs_scaler, pick_device
+from submit.device import amp_dtype, pick_device
 from submit.errors import SubmitError
-from submit.losses import LogitScale, build_loss
 from submit.recipe import Recipe
+from submit.train_step import TrainStep
 
 GIB = 1024 ** 3
 
@@ -61,23 +60,6 @@ class Preflight:
     notes: tuple[str, ...] = ()
 
 
-class _DryTrainer(training._Trainer):
-    """The training loop's step (accumulation, scaler, clipping, EMA) on a model built here, without data."""
-
-    def __init__(self, recipe: Recipe, embedder: torch.nn.Module, device: torch.device) -> None:  # noqa: D107
-        t = recipe.train
-        self.recipe, self.device, self.ddp = recipe, device, None
-        self.out_dir = Path("<dry run>")
-        temperature = LogitScale(float(embedder.logit_scale_init), learn=t.learn_temperature and t.loss == "infonce",
-                                 max_scale=t.max_logit_scale)
-        self.model = training.ContrastiveModel(embedder, temperature).to(device)
-        self.criterion = build_loss(t.loss, t.label_smoothing, t.triplet_margin)
-        self.optimizer = torch.optim.AdamW(training.param_groups(self.model, t.weight_decay, t.layer_decay), lr=t.lr)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler(device, t.precision))
-        self.ema = training.EMA(self.model, t.ema_decay) if t.ema_decay else None
-        self.state = training._State()
-
-
 def dry_run(recipe: Recipe, device: str | None = None, steps: int = 3, data_dir: str | Path | None = None,
             memory_gib: float | None = None) -> Preflight:
     """Run `steps` optimiser steps of `recipe` on random crops; measure parameters, peak memory and speed."""
@@ -89,17 +71,15 @@ def dry_run(recipe: Recipe, device: str | None = None, steps: int = 3, data_dir:
     total_steps = _recipe_steps(recipe, data_dir) if data_dir is not None else None  # bad data fails first
     before = _resident() if dev.type == "cpu" else 0
     embedder, weights, notes = _build(recipe)
-    if recipe.train.grad_checkpointing:
-        embedder.set_grad_checkpointing(True)
-    trainer = _DryTrainer(recipe, embedder, dev)
+    step = TrainStep.build(recipe, embedder, dev)  # the loop's own step: same model, loss, optimiser, scaler, EMA
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    times = _time_steps(trainer, recipe, dev, steps)
+    times = _time_steps(step, recipe, dev, steps)
     peak, kind = _peak(dev)
-    params = sum(p.numel() for p in trainer.model.parameters())
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    static = _static_bytes(trainer)
+    params = sum(p.numel() for p in step.model.parameters())
+    trainable = sum(p.numel() for p in step.model.parameters() if p.requires_grad)
+    static = _static_bytes(step)
     per_step = sum(times[1:]) / (len(times) - 1) if len(times) > 1 else times[0]
     if len(times) == 1:
         notes.append("one step timed, warm-up included: pass --steps 2 or more for a steady figure")
@@ -136,21 +116,20 @@ def _build(recipe: Recipe) -> tuple[torch.nn.Module, str, list[str]]:
     return build_embedder(spec), str(loc.path), []
 
 
-def _time_steps(trainer: _DryTrainer, recipe: Recipe, dev: torch.device, steps: int) -> list[float]:
+def _time_steps(step: TrainStep, recipe: Recipe, dev: torch.device, steps: int) -> list[float]:
     """Seconds of each optimiser step on a fresh random global batch of the recipe's geometry."""
     t = recipe.train
-    h, w = trainer.model.embedder.input_size
+    h, w = step.model.embedder.input_size
     gen = torch.Generator().manual_seed(recipe.seed)
     times = []
-    trainer.model.train()
+    step.model.train()
     for _ in range(steps):
         batch = torch.rand(t.pairs_per_batch * t.accum_steps, 2, 3, h, w, generator=gen)
         start = time.perf_counter()
-        trainer.train_step(batch)
+        step(batch)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - start)
-        trainer.state.step += 1
     return times
 
 
@@ -158,9 +137,10 @@ def _recipe_steps(recipe: Recipe, data_dir: str | Path) -> int:
     """The optimiser steps of the whole recipe on DATA_DIR's training rows (one process)."""
     from submit.manifest import read_manifest
     from submit.sampler import PairBatchSampler
+    from submit.train_data import make_splits
 
     t = recipe.train
-    splits = training.make_splits(read_manifest(data_dir), recipe.data, recipe.seed)
+    splits = make_splits(read_manifest(data_dir), recipe.data, recipe.seed)
     sampler = PairBatchSampler(splits.train["pid"].tolist(), t.pairs_per_batch * t.accum_steps, 1, 0, recipe.seed)
     steps = sum(len(sampler.global_batches(e)) for e in range(t.epochs))
     if steps == 0:
@@ -186,11 +166,11 @@ def _resident() -> int:
         return 0
 
 
-def _static_bytes(trainer: _DryTrainer) -> int:
+def _static_bytes(step: TrainStep) -> int:
     """Weights + gradients + AdamW moments (+ EMA copy): the part of the peak that no batch change removes."""
-    weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-    trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
-    return weights + 3 * trainable + (weights if trainer.ema is not None else 0)
+    weights = sum(p.numel() * p.element_size() for p in step.model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in step.model.parameters() if p.requires_grad)
+    return weights + 3 * trainable + (weights if step.ema is not None else 0)
 
 
 def _advice(recipe: Recipe, peak: int, static: int, before: int, budget: int) -> tuple[str, ...]:

@@ -1,13 +1,18 @@
-"""The model recipe (`models/*.yaml`): one fine-tuned backbone, how to train it and how to embed with it."""
+"""The model recipe (`models/*.yaml`): one fine-tuned backbone, how to train it and how to embed with it;
+`apply_overrides`, the `--set KEY=VALUE` edits re-validated like the YAML."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Sequence
+
+import yaml
 
 from submit import config
 from submit.config import bounded, probability, registered
+from submit.errors import SubmitError
 
 
 @dataclass(frozen=True)
@@ -101,3 +106,32 @@ def _losses() -> dict:
 def load_recipe(path: str | Path) -> Recipe:
     """Load and validate a recipe YAML file."""
     return config.load(Recipe, path)
+
+
+def apply_overrides(recipe: Recipe, overrides: Sequence[str], where: str = "--set") -> Recipe:
+    """Apply `a.b=value` overrides (YAML values) and re-validate the whole recipe strictly."""
+    data = config.to_mapping(recipe)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SubmitError(f"{where}: expected KEY=VALUE, got {item!r}")
+        node = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SubmitError(f"{where}: key {'.'.join(parts[:depth + 1])!r} is a value, not a section ({key!r})")
+        node[parts[-1]] = _yaml_value(raw, where, key)
+    return config.from_mapping(Recipe, data, where=where)
+
+
+def _yaml_value(raw: str, where: str, key: str) -> Any:
+    """A YAML scalar/list, with `1e-4`-style numbers read as floats (YAML 1.1 would keep them strings)."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise SubmitError(f"{where}: key {key!r}: value {raw!r} is not valid YAML") from None
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+        return float(value)
+    return value

@@ -2,26 +2,64 @@
 
 RUN_DIR holds `recipe.yaml`, `best.pt` / `last.pt` (format `FORMAT`: model, EMA, optimiser, scaler, loop state,
 RNG state, history, recipe, manifest fingerprint), `metrics.csv`/`metrics.json` and `tb/`. Checkpoints are
-written atomically (`save_atomic`) and read with `weights_only=True` (`load_checkpoint`). `load_trained` is the
-one way to get a trained embedder back: predict, explain, ablation and export use it without importing the
-trainer.
+written atomically (`save_atomic`) and read with `weights_only=True` (`load_checkpoint`). `TrainState` is the
+loop's state as a checkpoint stores it, `check_resumable` what a resume must share with the run, `write_metrics`
+and `write_recipe` the plain files. `load_trained` is the one way to get a trained embedder back: predict,
+explain, ablation and export use it without importing the trainer.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from submit import atomic, config
 from submit.errors import SubmitError
+from submit.metrics import METRIC_KEYS
 from submit.recipe import Recipe
 
 FORMAT = "reident-submit/train-v1"
+RESUME_MAY_CHANGE = ("train.epochs", "train.checkpoint_every", "data.workers", "data.cache_images")
+CSV_COLUMNS = ("epoch", "step", "loss", "lr", "temperature", "images_per_s", "seconds", *METRIC_KEYS)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything the training loop mutates besides the model and optimiser, saved as it is in `last.pt`.
+
+    A checkpoint holds the fields under `state` and the history at its top level (where `runs` reads it); adding
+    a field is this one line (a checkpoint saved before it existed resumes with the default).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    best_map: float = -1.0
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint entries: `state` (every field but the history) and `history`."""
+        scalars = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "history"}
+        return {"state": scalars, "history": self.history}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> TrainState:
+        """The state `to_checkpoint` saved (fields the checkpoint lacks keep their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"history"}
+        saved = {k: v for k, v in ckpt["state"].items() if k in names}
+        return cls(**saved, history=list(ckpt["history"]))
 
 
 def checkpoint_path(run_dir: str | Path, checkpoint: str) -> Path:
@@ -78,6 +116,64 @@ def check_same_backbone(recipe_file: Path, path: Path, recorded: Recipe) -> None
         if own[key] != saved[key]:
             raise SubmitError(f"{path}: trained with backbone.{key} {saved[key]!r}, but {recipe_file} says "
                               f"{own[key]!r}; the folder mixes two runs (retrain it, or use the checkpoint's own run)")
+
+
+def check_resumable(ckpt: dict, path: Path, recipe: Recipe, manifest: str, data_dir: Path, global_pairs: int) -> None:
+    """Refuse to continue `ckpt` with another recipe, other data or another global batch: one line naming it."""
+    _check_same_recipe(ckpt["recipe"], recipe, path)
+    _check_same_manifest(ckpt.get("manifest"), manifest, path, data_dir)
+    saved_pairs = ckpt["sampler"]["global_pairs"]
+    if saved_pairs != global_pairs:
+        raise SubmitError(f"{path}: the run used a global batch of {saved_pairs} pairs, this launch gives "
+                          f"{global_pairs} (pairs_per_batch x processes x accum_steps); resume "
+                          "with the same number of processes")
+
+
+def _check_same_recipe(saved: dict, recipe: Recipe, path: Path) -> None:
+    """Resuming with a different recipe would silently mix runs: name the first differing key."""
+    now = config.to_mapping(recipe)
+    for key, (a, b) in _flat_diff(saved, now).items():
+        if key not in RESUME_MAY_CHANGE and not key.startswith("tta."):
+            raise SubmitError(f"{path}: the run was trained with {key}={a!r}, the recipe now says {b!r}; "
+                              "resume with the run's recipe.yaml")
+
+
+def _check_same_manifest(saved: str | None, now: str, path: Path, data_dir: Path) -> None:
+    """Resuming on other data would silently mix runs; a run saved before fingerprints were recorded passes."""
+    if saved is not None and saved != now:
+        raise SubmitError(f"{path.parent}: the run was trained on manifest {saved[:12]}, {data_dir}/manifest.csv "
+                          f"is {now[:12]}; resume with the run's data or train into another --out")
+
+
+def _flat_diff(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two nested mappings (tuples compared as lists)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for k in sorted(set(a) | set(b)):
+            out.update(_flat_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k))
+        return out
+    a = list(a) if isinstance(a, tuple) else a
+    b = list(b) if isinstance(b, tuple) else b
+    return {} if a == b else {prefix: (a, b)}
+
+
+def write_metrics(out_dir: Path, history: list[dict], meta: dict) -> None:
+    """metrics.csv (one row per validated epoch) and metrics.json (history, best, notes), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
+    scored = [r for r in history if r.get("mAP") is not None]
+    best = max(scored, key=lambda r: r["mAP"]) if scored else None
+    for name, text in (("metrics.csv", buf.getvalue()),
+                       ("metrics.json", json.dumps({**meta, "best": best, "history": history}, indent=2))):
+        atomic.write_text(out_dir / name, text)
+
+
+def write_recipe(out_dir: Path, recipe: Recipe) -> None:
+    """RUN_DIR/recipe.yaml: the resolved recipe (after `--set` overrides), plain YAML, atomically."""
+    atomic.write_text(out_dir / "recipe.yaml", yaml.safe_dump(config.to_mapping(recipe), sort_keys=False))
 
 
 def rng_state() -> dict:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from submit import training
+from submit.distributed import DistInfo
 from submit.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def test_cuda_device_check_and_pinned_loader(data_dir, tmp_path):
 
     assert check_device("cuda").type == "cuda"
     recipe = training.apply_overrides(load_recipe(TINY), ["data.workers=1"])
-    run = training._Trainer(recipe, data_dir, tmp_path, torch.device("cuda", 0), training.DistInfo())
+    run = training._Trainer(recipe, data_dir, tmp_path, torch.device("cuda", 0), DistInfo())
     assert run.loader.pin_memory is True
     batch = next(iter(run.loader))
     assert batch.is_pinned()

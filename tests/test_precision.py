@@ -12,6 +12,7 @@ import torch
 
 from submit import training
 from submit.device import amp_dtype, autocast, needs_scaler
+from submit.distributed import DistInfo
 from submit.embedding import cache_key, embed_views
 from submit.manifest import read_manifest
 from submit.recipe import TTASpec, load_recipe
@@ -33,7 +34,7 @@ def tiny(precision: str, *overrides: str):
 
 
 def trainer(recipe, data_dir: Path, out: Path, device: torch.device = CPU) -> training._Trainer:
-    return training._Trainer(recipe, data_dir, out, device, training.DistInfo())
+    return training._Trainer(recipe, data_dir, out, device, DistInfo())
 
 
 def test_amp_dtype_honours_bf16_fp16_on_cpu_and_auto_stays_fp32(monkeypatch):
@@ -55,8 +56,8 @@ def test_amp_dtype_honours_bf16_fp16_on_cpu_and_auto_stays_fp32(monkeypatch):
 def test_each_precision_trains_resumes_and_moves_weights(precision, data_dir, tmp_path):
     recipe = tiny(precision, "train.grad_clip=1.0")
     run = trainer(recipe, data_dir, tmp_path / "run")
-    start = {k: v.clone() for k, v in run.model.embedder.state_dict().items()}
-    assert run.scaler.is_enabled() == (precision == "fp16")
+    start = {k: v.clone() for k, v in run.train_step.model.embedder.state_dict().items()}
+    assert run.train_step.scaler.is_enabled() == (precision == "fp16")
     assert run.loader.pin_memory is False  # pinned memory needs CUDA: False on CPU, True on CUDA (cuda test)
     result = training.train(recipe, data_dir, tmp_path / "run", max_steps=3, progress=False, device="cpu")
     assert result["steps"] == 3 and np.isfinite(result["last"]["loss"])
@@ -84,7 +85,7 @@ def test_fp16_scaler_state_round_trips_through_resume(data_dir, tmp_path):
     training.save_atomic(ckpt, tmp_path / "run" / "last.pt")
     run = trainer(recipe, data_dir, tmp_path / "run")
     run.resume(tmp_path / "run" / "last.pt")
-    state = run.scaler.state_dict()
+    state = run.train_step.scaler.state_dict()
     assert state["scale"] == 1024.0 and state["_growth_tracker"] == 7
 
 
@@ -95,17 +96,18 @@ def _one_batch(run: training._Trainer) -> torch.Tensor:
 
 def test_fp16_inf_gradient_skips_the_step_and_backs_off_the_scale(data_dir, tmp_path):
     run = trainer(tiny("fp16", "train.grad_clip=1.0", "train.ema_decay=0.5"), data_dir, tmp_path / "run")
-    before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    scale = run.scaler.get_scale()
-    run.accumulate_gradients(_one_batch(run))
-    next(p for p in run.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
-    run.apply_gradients()
-    assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items()), "the step must be skipped"
-    assert run.scaler.get_scale() == scale * run.scaler.get_backoff_factor()
-    assert not run.optimizer.state, "AdamW must not have stepped"
-    run.accumulate_gradients(_one_batch(run))  # the next finite step goes through
-    run.apply_gradients()
-    assert any(not torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+    step = run.train_step
+    before = {k: v.clone() for k, v in step.model.state_dict().items()}
+    scale = step.scaler.get_scale()
+    step.accumulate_gradients(_one_batch(run))
+    next(p for p in step.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+    step.apply_gradients()
+    assert all(torch.equal(v, before[k]) for k, v in step.model.state_dict().items()), "the step must be skipped"
+    assert step.scaler.get_scale() == scale * step.scaler.get_backoff_factor()
+    assert not step.optimizer.state, "AdamW must not have stepped"
+    step.accumulate_gradients(_one_batch(run))  # the next finite step goes through
+    step.apply_gradients()
+    assert any(not torch.equal(v, before[k]) for k, v in step.model.state_dict().items())
 
 
 def test_fp16_unscales_before_clipping(data_dir, tmp_path, monkeypatch):
@@ -119,11 +121,12 @@ def test_fp16_unscales_before_clipping(data_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
     run = trainer(tiny("fp16", "train.grad_clip=1e-6"), data_dir, tmp_path / "run")
-    run.accumulate_gradients(_one_batch(run))
-    scaled = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.model.parameters()
+    step = run.train_step
+    step.accumulate_gradients(_one_batch(run))
+    scaled = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in step.model.parameters()
                                                           if p.grad is not None])))
-    run.apply_gradients()
-    assert seen and seen[0] == pytest.approx(scaled / run.scaler.get_scale(), rel=1e-3)
+    step.apply_gradients()
+    assert seen and seen[0] == pytest.approx(scaled / step.scaler.get_scale(), rel=1e-3)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -160,7 +163,7 @@ def test_embedding_under_autocast_returns_float32_unit_features(precision, data_
 def test_cuda_amp_trains_and_resumes(precision, data_dir, tmp_path):
     recipe = tiny(precision, "train.grad_clip=1.0")
     run = trainer(recipe, data_dir, tmp_path / "probe", torch.device("cuda"))
-    assert run.loader.pin_memory is True and run.scaler.is_enabled() == (precision == "fp16")
+    assert run.loader.pin_memory is True and run.train_step.scaler.is_enabled() == (precision == "fp16")
     del run
     result = training.train(recipe, data_dir, tmp_path / "run", max_steps=3, progress=False, device="cuda")
     assert result["steps"] == 3 and np.isfinite(result["last"]["loss"])

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from submit import training
 from submit.cli import main
+from submit.distributed import DistInfo
 from submit.errors import SubmitError
 from submit.preflight import GIB, Preflight, _advice, dry_run
 from submit.recipe import load_recipe
@@ -33,7 +34,7 @@ def test_dry_run_measures_the_tiny_recipe(data_dir):
     assert result.peak_memory > result.static_memory > 4 * result.params  # fp32 weights + grads + AdamW
     assert result.seconds_per_step > 0 and result.images_per_s == pytest.approx(8 / result.seconds_per_step)
     assert result.precision == "fp32" and result.fits is None and result.advice == ()
-    loop = training._Trainer(tiny(), data_dir, data_dir / "unused", torch.device("cpu"), training.DistInfo())
+    loop = training._Trainer(tiny(), data_dir, data_dir / "unused", torch.device("cpu"), DistInfo())
     assert result.total_steps == sum(loop.steps_per_epoch) > 0  # the training loop's own count
     assert result.estimated_seconds == pytest.approx(result.total_steps * result.seconds_per_step)
 

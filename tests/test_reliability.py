@@ -38,7 +38,7 @@ from submit.errors import SubmitError
 from submit.manifest import read_manifest, select, write_manifest
 from submit.prepare import prepare
 from submit.ranking_file import read_ranking, write_ranking
-from submit.recipe import Recipe, load_recipe
+from submit.recipe import Recipe, _yaml_value, load_recipe
 from submit.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,7 +291,7 @@ def test_recipe_numbers_out_of_range_are_refused_naming_the_key(tmp_path, overri
     node = data
     for part in section.split(".") if section else []:
         node = node[part]
-    node[field] = training._yaml_value(override.partition("=")[2], "t", key)
+    node[field] = _yaml_value(override.partition("=")[2], "t", key)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(SubmitError, match=re.escape(f"bad.yaml: key {key!r}: {expected}")):

@@ -29,6 +29,7 @@ import yaml
 from cli_helpers import invoke, one_error_line
 
 from submit import atomic, bundled, locks, training
+from submit.distributed import DistInfo
 from submit.errors import SubmitError, loader_errors, worker_message
 from submit.manifest import read_manifest
 from submit.prepare import prepare
@@ -168,13 +169,13 @@ def test_train_leaves_no_lock_and_a_refused_train_no_folder(world, tmp_path) -> 
 def test_under_torchrun_only_rank_0_locks_and_every_rank_hears_a_refusal(tmp_path, monkeypatch) -> None:
     """Rank 1 takes no lock (no file of its own) and raises rank 0's refusal instead of waiting at a barrier."""
     refusal = f"{tmp_path / 'run'}: in use by train (pid 1 on h, since 10:00); wait for it or choose another --out"
-    monkeypatch.setattr(training, "_gather_objects", lambda obj, info: [refusal, obj])
+    monkeypatch.setattr(training, "gather_objects", lambda obj, info: [refusal, obj])
     with pytest.raises(SubmitError, match=re.escape(refusal)):
-        with training._run_lock(tmp_path / "run", training.DistInfo(world_size=2, rank=1)):
+        with training._run_lock(tmp_path / "run", DistInfo(world_size=2, rank=1)):
             pytest.fail("rank 1 went on after rank 0 was refused")
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(training, "_gather_objects", lambda obj, info: [None, obj])
-    with training._run_lock(tmp_path / "run", training.DistInfo(world_size=2, rank=1)):
+    monkeypatch.setattr(training, "gather_objects", lambda obj, info: [None, obj])
+    with training._run_lock(tmp_path / "run", DistInfo(world_size=2, rank=1)):
         assert list(tmp_path.iterdir()) == []  # rank 0 holds it; rank 1 writes no lock
 
 

@@ -3,6 +3,8 @@ kill/resume with a real SIGKILL, NaN stop, splits, EMA, load_trained and the CLI
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -21,13 +23,18 @@ import yaml
 from click.testing import CliRunner
 from torch import nn
 
-from submit import training
+from submit import train_step, training
 from submit.cli import main
+from submit.distributed import DistInfo, cpu_threads
 from submit.errors import SubmitError
 from submit.manifest import fingerprint, read_manifest, write_manifest
 from submit.metrics import METRIC_KEYS
+from submit.optimisation import EMA, LRSchedule, param_groups
 from submit.recipe import load_recipe
+from submit.run_folder import TrainState
 from submit.sampler import PairBatchSampler
+from submit.train_data import PairDataset, make_splits
+from submit.train_step import ContrastiveModel, TrainStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,12 +96,12 @@ def test_overrides_parse_values_and_name_bad_keys():
 
 
 def test_lr_schedule_warmup_then_decay_to_min():
-    poly = training.LRSchedule(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=14, kind="polynomial", power=2.0)
+    poly = LRSchedule(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=14, kind="polynomial", power=2.0)
     assert [poly(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert poly(4) == 1.0 and math.isclose(poly(9), 0.1 + 0.9 * 0.5 ** 2) and math.isclose(poly(14), 0.1)
-    cos = training.LRSchedule(lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=10, kind="cosine")
+    cos = LRSchedule(lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=10, kind="cosine")
     assert math.isclose(cos(5), 0.5) and math.isclose(cos(10), 0.0, abs_tol=1e-12)
-    assert training.LRSchedule(1.0, 0.0, 2, 10, "constant")(7) == 1.0
+    assert LRSchedule(1.0, 0.0, 2, 10, "constant")(7) == 1.0
 
 
 def test_param_groups_exclude_norms_biases_temperature_and_apply_layer_decay():
@@ -102,8 +109,8 @@ def test_param_groups_exclude_norms_biases_temperature_and_apply_layer_decay():
     from submit.losses import LogitScale
 
     recipe = tiny()
-    model = training.ContrastiveModel(build_embedder(recipe.backbone), LogitScale(10.0))
-    groups = training.param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    model = ContrastiveModel(build_embedder(recipe.backbone), LogitScale(10.0))
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
     names = {id(p): n for n, p in model.named_parameters()}
     for group in groups:
         for p in group["params"]:
@@ -120,10 +127,10 @@ def test_param_groups_exclude_norms_biases_temperature_and_apply_layer_decay():
 
 
 def _grads(recipe, data_dir, tmp_path) -> tuple[dict[str, torch.Tensor], float]:
-    trainer = training._Trainer(recipe, data_dir, tmp_path, torch.device("cpu"), training.DistInfo())
+    trainer = training._Trainer(recipe, data_dir, tmp_path, torch.device("cpu"), DistInfo())
     batch = next(iter(trainer.loader))
-    loss = trainer.accumulate_gradients(batch)
-    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}, loss
+    loss = trainer.train_step.accumulate_gradients(batch)
+    return {n: p.grad.clone() for n, p in trainer.train_step.model.named_parameters() if p.grad is not None}, loss
 
 
 def test_accumulation_keeps_whole_batch_negatives_same_gradients(data_dir, tmp_path):
@@ -142,8 +149,8 @@ def test_pair_dataset_is_seeded_per_pair_and_caching_changes_nothing(data_dir):
 
     paths = read_manifest(data_dir).query("split == 'train'")["path"].tolist()
     spec = AugmentSpec(hflip=0.5, random_erasing=0.5, color_jitter=0.3)
-    plain = training.PairDataset(data_dir, paths, (32, 16), (0.5,) * 3, (0.25,) * 3, spec)
-    cached = training.PairDataset(data_dir, paths, (32, 16), (0.5,) * 3, (0.25,) * 3, spec, cache=True)
+    plain = PairDataset(data_dir, paths, (32, 16), (0.5,) * 3, (0.25,) * 3, spec)
+    cached = PairDataset(data_dir, paths, (32, 16), (0.5,) * 3, (0.25,) * 3, spec, cache=True)
     before = torch.get_rng_state()
     first = plain[(0, 1, 7)]
     assert first.shape == (2, 3, 32, 16) and torch.equal(before, torch.get_rng_state())  # global RNG untouched
@@ -282,7 +289,7 @@ def test_sigkill_then_resume_ends_with_identical_weights(data_dir, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    real = training.build_loss
+    real = train_step.build_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -294,7 +301,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_dir, tmp_p
             return value * float("nan") if calls["n"] == 5 else value
         return forward
 
-    monkeypatch.setattr(training, "build_loss", poisoned)
+    monkeypatch.setattr(train_step, "build_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(SubmitError) as err:
         training.train(tiny("train.checkpoint_every=2"), data_dir, out, progress=False)
@@ -321,12 +328,12 @@ def test_split_all_skips_validation_and_still_writes_best(data_dir, tmp_path):
 def test_kfold_holds_out_identities(data_dir):
     df = read_manifest(data_dir)
     recipe = tiny("data.split=kfold", "data.folds=4", "data.fold=1")
-    splits = training.make_splits(df, recipe.data, recipe.seed)
+    splits = make_splits(df, recipe.data, recipe.seed)
     held = set(splits.query["pid"])
     assert held and held == set(splits.gallery["pid"]) and not held & set(splits.train["pid"])
     assert len(splits.query) == len(held) and 5 <= len(held) <= 7  # 24 identities in 4 folds
     with pytest.raises(SubmitError, match="data.fold"):
-        training.make_splits(df, tiny("data.split=kfold", "data.folds=4", "data.fold=4").data, 0)
+        make_splits(df, tiny("data.split=kfold", "data.folds=4", "data.fold=4").data, 0)
 
 
 def test_ema_weights_are_validated_saved_and_loaded(data_dir, tmp_path):
@@ -353,6 +360,17 @@ def test_too_few_identities_for_the_batch_is_a_one_line_error(data_dir, tmp_path
         training.train(tiny("train.pairs_per_batch=64"), data_dir, tmp_path / "run", progress=False)
 
 
+def test_training_state_round_trips_through_a_checkpoint_and_a_missing_field_takes_its_default():
+    state = TrainState(step=7, epoch=1, batch_in_epoch=3, loss_sum=2.5, loss_count=3, best_map=0.4,
+                       history=[{"epoch": 1}])
+    saved = state.to_checkpoint()
+    assert saved == {"state": {"step": 7, "epoch": 1, "batch_in_epoch": 3, "loss_sum": 2.5, "loss_count": 3,
+                               "best_map": 0.4}, "history": [{"epoch": 1}]}
+    assert TrainState.from_checkpoint(saved) == state
+    del saved["state"]["best_map"]  # a checkpoint saved before a field existed resumes with the field's default
+    assert TrainState.from_checkpoint(saved) == dataclasses.replace(state, best_map=TrainState().best_map)
+
+
 # ---- CLI --------------------------------------------------------------------------------------------
 
 
@@ -374,14 +392,14 @@ def test_cpu_threads_leave_cores_to_loader_workers_and_busy_cpus_unless_omp_is_s
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert training.cpu_threads(torch.device("cpu"), workers=0) == cores
-    assert training.cpu_threads(torch.device("cpu"), workers=1) == max(1, cores - 1)
-    assert training.cpu_threads(torch.device("cpu"), workers=cores + 3) == 1
+    assert cpu_threads(torch.device("cpu"), workers=0) == cores
+    assert cpu_threads(torch.device("cpu"), workers=1) == max(1, cores - 1)
+    assert cpu_threads(torch.device("cpu"), workers=cores + 3) == 1
     monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))  # every core busy elsewhere
-    assert training.cpu_threads(torch.device("cpu"), workers=0) == 1
+    assert cpu_threads(torch.device("cpu"), workers=0) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    assert training.cpu_threads(torch.device("cpu"), workers=0) == 1  # the user's setting wins
+    assert cpu_threads(torch.device("cpu"), workers=0) == 1  # the user's setting wins
 
 
 # ---- training state that earlier tests could not see change (each test failed on a hand-made mutation) --------
@@ -390,7 +408,7 @@ def test_cpu_threads_leave_cores_to_loader_workers_and_busy_cpus_unless_omp_is_s
 def test_ema_update_is_decay_times_average_plus_the_rest_times_live_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = training.EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9)
     for _ in range(2):  # twice: the second update starts from an average that differs from the live weights
         before = {k: v.clone() for k, v in ema.model.state_dict().items()}
         with torch.no_grad():
@@ -413,13 +431,13 @@ def test_resume_restores_every_random_generator(data_dir, tmp_path, monkeypatch)
     """Draws from python, numpy and torch at each step (as dropout or augmentation would) continue after a
     resume exactly where the uninterrupted run had them."""
     draws: list[tuple[float, float, float]] = []
-    real = training._Trainer.train_step
+    real = TrainStep.__call__
 
     def drawing(self, batch):
         draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
         return real(self, batch)
 
-    monkeypatch.setattr(training._Trainer, "train_step", drawing)
+    monkeypatch.setattr(TrainStep, "__call__", drawing)
     training.train(tiny(), data_dir, tmp_path / "straight", device="cpu", max_steps=3, progress=False)
     straight = list(draws)
     draws.clear()
@@ -433,24 +451,25 @@ def test_cached_feature_pass_leaves_batchnorm_buffers_alone(data_dir, tmp_path):
     """With accum_steps > 1 the no-grad pass that caches every micro-batch's features must not move BatchNorm's
     running statistics: after one step they are those of the micro-batches' gradient passes only."""
     recipe = tiny("backbone.name=timm:test_resnet", "train.accum_steps=2", "train.pairs_per_batch=2")
-    trainer = training._Trainer(recipe, data_dir, tmp_path, torch.device("cpu"), training.DistInfo())
-    trainer.model.train()
-    before = {k: v.clone() for k, v in trainer.model.embedder.named_buffers()}
+    trainer = training._Trainer(recipe, data_dir, tmp_path, torch.device("cpu"), DistInfo())
+    model = trainer.train_step.model
+    model.train()
+    before = {k: v.clone() for k, v in model.embedder.named_buffers()}
     assert any(k.endswith("running_mean") for k in before)
     batch = next(iter(trainer.loader))
     micro = batch.chunk(2)
-    reference = training.copy.deepcopy(trainer.model.embedder).train()
+    reference = copy.deepcopy(model.embedder).train()
     with torch.no_grad():
         for pairs in micro:  # what the two gradient passes do to the statistics
             reference(torch.cat([pairs[:, 0], pairs[:, 1]]))
 
-    trainer._cached_features(micro)
-    for name, value in trainer.model.embedder.named_buffers():
+    trainer.train_step.cached_features(micro)
+    for name, value in model.embedder.named_buffers():
         assert torch.equal(value, before[name]), name
     trainer.train_step(batch)
     expected = dict(reference.named_buffers())
     moved = 0
-    for name, value in trainer.model.embedder.named_buffers():
+    for name, value in model.embedder.named_buffers():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
         moved += not torch.equal(value, before[name])
     assert moved
@@ -463,7 +482,7 @@ def test_best_pt_holds_the_first_epoch_with_the_highest_map(data_dir, tmp_path, 
     real_end = training._Trainer._end_epoch
 
     def end(self, partial):
-        snapshots[self.state.epoch + 1] = {k: v.clone() for k, v in self.model.embedder.state_dict().items()}
+        snapshots[self.state.epoch + 1] = {k: v.clone() for k, v in self.train_step.model.embedder.state_dict().items()}
         real_end(self, partial)
 
     monkeypatch.setattr(training._Trainer, "_end_epoch", end)
