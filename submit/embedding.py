@@ -1,4 +1,5 @@
-"""The TTA embedder: manifest rows -> (N, D) float32 L2-normalised features, cached on disk.
+"""The one embedder: manifest rows -> (N, D) float32 L2-normalised features, with TTA and an on-disk cache for
+prediction (`embed`), and with the identity view only for the training loop's validation (`embed_views`).
 
 Each test-time view (scale x horizontal flip, from a `TTASpec`) is embedded and L2-normalised; the views
 are averaged and renormalised. Images are decoded (once for all views) by DataLoader workers one batch
@@ -137,27 +138,37 @@ def embed(model: torch.nn.Module | Callable[[], torch.nn.Module], data_dir: str 
 
 def embed_views(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame, views: Iterable[View],
                 batch_size: int = 64, device: str | torch.device | None = None, workers: int = 2,
-                precision: str = "auto", progress: bool = True, label: str = "embedding") -> np.ndarray:
-    """Embed `rows` under explicit (scale, flip) views; per-view features are normalised, averaged, renormalised."""
+                precision: str = "auto", progress: bool = True, label: str = "embedding",
+                in_training: bool = False) -> np.ndarray:
+    """Embed `rows` under explicit (scale, flip) views; per-view features are normalised, averaged, renormalised.
+
+    `in_training` (the training loop's validation: the model trains on afterwards) leaves the model's memory
+    layout alone (no channels_last: DDP's gradient buckets keep theirs) and runs under no_grad instead of
+    inference mode (a tensor a module caches during the forward stays usable by autograd). The global random
+    generators are never drawn from, so validating does not change a run's random stream.
+    """
     views = list(views)
     if not views or any(scale <= 0 for scale, _ in views):
         raise SubmitError(f"tta.scales: expected one or more positive scales, got {[s for s, _ in views]}")
     dev = pick_device(str(device) if device is not None else None)
+    channels_last = dev.type == "cuda" and not in_training
     size_hw = tuple(model.input_size)
     paths = rows["path"].tolist()
     dataset = _Views(data_dir, paths, size_hw, model.mean, model.std, views)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=dev.type == "cuda", persistent_workers=False)
+                        pin_memory=dev.type == "cuda", persistent_workers=False,
+                        generator=torch.Generator())  # its own seed source: the global torch RNG is not drawn
     was_training = model.training
     model.eval().to(dev)
-    if dev.type == "cuda":
+    if channels_last:
         model.to(memory_format=torch.channels_last)
+    grad_off = torch.no_grad() if in_training else torch.inference_mode()
     out: np.ndarray | None = None
     try:
-        with loader_errors(), torch.inference_mode(), _bar(progress) as bar:
+        with loader_errors(), grad_off, _bar(progress) as bar:
             task = bar.add_task(label, total=len(paths))
             for batch, index in loader:
-                feats = _forward_views(model, batch, dev, precision)
+                feats = _forward_views(model, batch, dev, precision, channels_last)
                 if out is None:
                     out = np.empty((len(paths), feats.shape[1]), dtype=np.float32)
                 out[index.numpy()] = feats.cpu().numpy()
@@ -170,12 +181,13 @@ def embed_views(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame
     return out
 
 
-def _forward_views(model: torch.nn.Module, batch: torch.Tensor, dev: torch.device, precision: str) -> torch.Tensor:
+def _forward_views(model: torch.nn.Module, batch: torch.Tensor, dev: torch.device, precision: str,
+                   channels_last: bool) -> torch.Tensor:
     """(B, V, 3, H, W) -> (B, D): forward each view, normalise, average, renormalise (fp32)."""
     total = None
     for v in range(batch.shape[1]):
         x = batch[:, v].to(dev, non_blocking=True)
-        if dev.type == "cuda":
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(dev, precision):
             f = model(x)

@@ -4,7 +4,7 @@ This module is the loop: `train` (the entry point), `_Trainer` (builds a run, re
 epochs, validates at each epoch end) around `train_step.TrainStep` (one optimiser step: accumulation with
 cached negatives, AMP and the gradient scaler, clipping, EMA). Its pieces live beside it: `train_data` (splits,
 pair dataset), `optimisation` (parameter groups, LR schedule, EMA), `distributed` (ranks, gathering, CPU
-threads), `run_folder` (what RUN_DIR holds and the training state it saves).
+threads), `run_folder` (what RUN_DIR holds and the training state it saves), `embedding` (validation features).
 
 Run dir (`out_dir`):
 - `recipe.yaml`   the resolved recipe (after `--set` overrides), plain YAML.
@@ -50,8 +50,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from submit import config, locks, reporting
-from submit.device import autocast, pick_device
+from submit.device import pick_device
 from submit.distributed import DistInfo, cpu_threads, gather_objects, init_distributed
+from submit.embedding import embed_views
 from submit.errors import SubmitError, loader_errors
 from submit.manifest import fingerprint, read_manifest
 from submit.metrics import METRIC_KEYS
@@ -74,6 +75,8 @@ from submit.sampler import PairBatchSampler
 from submit.train_data import PairDataset, make_splits
 from submit.train_step import Diverged, TrainStep
 
+IDENTITY_VIEW = [(1.0, False)]  # validation embeds each crop once: letterboxed, unflipped, no cache
+
 
 def _seed_all(seed: int) -> None:
     """Seed python, numpy and torch (model initialisation, then per-rank randomness such as dropout)."""
@@ -82,39 +85,20 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.no_grad()
-def embed_rows(embedder: nn.Module, root: str | Path, paths: Sequence[str], device: torch.device,
-               precision: str = "auto", batch_size: int = 64, workers: int = 0) -> np.ndarray:
-    """L2-normalised features (N, D) of crops `paths` (single view, letterboxed), in order."""
-    from submit.transforms import CropDataset
-
-    data = CropDataset(root, list(paths), tuple(embedder.input_size), tuple(embedder.mean), tuple(embedder.std))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        generator=torch.Generator())  # leaves the global RNG (dropout) untouched
-    was_training = embedder.training
-    embedder.eval()
-    out = []
-    try:
-        for images, _ in loader:
-            with autocast(device, precision):
-                feats = embedder(images.to(device, non_blocking=True))
-            out.append(torch.nn.functional.normalize(feats.float(), dim=1).cpu().numpy())
-    finally:
-        embedder.train(was_training)
-    dim = int(getattr(embedder, "embed_dim", 0))
-    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
-
-
 def validate(embedder: nn.Module, root: str | Path, query: pd.DataFrame, gallery: pd.DataFrame,
              device: torch.device, precision: str, info: DistInfo, batch_size: int = 64,
              workers: int = 0) -> dict[str, float]:
-    """Test-split metrics with cosine distance; each rank embeds a shard, then every rank computes the same result."""
+    """Test-split metrics with cosine distance; each rank embeds a shard, then every rank computes the same result.
+
+    Features come from the predictor's embedder (`embedding.embed_views`) with the identity view only and no
+    cache, the model kept as training left it (`in_training`)."""
     from submit.metrics import evaluate_distances
     from submit.reranking import cosine_distance
 
-    paths = query["path"].tolist() + gallery["path"].tolist()
-    shard = np.array_split(np.arange(len(paths)), info.world_size)[info.rank]
-    feats = embed_rows(embedder, root, [paths[i] for i in shard], device, precision, batch_size, workers)
+    rows = pd.concat([query, gallery])
+    shard = np.array_split(np.arange(len(rows)), info.world_size)[info.rank]
+    feats = embed_views(embedder, root, rows.iloc[shard], IDENTITY_VIEW, batch_size, device, workers, precision,
+                        progress=False, in_training=True)
     feats = np.concatenate(gather_objects(feats, info))
     q, g = feats[:len(query)], feats[len(query):]
     result = evaluate_distances(cosine_distance(q, g), query["pid"].to_numpy(), gallery["pid"].to_numpy())

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from submit import export, training
 from submit.cli import main
+from submit.embedding import embed_views
 from submit.errors import SubmitError
 from submit.manifest import fingerprint, read_manifest
 from submit.recipe import load_recipe
@@ -84,8 +85,10 @@ def test_documented_input_is_letterboxed_rgb_over_255(run_dir, data_dir, tmp_pat
     out = tmp_path / "embedder.onnx"
     export.export_onnx(run_dir, out, checkpoint="last")
     embedder, _ = training.load_trained(run_dir, "last")
-    paths = read_manifest(data_dir).query("split == 'test'")["path"].tolist()[:5]
-    want = training.embed_rows(embedder, data_dir, paths, torch.device("cpu"), precision="auto")
+    rows = read_manifest(data_dir).query("split == 'test'").head(5)
+    paths = rows["path"].tolist()
+    want = embed_views(embedder, data_dir, rows, training.IDENTITY_VIEW, device="cpu", workers=0, progress=False,
+                       in_training=True)  # what validation embeds
     boxed = [to_tensor(letterbox(open_image(data_dir / p), embedder.input_size)) for p in paths]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
         None, {"images": torch.stack(boxed).numpy()})[0]

@@ -151,7 +151,8 @@ def test_embedding_under_autocast_returns_float32_unit_features(precision, data_
                        progress=False)
     assert half.dtype == np.float32 and np.allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-5)
     assert (half * full).sum(axis=1).min() > 0.98  # the same features up to half-precision rounding
-    valid = training.embed_rows(model, data_dir, rows["path"].tolist(), CPU, precision, batch_size=8)
+    valid = embed_views(model, data_dir, rows, training.IDENTITY_VIEW, batch_size=8, device=CPU, workers=0,
+                        precision=precision, progress=False, in_training=True)  # what validation embeds
     assert valid.dtype == np.float32 and valid.shape == (12, model.embed_dim)
     tta = TTASpec(hflip=True)
     assert cache_key("x", tta, rows, model, amp_dtype(CPU, precision)) != cache_key("x", tta, rows, model, None)

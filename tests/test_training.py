@@ -371,6 +371,27 @@ def test_training_state_round_trips_through_a_checkpoint_and_a_missing_field_tak
     assert TrainState.from_checkpoint(saved) == dataclasses.replace(state, best_map=TrainState().best_map)
 
 
+def test_validation_embeds_each_crop_once_through_the_predictors_embedder(data_dir):
+    """`validate` embeds with `embedding.embed_views` (identity view, no cache): the normalised feature of each
+    letterboxed crop, the model left in training mode and the global random stream untouched."""
+    from submit.backbones import build_embedder
+    from submit.embedding import embed_views
+    from submit.transforms import CropDataset
+
+    torch.manual_seed(0)
+    model = build_embedder(tiny().backbone).eval()
+    rows = read_manifest(data_dir).head(6)
+    crops = CropDataset(data_dir, rows["path"].tolist(), tuple(model.input_size), tuple(model.mean), tuple(model.std))
+    with torch.no_grad():
+        want = nn.functional.normalize(model(torch.stack([crops[i][0] for i in range(len(crops))])), dim=1).numpy()
+    model.train()
+    before = torch.get_rng_state()
+    got = embed_views(model, data_dir, rows, training.IDENTITY_VIEW, batch_size=4, device="cpu", workers=0,
+                      progress=False, in_training=True)
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
+    assert model.training and torch.equal(before, torch.get_rng_state())
+
+
 # ---- CLI --------------------------------------------------------------------------------------------
 
 
