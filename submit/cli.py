@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
+from submit import _cli_render as render
 from submit.atomic import describe
 from submit.errors import SubmitError
 from submit.layouts import LAYOUTS
@@ -105,49 +105,6 @@ def _finite_grid(text: str) -> tuple[float, ...]:
     return values
 
 
-# ---- rendering: library functions return plain results, the commands draw them ----------------------------
-
-
-def score_table(result: dict) -> Any:
-    """`predict`'s ablation as a rich table: one row per stage (members, post-processing steps, fused)."""
-    from rich.table import Table
-
-    from submit.metrics import METRIC_KEYS, METRIC_LABELS
-
-    table = Table(title=f"{Path(result['spec']).name} on the {result['split']} split "
-                        f"({result['shape'][0]} queries x {result['shape'][1]} gallery)",
-                  caption=result["postprocess"])
-    table.add_column("stage")
-    for key in METRIC_KEYS:
-        table.add_column(METRIC_LABELS[key], justify="right")
-    labels = list(result["scores"])
-    for i, label in enumerate(labels):
-        s = result["scores"][label]
-        cells = [f"{100 * s[k]:.2f}" for k in METRIC_KEYS]
-        table.add_row(label, *cells, style="bold" if i == len(labels) - 1 else None)
-    return table
-
-
-def print_result(result: dict, console: Any) -> None:
-    """`evaluate_file`'s result: a rich table of the metrics (percent), or the not-scorable message for a
-    challenge file."""
-    from rich.table import Table
-
-    from submit.metrics import METRIC_KEYS
-
-    if not result["scored"]:
-        console.print(result["message"])
-        return
-    table = Table(title=f"{Path(result['file']).name}: {result['split']} split, "
-                        f"{result['num_valid_queries']}/{result['num_queries']} queries scored, "
-                        f"{result['num_gallery']} gallery")
-    table.add_column("metric")
-    table.add_column("value (%)", justify="right")
-    for key in METRIC_KEYS:
-        table.add_row(key, f"{100 * result[key]:.2f}")
-    console.print(table)
-
-
 @click.group(cls=_Group)
 @click.version_option(package_name="reident-submit")
 def main() -> None:
@@ -172,24 +129,10 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty DATA_DIR.")
 def prepare(source: str, out: str, layout: str, fetch: bool, test_fraction: float, seed: int, force: bool) -> None:
     """Check SOURCE (zip or folder) and write DATA_DIR with images/ and manifest.csv."""
-    from rich.console import Console
-    from rich.table import Table
-
     from submit.prepare import prepare as run_prepare
 
-    result = run_prepare(source, out, layout=layout, fetch=fetch, test_fraction=test_fraction, seed=seed,
-                         force=force)
-    table = Table(title=f"{result.layout} layout")
-    for col in ("split", "role", "images", "identities"):
-        table.add_column(col, justify="left" if col in ("split", "role") else "right")
-    for row in result.summary:
-        ids = "-" if row.identities is None else f"{row.identities:,}"
-        table.add_row(row.split, row.role, f"{row.images:,}", ids)
-    console = Console()
-    console.print(table)
-    for line in ([result.release] if result.release else []) + result.notes:
-        console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"wrote {result.manifest}", highlight=False, soft_wrap=True)
+    render.print_prepared(run_prepare(source, out, layout=layout, fetch=fetch, test_fraction=test_fraction,
+                                      seed=seed, force=force))
 
 
 @main.group()
@@ -202,24 +145,9 @@ def weights() -> None:
 def weights_list(targets: tuple[str, ...]) -> None:
     """Show the weights each TARGET needs (recipe, ensemble spec or source name; default: every recipe in
     models/), where they would come from and whether they are in the local cache."""
-    from rich.console import Console
-    from rich.table import Table
+    from submit.weights import needed
 
-    from submit.weight_sources import cache_dir
-    from submit.weights import hf_cache_dir, needed
-
-    table = Table(title="pre-trained weights")
-    for col in ("recipe", "backbone", "pretrained", "from", "here"):
-        table.add_column(col, overflow="fold")
-    for need in needed(targets):
-        loc = need.location
-        here = "-" if loc.kind == "none" else ("yes" if loc.path else "[red]missing[/red]")
-        table.add_row(Path(need.target).stem if need.target.endswith(".yaml") else need.target, need.backbone,
-                      loc.pretrained or "-", loc.origin, here)
-    console = Console(width=max(Console().width, 140))
-    console.print(table)
-    console.print(f"caches: named sources {cache_dir()}, Hugging Face {hf_cache_dir()}", highlight=False,
-                  soft_wrap=True)
+    render.print_weights(needed(targets))
 
 
 @weights.command("fetch")
@@ -283,29 +211,11 @@ def report(ranking: str, data_dir: str, out: str, top_k: int, per_page: int, spl
 def jersey(data_dir: str, split: str, role: str, model: str, pretrained: str | None, out: str,
            truth: str | None, batch_size: int, device: str | None) -> None:
     """Read shirt numbers (0-99 or none) zero-shot with CLIP prompts; score them against ground truth."""
-    from rich.console import Console
-    from rich.table import Table
-
     from submit.jersey import run_jersey
 
     pred, score = run_jersey(data_dir, split, role, model, pretrained, out, truth=truth, batch_size=batch_size,
                              device=device)
-    console = Console()
-    console.print(f"wrote {out} ({len(pred):,} crops)", highlight=False, soft_wrap=True)
-    if score is None:
-        return
-    table = Table(title=f"shirt numbers vs truth ({score.n:,} crops)")
-    for col in ("accuracy", "top-5", "read as none"):
-        table.add_column(col, justify="right")
-    table.add_row(f"{score.accuracy:.1%}", f"{score.top5:.1%}", f"{score.none_rate:.1%}")
-    console.print(table)
-    if score.confusions:
-        conf = Table(title="most common confusions")
-        for col in ("true", "predicted", "count"):
-            conf.add_column(col, justify="right")
-        for t, p, c in score.confusions:
-            conf.add_row(str(t), "none" if p == -1 else str(p), str(c))
-        console.print(conf)
+    render.print_jersey(out, len(pred), score)
 
 
 @main.command()
@@ -407,47 +317,7 @@ def _dry_run(recipe: str | None, data_dir: str | None, out_dir: str | None, spec
                           "--epochs (no --out, --ensemble, --resume or --max-steps: it writes nothing)")
     extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
     spec_ = training.apply_overrides(load_recipe(recipe_path(recipe)), extra, where=f"{recipe} (--set/--epochs)")
-    _print_preflight(dry_run(spec_, device=device, steps=steps, data_dir=data_dir, memory_gib=memory_gib))
-
-
-def _print_preflight(result: Any) -> None:
-    """Render a `preflight.Preflight` with rich: one table, then the verdict, advice and notes."""
-    from rich.console import Console
-    from rich.table import Table
-
-    gib = 1024 ** 3
-    table = Table(title=f"dry run: {result.recipe} ({result.backbone})", show_header=False)
-    rows = [("device", f"{result.device}, {result.precision}"), ("weights", result.weights),
-            ("parameters", f"{result.params / 1e6:.1f} M ({result.trainable / 1e6:.1f} M trainable)"),
-            ("batch", f"{result.pairs_per_batch} pairs x {result.accum_steps} accumulation, "
-                      f"{result.image_size[0]}x{result.image_size[1]}, grad checkpointing "
-                      f"{'on' if result.grad_checkpointing else 'off'}"),
-            ("peak memory", f"{result.peak_memory / gib:.2f} GiB ({result.memory_kind}); weights+grads+AdamW "
-                            f"{result.static_memory / gib:.2f} GiB"),
-            ("speed", f"{result.seconds_per_step:.3f} s/step, {result.images_per_s:.1f} images/s "
-                      f"({result.steps} step(s) timed)")]
-    if result.total_steps is not None:
-        rows.append(("whole recipe", f"{result.total_steps} steps, about {_duration(result.estimated_seconds)} "
-                                     "(training steps only: validation and data loading not included)"))
-    if result.budget is not None:
-        rows.append(("fits", f"{'yes' if result.fits else 'NO'}: {result.peak_memory / gib:.2f} of "
-                             f"{result.budget / gib:.2f} GiB"))
-    for name, value in rows:
-        table.add_row(name, value)
-    console = Console(width=max(Console().width, 120))
-    console.print(table)
-    for line in result.advice:
-        console.print(f"would fit: {line}", highlight=False, soft_wrap=True)
-    for line in result.notes:
-        console.print(f"note: {line}", highlight=False, soft_wrap=True)
-
-
-def _duration(seconds: float | None) -> str:
-    """`3 h 05 min` style for the wall-time estimate."""
-    if seconds is None:
-        return "?"
-    minutes = int(round(seconds / 60))
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(seconds / 60, 0):.1f} min"
+    render.print_preflight(dry_run(spec_, device=device, steps=steps, data_dir=data_dir, memory_gib=memory_gib))
 
 
 def _report_run(result: dict) -> None:
@@ -477,7 +347,7 @@ def predict(spec: str, data_dir: str, split: str, out: str, runs_dir: str | None
     result = run_predict(spec, data_dir, split, out, device=device, runs_dir=runs_dir, workers=workers)
     console = Console()
     if result["scores"]:
-        console.print(score_table(result))
+        console.print(render.score_table(result))
     for note in result["notes"]:
         console.print(f"note: {note}", style="yellow", highlight=False, soft_wrap=True)
     console.print(f"wrote {result['out']} ({result['shape'][0]} queries x {result['shape'][1]} gallery)",
@@ -504,7 +374,7 @@ def evaluate(ranking: str, data_dir: str, split: str | None, as_json: bool) -> N
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        print_result(result, Console(highlight=False, soft_wrap=True))
+        render.print_result(result, Console(highlight=False, soft_wrap=True))
 
 
 @main.command("fit-weights")
@@ -541,26 +411,13 @@ def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | N
 def demo(out_dir: str, players: int, seed: int, device: str | None) -> None:
     """Run the whole flow offline on synthetic players: prepare, train, predict, evaluate."""
     from rich.console import Console
-    from rich.table import Table
 
     from submit.demo import run_demo
 
     console = Console()
     result = run_demo(out_dir, players=players, seed=seed, device=device,
                       log=lambda text: console.print(f"[bold cyan]{text}", highlight=False))
-    console.print(score_table(result["predict_test"]))
-    table = Table(title="reident-submit demo")
-    table.add_column("what")
-    table.add_column("value", overflow="fold")
-    test = result["test"]
-    table.add_row("test mAP / rank-1", f"{100 * test['mAP']:.2f} / {100 * test['rank1']:.2f} "
-                  f"({test['num_valid_queries']} queries)")
-    table.add_row("challenge file", f"{result['files']['challenge']} (valid; not scorable: no identities)")
-    table.add_row("test file", result["files"]["test"])
-    table.add_row("runs", ", ".join(r["run_dir"] for r in result["runs"]))
-    table.add_row("data", result["data_dir"])
-    table.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items()))
-    console.print(table)
+    render.print_demo(result, console)
 
 
 @main.command("export")
@@ -589,9 +446,6 @@ def export_cmd(run_dir: str, out: str, checkpoint: str, opset: int) -> None:
               help="Also write a PNG of the runs' validation curves (mAP, rank-1, mINP per epoch).")
 def runs_cmd(paths: tuple[str, ...], sort: str, as_json: bool, plot: str | None) -> None:
     """Compare training runs: each PATH is a run dir or a folder of runs (scanned one level deep)."""
-    from rich.console import Console
-    from rich.table import Table
-
     from submit.runs import list_runs, plot_curves, to_json
 
     table = list_runs(paths, sort=sort)
@@ -600,16 +454,6 @@ def runs_cmd(paths: tuple[str, ...], sort: str, as_json: bool, plot: str | None)
     if as_json:
         click.echo(to_json(table))
     else:
-        view = Table(title=f"{len(table.runs)} run(s), by {sort}")
-        for col in ("run", "recipe", "backbone", "epochs", "best mAP", "best rank-1", "last mAP", "last rank-1",
-                    "train time", "manifest"):
-            view.add_column(col, justify="left" if col in ("run", "recipe", "backbone", "manifest") else "right")
-        pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-        for r in table.runs:
-            planned = "?" if r.epochs_planned is None else str(r.epochs_planned)
-            view.add_row(r.name, r.recipe, r.backbone, f"{r.epochs_done}/{planned}", pct(r.best_mAP),
-                         pct(r.best_rank1), pct(r.last_mAP), pct(r.last_rank1), f"{r.train_seconds:.0f}s",
-                         (r.manifest or "-")[:12])
-        Console(width=max(Console().width, 140)).print(view)
+        render.print_runs(table, sort)
     if plot:
         click.echo(f"wrote {plot_curves(table.runs, plot)}", err=as_json)
