@@ -272,7 +272,7 @@ def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: s
     """Fine-tune a RECIPE (a file or a name in models/) on DATA_DIR; under torchrun, trains with DDP on each process."""
     from submit import reporting, training
     from submit.bundled import recipe_path
-    from submit.recipe import load_recipe
+    from submit.recipe import apply_overrides, load_recipe
 
     if dry_run:
         _dry_run(recipe, data_dir, out_dir, spec, resume, epochs, max_steps, device, overrides, steps, memory_gib)
@@ -296,7 +296,7 @@ def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: s
     if recipe is None or out_dir is None:
         raise SubmitError("train needs RECIPE and --out (or --ensemble SPEC)")
     extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
-    spec_ = training.apply_overrides(load_recipe(recipe_path(recipe)), extra, where=f"{recipe} (--set/--epochs)")
+    spec_ = apply_overrides(load_recipe(recipe_path(recipe)), extra, where=f"{recipe} (--set/--epochs)")
     result = training.train(spec_, data_dir, out_dir, resume=resume, device=device, max_steps=max_steps,
                             report_to=targets)
     if result["main"]:  # under torchrun only rank 0 reports
@@ -307,16 +307,15 @@ def _dry_run(recipe: str | None, data_dir: str | None, out_dir: str | None, spec
              epochs: int | None, max_steps: int | None, device: str | None, overrides: tuple[str, ...], steps: int,
              memory_gib: float | None) -> None:
     """`train RECIPE --dry-run`: run the pre-flight and print it as a table; nothing is written."""
-    from submit import training
     from submit.bundled import recipe_path
     from submit.preflight import dry_run
-    from submit.recipe import load_recipe
+    from submit.recipe import apply_overrides, load_recipe
 
     if recipe is None or spec is not None or out_dir is not None or resume or max_steps is not None:
         raise SubmitError("--dry-run takes RECIPE and optionally --data, --device, --steps, --memory, --set, "
                           "--epochs (no --out, --ensemble, --resume or --max-steps: it writes nothing)")
     extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
-    spec_ = training.apply_overrides(load_recipe(recipe_path(recipe)), extra, where=f"{recipe} (--set/--epochs)")
+    spec_ = apply_overrides(load_recipe(recipe_path(recipe)), extra, where=f"{recipe} (--set/--epochs)")
     render.print_preflight(dry_run(spec_, device=device, steps=steps, data_dir=data_dir, memory_gib=memory_gib))
 
 
