@@ -52,7 +52,10 @@ PAPER_ROWS = (
     ("pre-trained + InfoNCE (models/cpu-pretrained.yaml)", "pre-trained + InfoNCE"),
     ("pre-trained + batch-hard triplet, same budget", "pre-trained + triplet"),
     ("pre-trained + InfoNCE, + flip TTA", "pre-trained + InfoNCE, flip TTA"),
-    ("pre-trained + InfoNCE, + flip TTA + re-ranking", "pre-trained + InfoNCE, flip TTA + re-rank"),
+    ("pre-trained + InfoNCE, + flip TTA + PCA whitening (256, fitted on train)",
+     "pre-trained + InfoNCE, flip TTA + PCA-whiten"),
+    ("pre-trained + InfoNCE, + flip TTA + whitening + DBA + QE + re-ranking",
+     "pre-trained + InfoNCE, flip TTA + PCA-whiten + DBA + QE + re-rank"),
     ("ensemble: ensembles/cpu-real.yaml", None),
 )
 
