@@ -161,9 +161,10 @@ def test_pair_dataset_is_seeded_per_pair_and_caching_changes_nothing(data_dir):
 
 
 def test_accumulation_gives_same_weights_as_one_full_batch(data_dir, tmp_path):
-    training.train(tiny("train.pairs_per_batch=8"), data_dir, tmp_path / "full", max_steps=4, progress=False)
+    training.train(tiny("train.pairs_per_batch=8"), data_dir, tmp_path / "full", device="cpu", max_steps=4,
+                   progress=False)
     training.train(tiny("train.pairs_per_batch=4", "train.accum_steps=2"), data_dir, tmp_path / "accum",
-                   max_steps=4, progress=False)
+                   device="cpu", max_steps=4, progress=False)
     a, b = weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "accum" / "last.pt")
     for key in [k for k in a if k.endswith("attn.in_proj_bias")]:
         # The key bias gets a zero gradient in exact arithmetic (softmax ignores a shift shared by all keys):
@@ -180,7 +181,7 @@ def test_accumulation_gives_same_weights_as_one_full_batch(data_dir, tmp_path):
 
 def test_run_dir_contents_and_load_trained(data_dir, tmp_path):
     out = tmp_path / "run"
-    result = training.train(tiny("train.epochs=2"), data_dir, out, progress=False)
+    result = training.train(tiny("train.epochs=2"), data_dir, out, device="cpu", progress=False)
     assert {"recipe.yaml", "last.pt", "best.pt", "metrics.csv", "metrics.json"} <= {p.name for p in out.iterdir()}
     assert not list(out.glob(".*tmp"))
     sampler = PairBatchSampler(read_manifest(data_dir).query("split == 'train'")["pid"].tolist(), 4)
@@ -338,7 +339,7 @@ def test_kfold_holds_out_identities(data_dir):
 
 def test_ema_weights_are_validated_saved_and_loaded(data_dir, tmp_path):
     out = tmp_path / "run"
-    training.train(tiny("train.ema_decay=0.9", "train.epochs=1"), data_dir, out, progress=False)
+    training.train(tiny("train.ema_decay=0.9", "train.epochs=1"), data_dir, out, device="cpu", progress=False)
     last = torch.load(out / "last.pt", weights_only=True)
     best = weights(out / "best.pt")
     key = next(k for k, v in best.items() if v.dtype.is_floating_point and v.ndim == 2)
