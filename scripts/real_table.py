@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from submit.errors import SubmitError
@@ -86,10 +87,9 @@ def seed_scores(seed_dir: Path, data_dir: str) -> tuple[dict, dict]:
     return result, times
 
 
-def colour_histogram(path: Path) -> "np.ndarray":
+def colour_histogram(path: Path) -> np.ndarray:
     """The measured-in-the-same-run reference: joint HSV histograms of horizontal stripes of a crop,
     square-rooted (Hellinger) and L2-normalised, so 1 - dot is a distance. No learning at all."""
-    import numpy as np
     from PIL import Image
 
     hsv = np.asarray(Image.open(path).convert("RGB").convert("HSV"), dtype=np.int64)
@@ -103,8 +103,6 @@ def colour_histogram(path: Path) -> "np.ndarray":
 
 def histogram_scores(data_dir: str) -> dict:
     """Test-split metrics of the colour-histogram baseline (a few seconds for 305 crops)."""
-    import numpy as np
-
     from submit.manifest import read_manifest, select
     from submit.metrics import evaluate_distances
 
@@ -170,8 +168,8 @@ def table(out_dir: str, data_dir: str, seed_dirs: list[str]) -> str:
     lines.append(f"| reference measured in this run: colour histogram ({HIST_STRIPES} stripes, HSV "
                  f"{'x'.join(map(str, HIST_BINS))}) | {hist['mAP']:.2f} | {hist['rank1']:.2f} | {hist['mINP']:.2f} "
                  f"| 1.00x | {hist['mAP'] / REFERENCE_MAP:.2f}x |")
-    lines.append(f"| reference (issue 6 figure, not re-measured): plain ResNet-18, InfoNCE, 15 min | {REFERENCE_MAP:.2f} "
-                 f"| {REFERENCE_RANK1:.2f} | - | - | 1.00x |")
+    lines.append("| reference (issue 6 figure, not re-measured): plain ResNet-18, InfoNCE, 15 min "
+                 f"| {REFERENCE_MAP:.2f} | {REFERENCE_RANK1:.2f} | - | - | 1.00x |")
     lines += ["", "| time (s) | " + " | ".join(f"seed dir {Path(d).name}" for d in seed_dirs) + " |",
               "| --- |" + " ---: |" * len(seed_dirs)]
     keys = list(dict.fromkeys(k for _, t in results for k in t))
