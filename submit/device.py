@@ -71,6 +71,23 @@ def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | No
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def precision_note(device: torch.device, precision: str) -> str | None:
+    """A warning when `precision` asks for a half-precision autocast this CPU only emulates (slower than fp32):
+    bf16 without AVX512-BF16 or AMX, fp16 without AMX-FP16. None on CUDA, for fp32/auto, or with native support."""
+    import torch
+
+    if device.type != "cpu" or precision not in ("bf16", "fp16"):
+        return None
+    cpu = torch.cpu
+    native = (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported() if precision == "bf16"
+              else cpu._is_amx_fp16_supported())
+    if native:
+        return None
+    needs = "AVX512-BF16 or AMX" if precision == "bf16" else "AMX-FP16"
+    return (f"train.precision {precision}: this CPU lacks {needs}, so {precision} autocast is emulated and may be "
+            "slower than fp32; pass --set train.precision=fp32 to compare")
+
+
 def needs_scaler(device: torch.device, precision: str = "auto") -> bool:
     """True when training in `precision` needs a gradient scaler (fp16 autocast: small gradients underflow)."""
     import torch

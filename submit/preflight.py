@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from submit.device import amp_dtype, pick_device
+from submit.device import amp_dtype, pick_device, precision_note
 from submit.errors import SubmitError
 from submit.recipe import Recipe
 from submit.train_step import TrainStep
@@ -71,6 +71,8 @@ def dry_run(recipe: Recipe, device: str | None = None, steps: int = 3, data_dir:
     total_steps = _recipe_steps(recipe, data_dir) if data_dir is not None else None  # bad data fails first
     before = _resident() if dev.type == "cpu" else 0
     embedder, weights, notes = _build(recipe)
+    if note := precision_note(dev, recipe.train.precision):
+        notes.append(note)
     step = TrainStep.build(recipe, embedder, dev)  # the loop's own step: same model, loss, optimiser, scaler, EMA
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from submit import config, locks, reporting
-from submit.device import pick_device
+from submit.device import pick_device, precision_note
 from submit.distributed import DistInfo, cpu_threads, gather_objects, init_distributed
 from submit.embedding import embed_views
 from submit.errors import SubmitError, loader_errors
@@ -373,6 +373,8 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool, device: 
         out_dir.mkdir(parents=True, exist_ok=True)
         write_recipe(out_dir, recipe)
         _log(_start_text(trainer))
+        if note := precision_note(device, recipe.train.precision):
+            _log(note)
     if info.world_size > 1:
         dist.barrier()
     start = time.perf_counter()

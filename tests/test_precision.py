@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from submit import training
-from submit.device import amp_dtype, autocast, needs_scaler
+from submit.device import amp_dtype, autocast, needs_scaler, precision_note
 from submit.distributed import DistInfo
 from submit.embedding import cache_key, embed_views
 from submit.manifest import read_manifest
@@ -50,6 +50,39 @@ def test_amp_dtype_honours_bf16_fp16_on_cpu_and_auto_stays_fp32(monkeypatch):
     for precision, dtype in (("auto", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         with autocast(CPU, precision):
             assert layer(torch.randn(2, 4)).dtype == dtype
+
+
+def cpu_support(monkeypatch, bf16: bool, amx: bool, amx_fp16: bool) -> None:
+    """Pretend this CPU has (or lacks) native bf16 (AVX512-BF16), AMX tiles and AMX-FP16."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: amx_fp16)
+
+
+def test_precision_note_warns_only_where_a_cpu_emulates_half_precision(monkeypatch):
+    cpu_support(monkeypatch, bf16=False, amx=False, amx_fp16=False)
+    for precision in ("bf16", "fp16"):
+        note = precision_note(CPU, precision)
+        assert note is not None and note.startswith(f"train.precision {precision}: this CPU lacks")
+        assert "train.precision=fp32" in note
+    assert precision_note(CPU, "fp32") is None and precision_note(CPU, "auto") is None
+    assert precision_note(torch.device("cuda"), "bf16") is None  # a device object only
+    cpu_support(monkeypatch, bf16=True, amx=False, amx_fp16=False)
+    assert precision_note(CPU, "bf16") is None and precision_note(CPU, "fp16") is not None
+    cpu_support(monkeypatch, bf16=False, amx=True, amx_fp16=True)
+    assert precision_note(CPU, "bf16") is None and precision_note(CPU, "fp16") is None
+
+
+def test_training_logs_the_emulated_precision_note(monkeypatch, data_dir, tmp_path, caplog):
+    cpu_support(monkeypatch, bf16=False, amx=False, amx_fp16=False)
+    with caplog.at_level("INFO", logger="submit.training"):
+        training.train(tiny("bf16"), data_dir, tmp_path / "run", max_steps=1, progress=False, device="cpu")
+    assert any("train.precision bf16: this CPU lacks" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    cpu_support(monkeypatch, bf16=True, amx=False, amx_fp16=False)
+    with caplog.at_level("INFO", logger="submit.training"):
+        training.train(tiny("bf16"), data_dir, tmp_path / "run2", max_steps=1, progress=False, device="cpu")
+    assert caplog.records and not any("this CPU lacks" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
