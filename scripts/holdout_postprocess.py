@@ -16,13 +16,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from submit import embedding, reranking
-from submit.ensembling import fuse
+from submit import reranking
+from submit.ensembling import MemberSpec, fuse
 from submit.manifest import read_manifest, select
 from submit.metrics import evaluate_distances
-from submit.recipe import load_recipe
-from submit.run_folder import checkpoint_path, load_trained
+from submit.predict import member_features, train_features, weighted_concat
 
 RERANK = {"rerank": {"k1": 10, "k2": 3, "lambda": 0.3}}
 CHAINS: dict[str, list[dict]] = {
@@ -44,18 +44,14 @@ CHAINS: dict[str, list[dict]] = {
 
 
 def features(run: Path, data_dir: Path, checkpoint: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query, gallery, train) features of one run with its recipe's TTA, cached on disk."""
-    recipe = load_recipe(run / "recipe.yaml")
-    ckpt = checkpoint_path(run, checkpoint)
-    identity = embedding.checkpoint_identity(ckpt, recipe.backbone)
+    """(query, gallery, train) features of one run, embedded as `predict` embeds a member (its recipe's TTA,
+    the on-disk cache)."""
+    member = MemberSpec(run=str(run), checkpoint=checkpoint, name=run.name)
     df = read_manifest(data_dir)
-    out = []
-    for split, role in (("test", "query"), ("test", "gallery"), ("train", "train")):
-        rows = select(df, split, role)
-        out.append(embedding.embed(lambda: load_trained(run, checkpoint)[0], data_dir, rows, recipe.tta,
-                                   identity=identity, precision=recipe.train.precision, progress=False,
-                                   workers=0))
-    return out[0], out[1], out[2]
+    query, gallery = select(df, "test", "query"), select(df, "test", "gallery")
+    both = member_features(member, data_dir, pd.concat([query, gallery], ignore_index=True), None, 0, False)
+    train = train_features(member, data_dir, None, 0, False)()
+    return both[:len(query)], both[len(query):], train
 
 
 def main() -> None:
@@ -73,8 +69,7 @@ def main() -> None:
         per_member = [reranking.postprocess(q, g, chain, t) for q, g, t in feats]
         scores = [100 * evaluate_distances(d, q_ids, g_ids)["mAP"] for d in per_member]
         fused_member = 100 * evaluate_distances(fuse(per_member, [1.0] * len(feats), "mean"), q_ids, g_ids)["mAP"]
-        scale = 1 / np.sqrt(len(feats))
-        cat = [np.concatenate([scale * f[i] for f in feats], axis=1) for i in range(3)]
+        cat = [weighted_concat([f[i] for f in feats], [1.0] * len(feats)) for i in range(3)]
         fused_cat = 100 * evaluate_distances(reranking.postprocess(cat[0], cat[1], chain, cat[2]), q_ids, g_ids)["mAP"]
         rows.append((name, scores, fused_member, fused_cat))
     print(f"held-out {len(q_ids)} queries x {len(g_ids)} gallery; runs: {', '.join(r.name for r in args.runs)}; "
