@@ -78,9 +78,10 @@ def precision_note(device: torch.device, precision: str) -> str | None:
 
     if device.type != "cpu" or precision not in ("bf16", "fp16"):
         return None
-    cpu = torch.cpu
-    native = (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported() if precision == "bf16"
-              else cpu._is_amx_fp16_supported())
+    def has(feature: str) -> bool:  # torch's private CPU probes; a torch without one is not second-guessed
+        return bool(getattr(torch.cpu, f"_is_{feature}_supported", lambda: True)())
+
+    native = has("avx512_bf16") or has("amx_tile") if precision == "bf16" else has("amx_fp16")
     if native:
         return None
     needs = "AVX512-BF16 or AMX" if precision == "bf16" else "AMX-FP16"
