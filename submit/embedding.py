@@ -3,7 +3,9 @@ prediction (`embed`), and with the identity view only for the training loop's va
 
 Each test-time view (scale x horizontal flip, from a `TTASpec`) is embedded and L2-normalised; the views
 are averaged and renormalised. Images are decoded (once for all views) by DataLoader workers one batch
-at a time, so memory is bounded by the batch plus the (N, D) output. On CUDA the forward runs under AMP
+at a time, so memory is bounded by the batch plus the (N, D) output. Workers hand over letterboxed uint8
+pixels (a quarter of float32's bytes through shared memory, pinning and the host-to-device copy); the
+conversion to float and the normalisation run on the model's device. On CUDA the forward runs under AMP
 in channels_last.
 
 Features are cached in `DATA_DIR/.cache/features/<key>.npy`, written atomically. The key hashes the
@@ -46,28 +48,28 @@ def tta_views(tta: TTASpec) -> list[View]:
 
 
 class _Views(Dataset):
-    """One item = all views of one image stacked (V, 3, H, W): decoded once, letterboxed once per scale.
+    """One item = all views of one image stacked as uint8 (V, 3, H, W): decoded once, letterboxed once per scale.
 
-    Each view is exactly `CropDataset(..., hflip=flip, scale=scale)[i]` (the same `transforms.preprocess`);
-    a flipped view is the mirrored tensor of its scale's unflipped one, which is the same thing."""
+    `transforms.normalise(to_float(view), mean, std)` of a view is exactly `CropDataset(..., hflip=flip,
+    scale=scale)[i]` (the same letterbox, then the same float arithmetic); a flipped view is the mirrored
+    pixels of its scale's unflipped one, which is the same thing."""
 
     def __init__(self, root: str | Path, paths: Sequence[str], size_hw: tuple[int, int],
-                 mean: Sequence[float], std: Sequence[float], views: Sequence[View]) -> None:
-        self.root, self.paths, self.size_hw = Path(root), list(paths), size_hw
-        self.mean, self.std, self.views = tuple(mean), tuple(std), list(views)
+                 views: Sequence[View]) -> None:
+        self.root, self.paths, self.size_hw, self.views = Path(root), list(paths), size_hw, list(views)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from submit.transforms import open_image, preprocess
+        from submit.transforms import letterbox, open_image, to_uint8
 
         img = open_image(self.root / self.paths[i])
         by_scale: dict[float, torch.Tensor] = {}
         out = []
         for scale, flip in self.views:
             if scale not in by_scale:
-                by_scale[scale] = preprocess(img, self.size_hw, self.mean, self.std, False, scale)
+                by_scale[scale] = to_uint8(letterbox(img, self.size_hw, scale=scale))
             out.append(by_scale[scale].flip(-1) if flip else by_scale[scale])
         return torch.stack(out), i
 
@@ -154,7 +156,7 @@ def embed_views(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame
     channels_last = dev.type == "cuda" and not in_training
     size_hw = tuple(model.input_size)
     paths = rows["path"].tolist()
-    dataset = _Views(data_dir, paths, size_hw, model.mean, model.std, views)
+    dataset = _Views(data_dir, paths, size_hw, views)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=dev.type == "cuda", persistent_workers=False,
                         generator=torch.Generator())  # its own seed source: the global torch RNG is not drawn
@@ -183,10 +185,13 @@ def embed_views(model: torch.nn.Module, data_dir: str | Path, rows: pd.DataFrame
 
 def _forward_views(model: torch.nn.Module, batch: torch.Tensor, dev: torch.device, precision: str,
                    channels_last: bool) -> torch.Tensor:
-    """(B, V, 3, H, W) -> (B, D): forward each view, normalise, average, renormalise (fp32)."""
+    """uint8 (B, V, 3, H, W) -> (B, D): per view, to float and normalise with the model's mean/std on `dev`,
+    forward, L2-normalise; then average the views and renormalise (fp32)."""
+    from submit.transforms import normalise, to_float
+
     total = None
     for v in range(batch.shape[1]):
-        x = batch[:, v].to(dev, non_blocking=True)
+        x = normalise(to_float(batch[:, v].to(dev, non_blocking=True)), model.mean, model.std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(dev, precision):

@@ -44,10 +44,20 @@ def hflip(img: Image.Image) -> Image.Image:
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> (3, H, W) uint8 tensor (a channels-last view of the pixel buffer)."""
+    data = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
+    return data.view(img.height, img.width, 3).permute(2, 0, 1)
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape) -> float32 in [0, 1], on their device."""
+    return pixels.float().div_(255.0)
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> (3, H, W) float32 tensor in [0, 1]."""
-    data = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
-    return data.view(img.height, img.width, 3).permute(2, 0, 1).float().div_(255.0)
+    return to_float(to_uint8(img))
 
 
 def normalise(x: torch.Tensor, mean: Triple, std: Triple) -> torch.Tensor:
