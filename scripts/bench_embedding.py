@@ -57,7 +57,8 @@ def reference(model: torch.nn.Module, root: Path, rows: pd.DataFrame, tta: TTASp
     views = []
     for scale, flip in tta_views(tta):
         ds = CropDataset(root, rows["path"].tolist(), model.input_size, model.mean, model.std, hflip=flip, scale=scale)
-        views.append(torch.stack([ds[i][0] for i in range(len(ds))]).to(dev))
+        layout = torch.channels_last if dev.type == "cuda" else torch.contiguous_format  # as `embed` feeds it
+        views.append(torch.stack([ds[i][0] for i in range(len(ds))]).to(dev).contiguous(memory_format=layout))
     with torch.inference_mode(), autocast(dev, precision):
         model(views[0][: tta.batch_size])  # warm-up
         _sync(dev)

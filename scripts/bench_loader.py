@@ -27,13 +27,14 @@ from bench_embedding import synthetic_rows
 from submit.device import cpu_model
 from submit.embedding import _Views
 from submit.manifest import read_manifest
-from submit.transforms import normalise, to_float
+from submit.transforms import normalise_pixels, open_image, preprocess
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 
 
 class FloatViews(Dataset):
-    """The previous hand-over: each item's views normalised to float32 inside the worker."""
+    """The previous hand-over (the embedder's item before uint8): each scale preprocessed to normalised
+    float32 inside the worker, the flip view mirrored from it, the views stacked."""
 
     def __init__(self, inner: _Views) -> None:
         self.inner = inner
@@ -42,8 +43,14 @@ class FloatViews(Dataset):
         return len(self.inner)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        pixels, index = self.inner[i]
-        return normalise(to_float(pixels), MEAN, STD), index
+        img = open_image(self.inner.root / self.inner.paths[i])
+        by_scale: dict[float, torch.Tensor] = {}
+        out = []
+        for scale, flip in self.inner.views:
+            if scale not in by_scale:
+                by_scale[scale] = preprocess(img, self.inner.size_hw, MEAN, STD, False, scale)
+            out.append(by_scale[scale].flip(-1) if flip else by_scale[scale])
+        return torch.stack(out), i
 
 
 def one_pass(dataset: Dataset, dev: torch.device, batch: int, workers: int, on_device: bool) -> float:
@@ -54,7 +61,7 @@ def one_pass(dataset: Dataset, dev: torch.device, batch: int, workers: int, on_d
         for v in range(x.shape[1]):
             view = x[:, v].to(dev, non_blocking=True)
             if on_device:
-                view = normalise(to_float(view), MEAN, STD)
+                view = normalise_pixels(view, MEAN, STD)
             view.sum().item()  # wait for the copy (and the normalisation) to finish
     return time.perf_counter() - start
 
@@ -96,7 +103,7 @@ def main() -> None:
         print(f"{len(rows)} crops x {len(views)} view(s) at {args.size[0]}x{args.size[1]}, batch {args.batch}, "
               f"{args.workers} worker(s), best of {args.repeats}; load average at the end {os.getloadavg()[0]:.2f}")
         for key in ("float32", "uint8"):
-            print(f"  {key:8s} hand-over ({item_bytes[key] / 1024:6.0f} KiB/item): {n / min(times[key]):7.1f} img/s  "
+            print(f"  {key:8s} hand-over ({item_bytes[key] / 1024:.0f} KiB/item): {n / min(times[key]):7.1f} img/s  "
                   f"(runs: {', '.join(f'{t:.2f}' for t in times[key])} s)")
         print(f"  ratio uint8 / float32: {min(times['float32']) / min(times['uint8']):.3f}")
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The first-GPU check: the CUDA-marked tests, then the training and embedder throughput benchmarks for
-# ViT-B/16 and ViT-L/14 from random weights in bf16; prints one markdown table for docs/benchmarks.md.
+# ViT-B/16 and ViT-L/14 from random weights in bf16 and the embedder's input path (uint8 vs float32
+# hand-over); prints one markdown table for docs/benchmarks.md.
 # Self-contained: no downloads, at most 8 minutes on one CUDA GPU (each step has a time limit).
 #
 #   scripts/gpu_check.sh [--python PY] [--wheels DIR] [--logs DIR] [--budget SECONDS] [--no-tests] [--no-bench]
@@ -56,9 +57,11 @@ MODELS=(vit-b-16-openai vit-l-14-openai)
 EMBED="vit-b-16 vit-l-14"
 TRAIN_ARGS="--steps 10 --warmup 3 --rounds 1 --workers 6 --players 80"
 EMBED_ARGS="--images 512 --batch 64 --workers 6 --repeats 1"
+LOADER_ARGS="--images 1024 --batch 64 --workers 6 --repeats 2"
 if [ "$QUICK" = 1 ]; then
   MODELS=(tiny-test); EMBED="resnet18-128x64"
   TRAIN_ARGS="--steps 2 --warmup 1 --rounds 1 --workers 0 --players 30"; EMBED_ARGS="--images 16 --batch 8 --workers 0 --repeats 1"
+  LOADER_ARGS="--images 16 --batch 8 --workers 0 --repeats 1 --size 64 32"
 fi
 STEPS=()
 [ "$RUN_TESTS" = 1 ] && STEPS+=("tests|200|$PY -m pytest -q -p no:cacheprovider -m cuda -rs ${TESTS[*]}")
@@ -68,6 +71,7 @@ if [ "$RUN_BENCH" = 1 ]; then
 --random-weights $TRAIN_ARGS")
   done
   STEPS+=("embed|120|$PY scripts/bench_embedding.py --device $DEVICE --precision bf16 --models $EMBED $EMBED_ARGS")
+  STEPS+=("loader|40|$PY scripts/bench_loader.py --device $DEVICE $LOADER_ARGS")
 fi
 
 if [ "$PLAN" = 1 ]; then
@@ -139,6 +143,7 @@ for s in "${STEPS[@]}"; do
              [ -z "$skips" ] || details="$details; skipped: $skips" ;;
       train-*) details="$(grep -E '^(ours|reference|ratio)' "$log" | sed -E 's/ \((train loop|as the run|bare |target)[^)]*\)//g' | tr '\n' ';' | sed 's/;$//; s/;/; /g')" ;;
       embed) details="$(grep -E 'views=' "$log" | sed -E 's/ +/ /g; s/ \(ours:.*//' | tr '\n' ';' | sed 's/;$//; s/;/; /g')" ;;
+      loader) details="$(grep -E 'hand-over|ratio' "$log" | sed -E 's/ +/ /g; s/ \(runs:.*//; s/^ //' | tr '\n' ';' | sed 's/;$//; s/;/; /g')" ;;
     esac
   fi
   echo "| $name | ${RESULT[$name]:-not run} | ${details//|//} |"

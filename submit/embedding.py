@@ -50,7 +50,7 @@ def tta_views(tta: TTASpec) -> list[View]:
 class _Views(Dataset):
     """One item = all views of one image stacked as uint8 (V, 3, H, W): decoded once, letterboxed once per scale.
 
-    `transforms.normalise(to_float(view), mean, std)` of a view is exactly `CropDataset(..., hflip=flip,
+    `transforms.normalise_pixels(view, mean, std)` of a view is exactly `CropDataset(..., hflip=flip,
     scale=scale)[i]` (the same letterbox, then the same float arithmetic); a flipped view is the mirrored
     pixels of its scale's unflipped one, which is the same thing."""
 
@@ -187,11 +187,11 @@ def _forward_views(model: torch.nn.Module, batch: torch.Tensor, dev: torch.devic
                    channels_last: bool) -> torch.Tensor:
     """uint8 (B, V, 3, H, W) -> (B, D): per view, to float and normalise with the model's mean/std on `dev`,
     forward, L2-normalise; then average the views and renormalise (fp32)."""
-    from submit.transforms import normalise, to_float
+    from submit.transforms import normalise_pixels
 
     total = None
     for v in range(batch.shape[1]):
-        x = normalise(to_float(batch[:, v].to(dev, non_blocking=True)), model.mean, model.std)
+        x = normalise_pixels(batch[:, v].to(dev, non_blocking=True), model.mean, model.std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(dev, precision):

@@ -97,7 +97,7 @@ def test_multi_view_is_renormalised_mean_of_views(model, data) -> None:
 def test_loader_hands_over_uint8_pixels_that_normalise_to_the_crop_dataset_tensors(model, data) -> None:
     """Workers send letterboxed uint8 (a quarter of float32's bytes); normalising them on the device gives
     exactly the float tensors CropDataset (the reference preprocessing) makes, for every view."""
-    from submit.transforms import normalise, to_float
+    from submit.transforms import normalise_pixels
 
     root, rows = data
     views = [(1.0, False), (1.0, True), (0.75, False)]
@@ -108,7 +108,7 @@ def test_loader_hands_over_uint8_pixels_that_normalise_to_the_crop_dataset_tenso
         for v, (scale, flip) in enumerate(views):
             ref = CropDataset(root, rows["path"].tolist(), model.input_size, model.mean, model.std,
                               hflip=flip, scale=scale)[i][0]
-            assert torch.equal(normalise(to_float(stacked[v]), model.mean, model.std), ref)
+            assert torch.equal(normalise_pixels(stacked[v], model.mean, model.std), ref)
 
 
 def test_preflipped_images_give_the_same_flip_tta_embedding(model, tmp_path) -> None:

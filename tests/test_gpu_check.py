@@ -29,6 +29,7 @@ def test_help_and_plan():
     for model in ("vit-b-16-openai", "vit-l-14-openai"):
         assert f"models/{model}.yaml --device cuda --precision bf16 --random-weights" in text
     assert "--models vit-b-16 vit-l-14" in text and "budget 480 s" in text
+    assert "scripts/bench_loader.py --device cuda" in text
     only_tests = run("--plan", "--no-bench").stdout
     assert "tests (" in only_tests and "bench_" not in only_tests
 
@@ -60,3 +61,16 @@ def test_an_interpreter_without_the_packages_is_named(tmp_path):
     bare.chmod(0o755)
     out = run("--python", str(bare))
     assert out.returncode == 2 and "missing Python packages" in out.stderr and "torch" in out.stderr
+
+
+def test_cpu_rehearsal_runs_every_benchmark_and_fills_the_table(tmp_path):
+    """`--device cpu --quick` runs the benchmark steps at toy size: each ends ok and its row carries figures."""
+    out = run("--python", sys.executable, "--device", "cpu", "--quick", "--no-tests", "--logs", str(tmp_path),
+              timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"check", "---", "train-tiny-test", "embed", "loader"}, out.stdout
+    for name in ("train-tiny-test", "embed", "loader"):
+        assert "| ok (" in rows[name], rows[name]
+    assert "ratio" in rows["train-tiny-test"] and "img/s" in rows["embed"]
+    assert "uint8 hand-over" in rows["loader"] and "ratio uint8 / float32" in rows["loader"]
