@@ -92,7 +92,7 @@ def _locate_open_clip(arch: str, pretrained: str | None) -> Location:
     if tag_cfg:
         return dataclasses.replace(_tag_location(arch, pretrained, tag_cfg), tag_cfg=dict(tag_cfg))
     if _looks_like_path(pretrained):
-        return _file_location(pretrained)
+        return _file_location(pretrained, _OPEN_CLIP_FILES)
     tags = ", ".join(list_pretrained_tags_by_model(arch)) or "none"
     raise SubmitError(
         f"pretrained {pretrained!r}: not an open_clip tag for {arch} (known: {tags}), not a named source "
@@ -118,7 +118,7 @@ def _locate_timm(name: str, pretrained: str | None) -> Location:
         raise SubmitError(f"backbone 'timm:{name}': timm has no default weights for it; "
                           f"use hf-hub:<org>/<repo> {LOCAL_FILE_HINT}")
     if _looks_like_path(pretrained):
-        return _file_location(pretrained)
+        return _file_location(pretrained, _TIMM_FILES)
     raise SubmitError(
         f"pretrained {pretrained!r} for timm:{name}: expected a named source ({', '.join(SOURCES)}), 'timm' "
         f"(default weights), hf-hub:<org>/<repo> or an existing checkpoint file"
@@ -145,7 +145,7 @@ def _tag_location(arch: str, tag: str, cfg: dict) -> Location:
     """An open_clip tag: the HF cache, then OpenAI/open_clip's URL cache (~/.cache/clip), then a download."""
     what = f"open_clip {arch} '{tag}' weights"
     if cfg.get("file"):
-        return _file_location(cfg["file"])
+        return _file_location(cfg["file"], _OPEN_CLIP_FILES)
     url_cache = Path("~/.cache/clip").expanduser()
     url_target = url_cache / os.path.basename(urlparse(cfg["url"]).path) if cfg.get("url") else None
     if cfg.get("hf_hub"):
@@ -173,9 +173,28 @@ def _url_location(url: str, cache: Path, what: str, pretrained: str) -> Location
     return Location(pretrained, "url", url, target if target.is_file() else None, what, url=url, cache=cache)
 
 
-def _file_location(value: str) -> Location:
+def _file_location(value: str, files: tuple[str, ...]) -> Location:
+    """A checkpoint file, or a folder holding one of the family's `files`: a downloaded model folder, a
+    Hugging Face snapshot (`.../snapshots/<rev>`) or a hub cache repo folder (`.../models--org--repo`)."""
     path = Path(value).expanduser()
+    if path.is_dir():
+        path = _file_in_folder(path, files)
     return Location(value, "file", str(path), path if path.is_file() else None, str(path))
+
+
+def _file_in_folder(folder: Path, files: tuple[str, ...]) -> Path:
+    """The first loadable of `files` in `folder`, or in the snapshot its `refs/main` (else its only
+    snapshot) names; one line naming the folder and the files looked for when there is none."""
+    snapshots = sorted(p for p in (folder / "snapshots").glob("*") if p.is_dir())
+    ref = folder / "refs" / "main"
+    if ref.is_file():
+        snapshots = [folder / "snapshots" / ref.read_text().strip()]
+    for place in [folder, *(snapshots if len(snapshots) == 1 else [])]:
+        for name in files:
+            if _loadable(name) and (place / name).is_file():
+                return place / name
+    raise SubmitError(f"pretrained {folder}: a folder without {' or '.join(files)} (expected a checkpoint "
+                      f"file, a folder holding one, a Hugging Face snapshot or a models--<org>--<repo> folder)")
 
 
 def hf_cache_dir() -> Path:

@@ -117,6 +117,29 @@ def test_hf_cache_folder_offline_open_clip_and_timm(env, hub, monkeypatch):
     assert torch.equal(e.model.conv1[0].weight, cnn.conv1[0].weight)
 
 
+def test_folders_load_by_path_model_folder_snapshot_and_hub_repo_folder(hub, tmp_path):
+    """`pretrained: /folder`: a downloaded model folder, an HF snapshot folder, or the models--org--repo folder
+    (its refs/main picks the snapshot); each family looks for its own file names."""
+    clip = tiny_clip()
+    snapshot = write_hf_cache(hub, "org/tiny-clip", {"open_clip_model.safetensors": file_bytes(
+        tmp_path, "a.safetensors", clip.state_dict()), "README.md": b"card"}, revision="1" * 40)
+    old = snapshot.parent / ("2" * 40)  # an older snapshot beside it: refs/main decides
+    old.mkdir()
+    for folder in (snapshot, snapshot.parent.parent):
+        e = build_embedder(BackboneSpec(TINY, pretrained=str(folder)))
+        assert_tower_equal(e, clip.visual.state_dict())
+    torch.manual_seed(1)
+    cnn = timm.create_model("resnet10t", pretrained=False)
+    plain = tmp_path / "downloaded-resnet10t"
+    plain.mkdir()
+    (plain / "pytorch_model.bin").write_bytes(file_bytes(tmp_path, "c.bin", cnn.state_dict()))
+    e = build_embedder(BackboneSpec("timm:resnet10t", pretrained=str(plain), image_size=(32, 32)))
+    assert torch.equal(e.model.conv1[0].weight, cnn.conv1[0].weight)
+    with pytest.raises(SubmitError, match=r"a folder without model\.safetensors or pytorch_model\.bin") as err:
+        build_embedder(BackboneSpec("timm:resnet10t", pretrained=str(snapshot), image_size=(32, 32)))
+    assert "\n" not in str(err.value) and str(snapshot) in str(err.value)
+
+
 def test_hf_cache_without_the_file_is_one_line_offline(hub):
     write_hf_cache(hub, "org/empty", {"README.md": b"nothing here"})
     with pytest.raises(SubmitError, match=r"hf-hub:org/empty: not in the Hugging Face cache") as err:
