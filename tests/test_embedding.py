@@ -111,6 +111,28 @@ def test_loader_hands_over_uint8_pixels_that_normalise_to_the_crop_dataset_tenso
             assert torch.equal(normalise_pixels(stacked[v], model.mean, model.std), ref)
 
 
+def test_channels_last_branch_feeds_the_same_values_in_channels_last(model, data) -> None:
+    """The CUDA embedder's channels_last branch, run on CPU: the model receives channels-last float32 input
+    (the uint8 pixels are converted first, the float copy keeps the layout) and the features equal the plain
+    branch's."""
+    root, rows = data
+    items = embedding._Views(root, rows["path"].tolist(), tuple(model.input_size), [(1.0, False), (1.0, True)])
+    batch = torch.stack([items[i][0] for i in range(len(rows))])
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        with torch.inference_mode():
+            plain = embedding._forward_views(model, batch, torch.device("cpu"), "fp32", channels_last=False)
+            last = embedding._forward_views(model, batch, torch.device("cpu"), "fp32", channels_last=True)
+    finally:
+        hook.remove()
+    assert [x.dtype for x in seen] == [torch.float32] * 4
+    assert not seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in seen[2:])
+    assert torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[3])
+    assert torch.allclose(plain, last, atol=1e-5)
+
+
 def test_preflipped_images_give_the_same_flip_tta_embedding(model, tmp_path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     rows = _write_images(a)
