@@ -52,7 +52,7 @@ case "$BUDGET" in ''|*[!0-9]*) die "--budget '$BUDGET': expected whole seconds (
 [ -z "$WHEELS" ] || [ -d "$WHEELS" ] || die "--wheels $WHEELS: not a folder"
 case "$DEVICE" in cuda|cuda:[0-9]*|cpu) ;; *) die "--device '$DEVICE': expected cuda, cuda:N or cpu" ;; esac
 
-TESTS=(tests/test_precision.py tests/test_cuda.py)
+TESTS=(tests/test_precision.py tests/test_cuda.py tests/test_preflight.py)
 MODELS=(vit-b-16-openai vit-l-14-openai)
 EMBED="vit-b-16 vit-l-14"
 TRAIN_ARGS="--steps 10 --warmup 3 --rounds 1 --workers 6 --players 80"

@@ -140,14 +140,14 @@ def print_preflight(result: Preflight) -> None:
         rows.append(("whole recipe", f"{result.total_steps} steps, about {_duration(result.estimated_seconds)} "
                                      "(training steps only: validation and data loading not included)"))
     if result.budget is not None:
-        rows.append(("fits", f"{'yes' if result.fits else 'NO'}: {result.peak_memory / gib:.2f} of "
+        rows.append(("fits", f"{'yes' if result.fits else 'NO'}: {result.needed_memory / gib:.2f} of "
                              f"{result.budget / gib:.2f} GiB"))
     for name, value in rows:
         table.add_row(name, value)
     console = Console(width=max(Console().width, 120))
     console.print(table)
     for line in result.advice:
-        console.print(f"would fit: {line}", highlight=False, soft_wrap=True)
+        console.print(f"to fit: {line}", highlight=False, soft_wrap=True)
     for line in result.notes:
         console.print(f"note: {line}", highlight=False, soft_wrap=True)
 

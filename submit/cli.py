@@ -275,6 +275,8 @@ def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: s
     from submit.recipe import apply_overrides, load_recipe
 
     if dry_run:
+        if click.get_current_context().get_parameter_source("report_to") != click.core.ParameterSource.DEFAULT:
+            raise SubmitError("--dry-run writes nothing: --report-to does not go with it")
         _dry_run(recipe, data_dir, out_dir, spec, resume, epochs, max_steps, device, overrides, steps, memory_gib)
         return
     if memory_gib is not None or steps != 3:

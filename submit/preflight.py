@@ -6,7 +6,9 @@ negatives, precision and gradient scaler, clipping, gradient checkpointing, EMA)
 recipe's image size, and writes nothing. Weights are the real ones when cached, else random (same cost).
 
 Peak memory: on CUDA the peak allocated by tensors (`torch.cuda.max_memory_allocated`); on CPU the process's
-peak resident set (`ru_maxrss`: the whole process, Python and torch included). The memory advice is an
+peak resident set (`ru_maxrss`: the whole process, Python and torch included). The `--memory` verdict on CUDA
+counts what the device must hold: the allocator's peak reserved (cached blocks included) plus what was in use
+on the device before the build (the CUDA context, other processes), measured, not assumed. The memory advice is an
 estimate: activations (peak minus weights, gradients, AdamW state, EMA and the memory before the build) scale
 with the micro-batch, so a smaller `train.pairs_per_batch` with a larger `train.accum_steps` keeps the global
 batch (every negative, through the cached features) at a proportionally smaller peak.
@@ -56,6 +58,7 @@ class Preflight:
     estimated_seconds: float | None = None
     budget: int | None = None  # bytes, from --memory
     fits: bool | None = None
+    needed_memory: int = 0  # bytes the verdict counts: the CPU peak, or on CUDA peak reserved + in use before
     advice: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
@@ -69,7 +72,7 @@ def dry_run(recipe: Recipe, device: str | None = None, steps: int = 3, data_dir:
         raise SubmitError(f"--memory {memory_gib}: expected a positive number of GiB")
     dev = pick_device(device)
     total_steps = _recipe_steps(recipe, data_dir) if data_dir is not None else None  # bad data fails first
-    before = _resident() if dev.type == "cpu" else 0
+    before = _resident() if dev.type == "cpu" else _device_in_use(dev)
     embedder, weights, notes = _build(recipe)
     if note := precision_note(dev, recipe.train.precision):
         notes.append(note)
@@ -88,8 +91,12 @@ def dry_run(recipe: Recipe, device: str | None = None, steps: int = 3, data_dir:
     t = recipe.train
     images = 2 * t.pairs_per_batch * t.accum_steps
     budget = int(memory_gib * GIB) if memory_gib is not None else None
-    fits = None if budget is None else peak <= budget
-    advice = () if budget is None or fits else _advice(recipe, peak, static, before, budget)
+    need = peak if dev.type == "cpu" else before + int(torch.cuda.max_memory_reserved(dev))
+    fits = None if budget is None else need <= budget
+    advice = () if budget is None or fits else _advice(recipe, need, static, before, budget)
+    if budget is not None and dev.type == "cuda":
+        notes.append(f"the fit verdict counts {need / GIB:.2f} GiB: the allocator's peak reserved plus "
+                     f"{before / GIB:.2f} GiB in use on the device before the build (CUDA context, other processes)")
     dtype = amp_dtype(dev, t.precision)
     return Preflight(
         recipe=recipe.name, backbone=recipe.backbone.name, device=str(dev),
@@ -98,7 +105,7 @@ def dry_run(recipe: Recipe, device: str | None = None, steps: int = 3, data_dir:
         accum_steps=t.accum_steps, grad_checkpointing=t.grad_checkpointing, steps=steps, seconds_per_step=per_step,
         images_per_s=images / max(per_step, 1e-12), peak_memory=peak, memory_kind=kind, static_memory=static,
         total_steps=total_steps, estimated_seconds=None if total_steps is None else total_steps * per_step,
-        budget=budget, fits=fits, advice=advice, notes=tuple(notes))
+        budget=budget, fits=fits, needed_memory=need, advice=advice, notes=tuple(notes))
 
 
 def _build(recipe: Recipe) -> tuple[torch.nn.Module, str, list[str]]:
@@ -112,8 +119,10 @@ def _build(recipe: Recipe) -> tuple[torch.nn.Module, str, list[str]]:
     if loc.kind == "none":
         return build_embedder(spec, load_weights=False), "random", []
     if loc.path is None:
+        fetch = ("the real run needs that file: check the path" if loc.kind == "file"
+                 else "`reident-submit weights fetch` gets them")
         note = (f"weights {spec.pretrained!r} are not on this machine: random initialisation (same size and speed; "
-                "`reident-submit weights fetch` gets them)")
+                f"{fetch})")
         return build_embedder(spec, load_weights=False), "random", [note]
     return build_embedder(spec), str(loc.path), []
 
@@ -157,6 +166,12 @@ def _peak(dev: torch.device) -> tuple[int, str]:
         return int(torch.cuda.max_memory_allocated(dev)), "CUDA peak allocated"
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "CPU peak resident (whole process)"
+
+
+def _device_in_use(dev: torch.device) -> int:
+    """Bytes in use on CUDA device `dev` now, by anything: this process's context and tensors, other processes."""
+    free, total = torch.cuda.mem_get_info(dev)
+    return int(total - free)
 
 
 def _resident() -> int:

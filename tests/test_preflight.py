@@ -51,7 +51,7 @@ def test_dry_run_uses_precision_accumulation_and_checkpointing(precision, dtype)
 
 def test_memory_verdict_and_advice():
     roomy = dry_run(tiny(), device="cpu", steps=1, memory_gib=1e5)
-    assert roomy.fits is True and roomy.advice == ()
+    assert roomy.fits is True and roomy.advice == () and roomy.needed_memory == roomy.peak_memory  # CPU: the peak
     tight = dry_run(tiny(), device="cpu", steps=1, memory_gib=0.001)
     assert tight.fits is False and "no batch change fits" in tight.advice[0]
     recipe = tiny("train.pairs_per_batch=16")
@@ -66,6 +66,9 @@ def test_uncached_weights_build_random_with_a_note(monkeypatch, tmp_path):
     recipe = tiny(f"backbone.pretrained={tmp_path / 'absent.bin'}")
     result = dry_run(recipe, device="cpu", steps=1)
     assert result.weights == "random" and "not on this machine" in result.notes[0]
+    assert "check the path" in result.notes[0] and "weights fetch" not in result.notes[0]  # a file: no fetching
+    hub = dry_run(tiny("backbone.pretrained=hf-hub:org/absent"), device="cpu", steps=1)
+    assert hub.weights == "random" and "`reident-submit weights fetch` gets them" in hub.notes[0]
 
 
 def test_bad_arguments_are_one_line_errors(data_dir, tmp_path):
@@ -90,6 +93,7 @@ def test_cli_dry_run_prints_and_writes_nothing(data_dir, tmp_path, monkeypatch):
         assert word in out.output, word
     assert os.listdir(tmp_path) == []  # nothing written
     for bad, expected in ((["--out", "x"], "--dry-run takes RECIPE"), (["--resume"], "--dry-run takes RECIPE"),
+                          (["--report-to", "none"], "--report-to does not go with it"),
                           (["--steps", "0"], "--steps"), (["--memory", "-1"], "--memory")):
         res = runner.invoke(main, ["train", str(TINY), "--dry-run", *bad])
         assert res.exit_code == 2 and expected in res.output, (bad, res.output)
@@ -97,3 +101,16 @@ def test_cli_dry_run_prints_and_writes_nothing(data_dir, tmp_path, monkeypatch):
     assert res.exit_code == 2 and "go with --dry-run" in res.output
     res = runner.invoke(main, ["train", str(TINY), "--out", "x"])
     assert res.exit_code == 2 and "train needs --data" in res.output
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                                          "scripts/gpu_check.sh runs these on one")
+def test_cuda_dry_run_measures_allocated_peak_and_counts_reserved_plus_context():
+    result = dry_run(tiny("train.precision=bf16"), device="cuda", steps=2, memory_gib=1e4)
+    assert result.device.startswith("cuda") and result.precision == "bfloat16"
+    assert result.memory_kind == "CUDA peak allocated" and result.peak_memory > result.static_memory > 0
+    assert result.needed_memory > result.peak_memory and result.fits is True  # reserved + context >= allocated
+    assert any("fit verdict counts" in n for n in result.notes)
+    tight = dry_run(tiny(), device="cuda", steps=1, memory_gib=0.001)
+    assert tight.fits is False and tight.advice
