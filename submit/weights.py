@@ -186,9 +186,10 @@ def _file_in_folder(folder: Path, files: tuple[str, ...]) -> Path:
     """The first loadable of `files` in `folder`, or in the snapshot its `refs/main` (else its only
     snapshot) names; one line naming the folder and the files looked for when there is none."""
     snapshots = sorted(p for p in (folder / "snapshots").glob("*") if p.is_dir())
-    ref = folder / "refs" / "main"
-    if ref.is_file():
-        snapshots = [folder / "snapshots" / ref.read_text().strip()]
+    try:
+        snapshots = [folder / "snapshots" / (folder / "refs" / "main").read_text().strip()]
+    except OSError:  # no refs/main (or unreadable): the only snapshot, if there is exactly one
+        pass
     for place in [folder, *(snapshots if len(snapshots) == 1 else [])]:
         for name in files:
             if _loadable(name) and (place / name).is_file():

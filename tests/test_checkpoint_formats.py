@@ -128,6 +128,12 @@ def test_folders_load_by_path_model_folder_snapshot_and_hub_repo_folder(hub, tmp
     for folder in (snapshot, snapshot.parent.parent):
         e = build_embedder(BackboneSpec(TINY, pretrained=str(folder)))
         assert_tower_equal(e, clip.visual.state_dict())
+    (snapshot.parent.parent / "refs" / "main").unlink()
+    with pytest.raises(SubmitError, match="a folder without"):  # two snapshots and no refs/main: ambiguous
+        build_embedder(BackboneSpec(TINY, pretrained=str(snapshot.parent.parent)))
+    old.rmdir()  # one snapshot left: that one
+    assert_tower_equal(build_embedder(BackboneSpec(TINY, pretrained=str(snapshot.parent.parent))),
+                       clip.visual.state_dict())
     torch.manual_seed(1)
     cnn = timm.create_model("resnet10t", pretrained=False)
     plain = tmp_path / "downloaded-resnet10t"
