@@ -48,6 +48,14 @@ def synthetic_rows(n: int, root: Path) -> pd.DataFrame:
                          "image_id": range(len(paths))})
 
 
+def bench_rows(data: Path | None, split: str, images: int, tmp: Path) -> tuple[Path, pd.DataFrame]:
+    """(root, rows) to benchmark: the first `images` rows of `split` in a prepared DATA_DIR, else synthetic
+    crops written under `tmp`."""
+    if data is None:
+        return tmp, synthetic_rows(images, tmp)
+    return data, read_manifest(data).query("split == @split").head(images).reset_index(drop=True)
+
+
 def reference(model: torch.nn.Module, root: Path, rows: pd.DataFrame, tta: TTASpec, device: str = "cpu",
               precision: str = "auto") -> float:
     """Seconds for bare forwards of preloaded view tensors (the same views and batch size as ours)."""
@@ -141,12 +149,7 @@ def main() -> None:
     print(f"ours = embed() from disk with {args.workers} DataLoader worker(s); reference = bare forward on "
           f"preloaded decoded tensors; best of {args.repeats}, interleaved")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data:
-            root = args.data
-            rows = read_manifest(root).query("split == @args.split").head(args.images).reset_index(drop=True)
-        else:
-            root = Path(tmp)
-            rows = synthetic_rows(args.images, root)
+        root, rows = bench_rows(args.data, args.split, args.images, Path(tmp))
         for name in args.models:
             bench(name, root, rows, args.batch, args.workers, args.repeats, args.device, args.precision)
 

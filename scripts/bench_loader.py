@@ -21,16 +21,14 @@ import time
 from pathlib import Path
 
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN as MEAN
+from open_clip.constants import OPENAI_DATASET_STD as STD
 from torch.utils.data import DataLoader, Dataset
 
-from bench_embedding import synthetic_rows
+from bench_embedding import bench_rows  # this folder's sibling script
 from submit.device import cpu_model
 from submit.embedding import _Views
-from submit.manifest import read_manifest
 from submit.transforms import normalise_pixels, open_image, preprocess
-
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
-
 
 class FloatViews(Dataset):
     """The previous hand-over (the embedder's item before uint8): each scale preprocessed to normalised
@@ -85,12 +83,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     views = [(1.0, False), (1.0, True)][: args.views]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data:
-            root = args.data
-            rows = read_manifest(root).query("split == @args.split").head(args.images).reset_index(drop=True)
-        else:
-            root = Path(tmp)
-            rows = synthetic_rows(args.images, root)
+        root, rows = bench_rows(args.data, args.split, args.images, Path(tmp))
         ours = _Views(root, rows["path"].tolist(), tuple(args.size), views)
         before = FloatViews(ours)
         n = len(rows) * len(views)
