@@ -1,26 +1,32 @@
 """One home for atomic writes: a temp beside the target, fsync, os.replace; stale temps of killed runs removed.
 
 Every file or folder the toolkit hands to a user goes through `atomic_file`, `atomic_path` or `atomic_dir`.
-A temp is named `.<target name>.<pid>-<start>-<token>.tmp` in the target's folder (`.old` for a replaced
-folder on its way out; `start` is the process's start time, so a reused pid, as in containers where every
-run is pid 1, is not taken for the killed run), so that:
+A temp is named `.<stem>.<pid>-<start>-<token>.tmp` in the target's folder (`.old` for a replaced folder on
+its way out; `start` is the process's start time, so a reused pid, as in containers where every run is pid 1,
+is not taken for the killed run). The stem is the target's name, or for a long name (over 128 bytes) its
+first bytes and a hash (`short_name`), so that a temp name stays far below the 255-byte limit of a file name
+and any legal target name can be written. So that:
 - an exception never leaves a half-written target: the temp is removed and the old target kept;
 - a kill -9 leaves a temp that the next write of the same target recognises (its process is gone) and
   removes, so garbage never grows;
 - an `OSError` while writing (full disk, read-only file system, a folder in the way) becomes one
-  `SubmitError` naming the target: `PATH: cannot write (No space left on device)`.
+  `SubmitError` naming the target: `PATH: cannot write (No space left on device)`;
+- a temp is created exclusively (`O_CREAT|O_EXCL|O_NOFOLLOW` for a file, `mkdir` for a folder): whatever was
+  planted at a temp's name beforehand (a symbolic link to a victim file) is never followed nor written
+  through; another token is drawn instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator, TypeVar
 
 from submit.errors import SubmitError
 
@@ -28,35 +34,93 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(?:-(?P<start>\d+))?-[0-9a-f]{
 _LEGACY_TEMP = re.compile(r"^\.?(?P<name>.+?)(?:\.\d+)?\.(?:tmp|part)$")
 FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken to be the full disk's doing
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG})  # the output's file system
+READABLE_NAME_MAX = 128  # bytes of a target name kept whole in its temps' and lock's names (a file name: 255)
+_SHORT_PREFIX = 32  # bytes of a longer name kept, before its hash, so a user can still tell what a temp is for
+_HASHED = re.compile(r"~[0-9a-f]{16}$")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CREATE_TRIES = 16
+_T = TypeVar("_T")
+
+
+def short_name(name: str) -> str:
+    """The stem of `name`'s temps and lock: `name` itself up to 128 bytes (a temp adds about 45 bytes to it, a
+    file name may have 255), else its first 32 bytes, `~` and a hash of the whole name (at most 49 bytes)."""
+    raw = os.fsencode(name)
+    if len(raw) <= READABLE_NAME_MAX:
+        return name
+    prefix = raw[:_SHORT_PREFIX].decode("utf-8", "ignore")  # cut at a character boundary
+    return f"{prefix}~{hashlib.sha256(raw).hexdigest()[:16]}"
 
 
 def temp_for(target: Path, kind: str = "tmp") -> Path:
-    """A fresh temp path beside `target` that names it and this process (so a rerun can tell it is stale)."""
+    """A fresh temp name beside `target` that stands for it and this process (so a rerun can tell it is stale).
+
+    Only a name: `make_temp_file` and `make_temp_dir` create one exclusively."""
     pid = os.getpid()
-    return target.with_name(f".{target.name}.{pid}-{_start_time(pid) or 0}-{secrets.token_hex(4)}.{kind}")
+    return target.with_name(f".{short_name(target.name)}.{pid}-{_start_time(pid) or 0}-{secrets.token_hex(4)}.{kind}")
+
+
+def make_temp_file(target: Path) -> tuple[Path, int]:
+    """A new, empty temp file beside `target`, and its descriptor (open read-write; the caller closes it).
+
+    Created with O_CREAT|O_EXCL|O_NOFOLLOW, so nothing already at the name (a symbolic link planted to a victim
+    file) is ever followed or written through: another name is drawn. Mode 0666 minus the umask, as open()'s."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC
+    return _exclusive(target, lambda tmp: os.open(tmp, flags, 0o666))
+
+
+def make_temp_dir(target: Path) -> Path:
+    """A new, empty temp folder beside `target` (mkdir: a link or anything else at the name is never followed;
+    another name is drawn). Mode 0777 minus the umask."""
+    return _exclusive(target, os.mkdir)[0]
+
+
+def _exclusive(target: Path, create: Callable[[Path], _T]) -> tuple[Path, _T]:
+    """`create` a fresh temp name of `target`, drawing another token while the name is taken (FileExistsError)."""
+    for _ in range(_CREATE_TRIES):
+        tmp = temp_for(target)
+        try:
+            return tmp, create(tmp)
+        except FileExistsError:
+            continue
+    raise SubmitError(f"{target}: cannot write (every temp name tried beside it is taken; expected at most a few "
+                      f"stale temps in {target.parent})")
 
 
 def target_of(path: str | os.PathLike[str]) -> str:
-    """The target a temp path stands for (a temp's own name means nothing to a user); others unchanged."""
+    """The target a temp path stands for (a temp's own name means nothing to a user); others unchanged.
+
+    A long target's temp holds only a hash of its name: the target is found beside it when it exists."""
     p = Path(path)
     for pattern in (_TEMP, _LEGACY_TEMP):
         m = pattern.match(p.name)
         if m and p.name.startswith("."):
+            if pattern is _TEMP and _HASHED.search(m["name"]):
+                return str(_hashed_target(p.parent, m["name"]) or p)
             return str(p.with_name(m["name"]))
     return str(p)
 
 
+def _hashed_target(folder: Path, stem: str) -> Path | None:
+    """The entry of `folder` whose `short_name` is `stem`, if any."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name != stem and short_name(name) == stem:
+                return folder / name
+    return None
+
+
 def remove_stale(target: Path) -> list[Path]:
     """Remove temps of `target` left by processes that no longer run (a killed earlier run); return them."""
-    folder = target.parent
+    folder, stem = target.parent, short_name(target.name)
     try:
-        candidates = list(folder.glob(f".{glob_escape(target.name)}.*"))
+        candidates = list(folder.glob(f".{glob_escape(stem)}.*"))
     except OSError:
         return []
     removed = []
     for path in candidates:
         m = _TEMP.match(path.name)
-        if m and m["name"] == target.name and not _alive(int(m["pid"]), int(m["start"] or 0)):
+        if m and m["name"] == stem and not _alive(int(m["pid"]), int(m["start"] or 0)):
             _remove(path)
             removed.append(path)
     return removed
@@ -100,13 +164,41 @@ def describe(exc: OSError, output: str | None = None, command: str | None = None
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], parents: bool = True) -> Iterator[Path]:
-    """Yield a temp path beside `target`; on success fsync it and rename it over `target`, else remove it."""
-    target = Path(target)
+    """Yield a temp path beside `target` (an empty file of ours, `make_temp_file`: the block writes it by
+    name); on success fsync it and rename it over `target`, else remove it."""
+    with _replacing(Path(target), parents) as (tmp, fd):
+        os.close(fd)
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8",
+                newline: str | None = None, parents: bool = True) -> Iterator[IO[Any]]:
+    """Yield an open temp file beside `target` that replaces it when the block ends without an error."""
+    if "b" in mode:
+        encoding = None
+    with _replacing(Path(target), parents) as (_, fd):
+        try:
+            fh = os.fdopen(fd, mode, encoding=encoding, newline=newline)
+        except BaseException:
+            os.close(fd)
+            raise
+        with fh:
+            yield fh
+
+
+@contextlib.contextmanager
+def _replacing(target: Path, parents: bool) -> Iterator[tuple[Path, int]]:
+    """The shared body of `atomic_path` and `atomic_file`: a new temp file (path and open descriptor, the
+    caller closes it) that replaces `target` when the block succeeds; removed, and one line, when it fails."""
     check_file_target(target, parents)
     remove_stale(target)
-    tmp = temp_for(target)
     try:
-        yield tmp
+        tmp, fd = make_temp_file(target)
+    except OSError as exc:
+        raise write_error(exc, target) from None
+    try:
+        yield tmp, fd
         _fsync(tmp)
         os.replace(tmp, target)
         _fsync(target.parent)
@@ -122,17 +214,6 @@ def atomic_path(target: str | os.PathLike[str], parents: bool = True) -> Iterato
     except BaseException:
         _remove(tmp)
         raise
-
-
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8",
-                newline: str | None = None, parents: bool = True) -> Iterator[IO[Any]]:
-    """Yield an open temp file beside `target` that replaces it when the block ends without an error."""
-    if "b" in mode:
-        encoding = None
-    with atomic_path(target, parents) as tmp:
-        with open(tmp, mode, encoding=encoding, newline=newline) as fh:
-            yield fh
 
 
 def write_text(target: str | os.PathLike[str], text: str, parents: bool = True) -> Path:
@@ -160,9 +241,8 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     if target.exists() and not target.is_dir():
         raise SubmitError(f"{target}: exists and is not a folder; expected a folder path")
     remove_stale(target)
-    tmp = temp_for(target)
     try:
-        os.mkdir(tmp)
+        tmp = make_temp_dir(target)
     except OSError as exc:
         raise write_error(exc, target) from None
     try:
@@ -186,7 +266,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
     """Rename `tmp` to `target`; an existing `target` is renamed aside first and removed after."""
     old = None
     if target.exists():
-        old = temp_for(target, "old")
+        old = temp_for(target, "old")  # a rename replaces whatever is at a name, never following a link there
         os.replace(target, old)
     try:
         os.replace(tmp, target)
@@ -224,7 +304,7 @@ def check_file_target(target: Path, parents: bool = False) -> None:
 def _fsync(path: Path) -> None:
     """Flush a file's (or folder's) data to disk; best effort where the platform cannot open folders."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never waits on a FIFO put in its place
     except OSError:
         return
     try:
