@@ -28,11 +28,15 @@ def evaluate_file(path: str | Path, data_dir: str | Path, split: str | None = No
     """
     path = Path(path)
     manifest = read_manifest(data_dir)
-    dist, q_ids, g_ids = read_ranking(path)
-    split = split or detect_split(path, manifest, q_ids, g_ids)
-    if split not in _ranked_splits(manifest):
+    ranked = _ranked_splits(manifest)
+    if split and split not in ranked:
         raise SubmitError(f"{path}: the manifest in {data_dir} has no {split} query and gallery images "
-                          f"(it has: {', '.join(_ranked_splits(manifest)) or 'neither test nor challenge'})")
+                          f"(it has: {', '.join(ranked) or 'neither test nor challenge'})")
+    if not ranked:
+        raise SubmitError(f"{path}: the manifest has no test or challenge query/gallery images to compare with")
+    # bounded by the largest file this data's split (or its largest split) can have: refused before reading
+    dist, q_ids, g_ids = read_ranking(path, limit=ranking_file.manifest_size_limit(manifest, split))
+    split = split or detect_split(path, manifest, q_ids, g_ids)
     queries, gallery = select(manifest, split, "query"), select(manifest, split, "gallery")
     for kind, found, rows in (("query", q_ids, queries), ("gallery", g_ids, gallery)):
         problem = id_mismatch(kind, found, rows["image_id"])

@@ -8,12 +8,18 @@ sort keeps their given order).
 Distances are written as `%.5f`, without the official writer's padding to 10 characters (`%10.5f`):
 both parse to the same numbers (leading spaces are ignored by float parsers), the unpadded file is
 smaller, and its fields are plain numbers for strict CSV readers. The reader accepts both.
+
+The reader is bounded: given the largest a ranking file for the data can be (`size_limit`: its rows x
+columns x `CELL_BYTES`), a larger file is refused before a byte is read, and a pipe (a FIFO, `/dev/fd/N` of
+a shell's process substitution) or a character device is read as a stream of at most that many bytes.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,10 +29,39 @@ import numpy as np
 import pandas as pd
 
 from submit import atomic
-from submit.config import read_text, require_file
 from submit.errors import SubmitError
 
 _INT = re.compile(r"\s*[+-]?\d+\s*")
+CELL_BYTES = 32  # a generous bound on one value and its comma: ids have at most 16 digits, '%10.5f' 10 characters
+WHAT = "ranking file (CSV)"
+
+
+@dataclass(frozen=True)
+class SizeLimit:
+    """The most bytes a ranking file may have, and what that bound is computed from (for the refusal)."""
+
+    max_bytes: int
+    basis: str  # e.g. "12 queries x 40 gallery images (the test split)"
+
+
+def size_limit(queries: int, gallery: int, basis: str | None = None) -> SizeLimit:
+    """The largest a ranking file of `queries` x `gallery` values can be: every value (the ids too) `CELL_BYTES`,
+    lines ending in CRLF, a byte-order mark."""
+    max_bytes = (queries + 1) * ((gallery + 1) * CELL_BYTES + 2) + 3
+    return SizeLimit(max_bytes, basis or f"{queries} queries x {gallery} gallery images")
+
+
+def manifest_size_limit(manifest: pd.DataFrame, split: str | None = None) -> SizeLimit | None:
+    """The size limit for a ranking file of `split` of a manifest, or (None) of its largest ranked split; None
+    when the manifest has no such split with both query and gallery rows."""
+    best = None
+    for name in [split] if split else RANKED_SPLITS:
+        rows = manifest[manifest["split"] == name]
+        q, g = int((rows["role"] == "query").sum()), int((rows["role"] == "gallery").sum())
+        if q and g:
+            limit = size_limit(q, g, f"{q} queries x {g} gallery images (the {name} split)")
+            best = limit if best is None or limit.max_bytes > best.max_bytes else best
+    return best
 
 
 def write_ranking(path: str | Path, dist: np.ndarray, query_ids: Sequence[int] | np.ndarray,
@@ -56,15 +91,23 @@ def write_ranking(path: str | Path, dist: np.ndarray, query_ids: Sequence[int] |
 
 
 def read_ranking(path: str | Path, expect_queries: Iterable[int] | None = None,
-                 expect_gallery: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 expect_gallery: Iterable[int] | None = None,
+                 limit: SizeLimit | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate and read a ranking file -> (dist (Q, G) float64, query_ids, gallery_ids).
 
     Checks the header (`0` then integer gallery ids), that every line has the header's length, integer
     query ids, ascending ids, finite numbers, and (optionally) the id multisets expected from a manifest.
-    Each failure is a one-line SubmitError naming the file, line and column.
+    Each failure is a one-line SubmitError naming the file, line and column. `limit` (by default the bound for
+    the expected ids, when both are given) bounds what is read: a larger file is refused before reading.
     """
     path = Path(path)
-    lines = _lines(path)
+    if expect_queries is not None:
+        expect_queries = list(expect_queries)
+    if expect_gallery is not None:
+        expect_gallery = list(expect_gallery)
+    if limit is None and expect_queries is not None and expect_gallery is not None:
+        limit = size_limit(len(expect_queries), len(expect_gallery))
+    lines = _lines(path, limit)
     header = lines[0].split(",")
     if not _INT.fullmatch(header[0]) or int(header[0]) != 0:
         raise SubmitError(f"{path}: line 1, column 1 is {header[0]!r}; the header must start with 0")
@@ -158,16 +201,51 @@ def _int_ids(ids: Sequence[int] | np.ndarray, kind: str, path: Path) -> np.ndarr
     return f.astype(np.int64)
 
 
-def _lines(path: Path) -> list[str]:
+def _lines(path: Path, limit: SizeLimit | None = None) -> list[str]:
     """Non-empty text lines (a trailing newline is fine); unreadable or empty files are errors."""
-    require_file(path, "ranking file (CSV)", "no such ranking file")
-    text = read_text(path, "text CSV file")
-    lines = text.splitlines()
+    lines = read_bounded(path, limit).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
         raise SubmitError(f"{path}: empty file; expected a header line '0,<gallery ids>'")
     return lines
+
+
+def read_bounded(path: Path, limit: SizeLimit | None = None) -> str:
+    """The text of a ranking file, a pipe (FIFO, /dev/fd/N) or a character device, read as UTF-8 (a byte-order
+    mark dropped); at most `limit` bytes: a larger file is refused before reading, a longer stream once read
+    that far. A folder, socket or block device, or nothing at `path`, is refused saying which."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SubmitError(f"{path}: no such ranking file") from None
+    except OSError as exc:
+        raise SubmitError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    mode = st.st_mode
+    regular = stat.S_ISREG(mode)
+    if not (regular or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+            "a block device" if stat.S_ISBLK(mode) else "not a file"
+        raise SubmitError(f"{path}: is {kind}; expected a {WHAT} or a pipe")
+    if regular and limit is not None and st.st_size > limit.max_bytes:
+        raise SubmitError(f"{path}: {st.st_size} bytes, more than a ranking file for {limit.basis} can be (at most "
+                          f"{limit.max_bytes} bytes); expected the ranking file of this data (wrong --data?)")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read() if limit is None else fh.read(limit.max_bytes + 1)
+    except IsADirectoryError:
+        raise SubmitError(f"{path}: is a folder; expected a {WHAT}") from None
+    except OSError as exc:
+        raise SubmitError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if limit is not None and len(data) > limit.max_bytes:
+        source = "a file that grew while read" if regular else \
+            "a pipe" if stat.S_ISFIFO(mode) else "a character device"
+        raise SubmitError(f"{path}: {source} giving more than {limit.max_bytes} bytes, more than a ranking file for "
+                          f"{limit.basis} can be; expected the ranking file of this data (wrong --data?)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SubmitError(f"{path}: not a text CSV file (not UTF-8 text)") from None
 
 
 def _int_field(path: Path, line: int, col: int, text: str, what: str) -> int:

@@ -3,6 +3,8 @@
 - class 1: a lock file (RUN_DIR/.lock, `.<DATA_DIR>.lock`) that is a symbolic link, a folder, a FIFO, another
   name of a file (hard link) or another user's file is refused in one line naming the lock, and nothing is
   written through it; a link planted at a temp's name (`atomic`) is never followed.
+- class 4: the ranking-file reader is bounded by what a ranking file for the data can be (rows x columns x
+  `CELL_BYTES`): a huge sparse file is refused before reading; a FIFO or /dev/fd/N is read as a stream.
 - class 7: a legal long output name (240 or 255 bytes) is written: temp and lock names stay short (a hash),
   and the temps of a killed write of such a target are still removed by the next write.
 """
@@ -12,18 +14,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from cli_helpers import invoke, one_error_line
+from click.testing import CliRunner
 
-from submit import atomic, locks, training
+from submit import atomic, locks, ranking_file, training
+from submit.cli import main
 from submit.errors import SubmitError
 from submit.manifest import read_manifest, select
 from submit.prepare import prepare
@@ -310,3 +317,142 @@ def test_a_rerun_removes_the_temps_a_killed_write_of_a_long_name_left(tmp_path, 
         with atomic.atomic_dir(out) as tmp:
             (tmp / "x").write_text("done")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name, other.name])
+
+
+# ---------------------------------------------------------------- class 4: bounded ranking-file reads
+
+
+def test_a_huge_sparse_ranking_file_is_refused_before_reading(world, tmp_path) -> None:
+    """2 GB (sparse: no disk used), far more than a ranking file of the data can be: one line, at once."""
+    huge = tmp_path / "huge.csv"
+    with open(huge, "wb") as fh:
+        fh.truncate(2 << 30)
+    q, g = world["test_size"]
+    limit = ranking_file.size_limit(q, g).max_bytes
+    start = time.monotonic()
+    code, stderr = invoke(["evaluate", huge, "--data", world["data"]])
+    assert time.monotonic() - start < 10
+    assert code == 2
+    line = one_error_line(stderr)
+    assert line == (f"error: {huge}: {2 << 30} bytes, more than a ranking file for {q} queries x {g} gallery "
+                    f"images (the test split) can be (at most {limit} bytes); expected the ranking file of this "
+                    f"data (wrong --data?)"), line
+
+
+@pytest.mark.parametrize("split", [None, "test"])
+def test_the_size_check_comes_before_any_read(world, tmp_path, monkeypatch, split) -> None:
+    big = tmp_path / "big.csv"
+    q, g = world["test_size"]
+    with open(big, "wb") as fh:
+        fh.truncate(ranking_file.size_limit(q, g).max_bytes + 1)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError(f"opened {args[0]}")
+
+    monkeypatch.setattr(ranking_file, "open", no_read, raising=False)
+    from submit.evaluation import evaluate_file
+
+    with pytest.raises(SubmitError, match=r"big\.csv: \d+ bytes, more than a ranking file for"):
+        evaluate_file(big, world["data"], split)
+
+
+def test_a_file_at_the_size_limit_is_still_read(tmp_path) -> None:
+    """The bound is generous: every value padded to CELL_BYTES - 1 characters, CRLF lines and a BOM pass."""
+    q_ids, g_ids = [2 ** 52 + 1, 2 ** 52 + 2], [10 ** 15, 10 ** 15 + 1, 10 ** 15 + 2]
+    width = ranking_file.CELL_BYTES - 1
+    rows = [["0", *map(str, g_ids)]] + [[str(i), *["0.5"] * len(g_ids)] for i in q_ids]
+    text = "\r\n".join(",".join(field.rjust(width) for field in row) for row in rows) + "\r\n"
+    path = tmp_path / "padded.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    limit = ranking_file.size_limit(len(q_ids), len(g_ids))
+    assert path.stat().st_size <= limit.max_bytes
+    dist, q, g = read_ranking(path, limit=limit)
+    assert dist.shape == (2, 3) and q.tolist() == q_ids and g.tolist() == g_ids
+    read_ranking(path, expect_queries=q_ids, expect_gallery=g_ids)  # the same bound from the expected ids
+
+
+def test_the_expected_ids_bound_a_read_back(tmp_path) -> None:
+    path = write_ranking(tmp_path / "r.csv", np.zeros((1, 400)), [1], list(range(400)))
+    with pytest.raises(SubmitError, match=r"r\.csv: \d+ bytes, more than a ranking file for 1 queries x 1 gallery"):
+        read_ranking(path, expect_queries=[1], expect_gallery=[1])
+
+
+def _feed(data: bytes, open_writer) -> threading.Thread:
+    """Write `data` in a daemon thread into what `open_writer()` opens (a FIFO blocks until read); a reader
+    that stops early (EPIPE) is fine."""
+    def run() -> None:
+        try:
+            with open_writer() as fh:
+                fh.write(data)
+        except BrokenPipeError:
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _stream(kind: str, tmp_path: Path, data: bytes) -> tuple[Path, threading.Thread]:
+    """A FIFO or a /dev/fd/N pipe (as `<(cat file)` gives) that yields `data`."""
+    if kind == "fifo":
+        path = tmp_path / "ranking.fifo"
+        os.mkfifo(path)
+        return path, _feed(data, lambda: open(path, "wb"))
+    read_end, write_end = os.pipe()
+    return Path(f"/dev/fd/{read_end}"), _feed(data, lambda: os.fdopen(write_end, "wb"))
+
+
+def _evaluate_json(path: Path, data: Path) -> dict:
+    """`evaluate PATH --data DATA --json`'s result, the file's name left out."""
+    res = CliRunner().invoke(main, ["evaluate", str(path), "--data", str(data), "--json"])
+    assert res.exit_code == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result.pop("file") == str(path)
+    result["message"] = result["message"].replace(str(path), "FILE")
+    return result
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/fd/N"])
+def test_a_pipe_is_read_as_a_stream(world, tmp_path, kind) -> None:
+    """`evaluate <(cat r.csv)` or a FIFO: the same result as the file (not "no such ranking file")."""
+    path, writer = _stream(kind, tmp_path, world["ranking"].read_bytes())
+    got = _evaluate_json(path, world["data"])
+    writer.join(timeout=60)
+    expected = _evaluate_json(world["ranking"], world["data"])
+    assert got == expected and got["scored"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/fd/N"])
+def test_a_pipe_giving_more_than_a_ranking_file_can_be_is_refused(world, tmp_path, kind) -> None:
+    q, g = world["test_size"]
+    limit = ranking_file.size_limit(q, g).max_bytes
+    path, writer = _stream(kind, tmp_path, b"0," * (limit // 2 + 4096))
+    code, stderr = invoke(["evaluate", path, "--data", world["data"]])
+    writer.join(timeout=60)
+    assert code == 2
+    line = one_error_line(stderr)
+    assert line.startswith(f"error: {path}: a pipe giving more than {limit} bytes, more than a ranking file for "
+                           f"{q} queries x {g} gallery images (the test split) can be"), line
+
+
+@pytest.mark.parametrize("kind,says", [("socket", "is a socket; expected a ranking file (CSV) or a pipe"),
+                                       ("folder", "is a folder; expected a ranking file (CSV) or a pipe"),
+                                       ("missing", "no such ranking file"),
+                                       ("dangling symlink", "no such ranking file")])
+def test_what_is_no_ranking_file_is_named(world, tmp_path, kind, says) -> None:
+    path = tmp_path / "ranking.csv"
+    server = None
+    if kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "dangling symlink":
+        path.symlink_to(tmp_path / "gone.csv")
+    try:
+        code, stderr = invoke(["evaluate", path, "--data", world["data"]])
+    finally:
+        if server is not None:
+            server.close()
+    assert code == 2
+    assert one_error_line(stderr) == f"error: {path}: {says}"
