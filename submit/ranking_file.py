@@ -52,8 +52,8 @@ def size_limit(queries: int, gallery: int, basis: str | None = None) -> SizeLimi
 
 
 def manifest_size_limit(manifest: pd.DataFrame, split: str | None = None) -> SizeLimit | None:
-    """The size limit for a ranking file of `split` of a manifest, or (None) of its largest ranked split; None
-    when the manifest has no such split with both query and gallery rows."""
+    """The size limit of a ranking file for a manifest's `split` (without one: for its largest ranked split);
+    None when there is no such split with both query and gallery rows."""
     best = None
     for name in [split] if split else RANKED_SPLITS:
         rows = manifest[manifest["split"] == name]

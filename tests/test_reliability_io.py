@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -392,14 +394,23 @@ def _feed(data: bytes, open_writer) -> threading.Thread:
     return thread
 
 
-def _stream(kind: str, tmp_path: Path, data: bytes) -> tuple[Path, threading.Thread]:
-    """A FIFO or a /dev/fd/N pipe (as `<(cat file)` gives) that yields `data`."""
+@contextlib.contextmanager
+def _stream(kind: str, tmp_path: Path, data: bytes) -> Iterator[Path]:
+    """A FIFO or a /dev/fd/N pipe (as `<(cat file)` gives) that yields `data` while the block runs."""
     if kind == "fifo":
         path = tmp_path / "ranking.fifo"
         os.mkfifo(path)
-        return path, _feed(data, lambda: open(path, "wb"))
-    read_end, write_end = os.pipe()
-    return Path(f"/dev/fd/{read_end}"), _feed(data, lambda: os.fdopen(write_end, "wb"))
+        writer = _feed(data, lambda: open(path, "wb"))
+        yield path
+    else:
+        read_end, write_end = os.pipe()
+        writer = _feed(data, lambda: os.fdopen(write_end, "wb"))
+        try:
+            yield Path(f"/dev/fd/{read_end}")
+        finally:
+            os.close(read_end)
+    writer.join(timeout=60)
+    assert not writer.is_alive()
 
 
 def _evaluate_json(path: Path, data: Path) -> dict:
@@ -415,9 +426,8 @@ def _evaluate_json(path: Path, data: Path) -> dict:
 @pytest.mark.parametrize("kind", ["fifo", "/dev/fd/N"])
 def test_a_pipe_is_read_as_a_stream(world, tmp_path, kind) -> None:
     """`evaluate <(cat r.csv)` or a FIFO: the same result as the file (not "no such ranking file")."""
-    path, writer = _stream(kind, tmp_path, world["ranking"].read_bytes())
-    got = _evaluate_json(path, world["data"])
-    writer.join(timeout=60)
+    with _stream(kind, tmp_path, world["ranking"].read_bytes()) as path:
+        got = _evaluate_json(path, world["data"])
     expected = _evaluate_json(world["ranking"], world["data"])
     assert got == expected and got["scored"]
 
@@ -426,9 +436,8 @@ def test_a_pipe_is_read_as_a_stream(world, tmp_path, kind) -> None:
 def test_a_pipe_giving_more_than_a_ranking_file_can_be_is_refused(world, tmp_path, kind) -> None:
     q, g = world["test_size"]
     limit = ranking_file.size_limit(q, g).max_bytes
-    path, writer = _stream(kind, tmp_path, b"0," * (limit // 2 + 4096))
-    code, stderr = invoke(["evaluate", path, "--data", world["data"]])
-    writer.join(timeout=60)
+    with _stream(kind, tmp_path, b"0," * (limit // 2 + 4096)) as path:
+        code, stderr = invoke(["evaluate", path, "--data", world["data"]])
     assert code == 2
     line = one_error_line(stderr)
     assert line.startswith(f"error: {path}: a pipe giving more than {limit} bytes, more than a ranking file for "
