@@ -9,19 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from submit.metrics import METRIC_KEYS, METRIC_LABELS
+
 if TYPE_CHECKING:  # the library's result types, for the annotations only (nothing heavy imported to render)
     from submit.jersey import NumberScore
     from submit.preflight import Preflight
     from submit.prepare import PrepareResult
     from submit.runs import RunsTable
+    from submit.tune import TuneResult
     from submit.weights import Need
 
 
 def score_table(result: dict) -> Any:
     """`predict`'s ablation as a rich table: one row per stage (members, post-processing steps, fused)."""
     from rich.table import Table
-
-    from submit.metrics import METRIC_KEYS, METRIC_LABELS
 
     table = Table(title=f"{Path(result['spec']).name} on the {result['split']} split "
                         f"({result['shape'][0]} queries x {result['shape'][1]} gallery)",
@@ -41,8 +42,6 @@ def print_result(result: dict, console: Any) -> None:
     """`evaluate_file`'s result: a rich table of the metrics (percent), or the not-scorable message for a
     challenge file."""
     from rich.table import Table
-
-    from submit.metrics import METRIC_KEYS
 
     if not result["scored"]:
         console.print(result["message"])
@@ -80,7 +79,7 @@ def print_weights(needs: Sequence[Need]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from submit.weight_sources import cache_dir
+    from submit.weight_sources import cache_dir  # lazy for start-up: both import torch
     from submit.weights import hf_cache_dir
 
     table = Table(title="pre-trained weights")
@@ -195,3 +194,24 @@ def print_runs(table: RunsTable, sort: str) -> None:
                      pct(r.best_rank1), pct(r.last_mAP), pct(r.last_rank1), f"{r.train_seconds:.0f}s",
                      (r.manifest or "-")[:12])
     Console(width=max(Console().width, 140)).print(view)
+
+
+def print_tune(result: TuneResult) -> None:
+    """`tune`'s leading trials as a table, then the tuned spec, the folder and the held-out score."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"study {result.study}: {result.finished} finished trials ({result.complete} scored)")
+    for column in ("trial", "held-out mAP", "spread", "values"):
+        table.add_column(column, justify="right" if column != "values" else "left")
+    for row in result.leaders:
+        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+        table.add_row(str(row["number"]), f"{100 * row['value']:.2f}", f"{100 * row['spread']:.2f}", values)
+    console = Console()
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    folds = len(result.fold_values)
+    console.print(f"best trial #{result.best_trial}: held-out mAP {100 * result.best_value:.2f} over {folds} fold(s); "
+                  f"wrote {result.out} and {result.work_dir} (trials.csv, {len(result.pictures)} pictures)",
+                  highlight=False, soft_wrap=True)

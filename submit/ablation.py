@@ -26,11 +26,19 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from submit import atomic, bundled, config
+from submit import atomic, bundled, config, embedding
+from submit.backbones import build_embedder
 from submit.errors import SubmitError
-from submit.metrics import METRIC_KEYS
-from submit.recipe import Recipe, TTASpec
+from submit.manifest import fingerprint, manifest_path, read_manifest, select
+from submit.metrics import METRIC_KEYS, evaluate_distances
+from submit.predict import pretrained_identity
+from submit.prepare import prepare
+from submit.recipe import Recipe, TTASpec, apply_overrides, load_recipe
 from submit.reranking import cosine_distance
+from submit.run_folder import checkpoint_path
+from submit.synthetic import make_dataset
+from submit.trained import load_trained
+from submit.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,8 +87,6 @@ def setup(work_dir: str | Path | None = None, threads: int | None = None) -> Pat
 
 def data_dir(given: str | Path | None, work_dir: str | Path, budget_name: str) -> Path:
     """The prepared DATA_DIR to analyse: `given`, or the synthetic demo data built once under WORK_DIR."""
-    from submit.manifest import manifest_path
-
     if given is not None:
         path = Path(given).expanduser()
         if not manifest_path(path).is_file():
@@ -95,9 +101,6 @@ def data_dir(given: str | Path | None, work_dir: str | Path, budget_name: str) -
 
 def _build_demo(out: Path, b: Budget, seed: int = 0) -> None:
     """Synthetic crops in the official layout, prepared into `out` (atomic: prepare swaps a temp dir in)."""
-    from submit.prepare import prepare
-    from submit.synthetic import make_dataset
-
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".demo-src-") as tmp:
         src = make_dataset(Path(tmp) / "src", players=b.players, seqs=b.seqs, frames=b.frames, seed=seed)
@@ -119,8 +122,6 @@ def pretrained_weights(budget_name: str, work_dir: str | Path, progress: bool = 
         return base.backbone.pretrained
     b = budget(budget_name)
     other = Path(work_dir) / f"pretrain-data-{b.players}x{b.seqs}x{b.frames}-seed1"
-    from submit.manifest import manifest_path
-
     if not manifest_path(other).is_file():
         _build_demo(other, b, seed=1)
     return str(ensure_run(base, other, work_dir, progress) / "last.pt")
@@ -129,10 +130,6 @@ def pretrained_weights(budget_name: str, work_dir: str | Path, progress: bool = 
 def zero_shot(rec: Recipe, data: str | Path, query: pd.DataFrame, gallery: pd.DataFrame,
               work_dir: str | Path) -> dict[str, float]:
     """Scores of `rec`'s pre-trained tower without any fine-tuning (the paper's zero-shot baseline)."""
-    from submit import embedding
-    from submit.backbones import build_embedder
-    from submit.predict import pretrained_identity
-
     rows = pd.concat([query, gallery], ignore_index=True)
     identity = pretrained_identity(rec.backbone)
     path = Path(work_dir) / "features" / f"{embedding.cache_key(identity, rec.tta, rows)}.npy"
@@ -146,8 +143,6 @@ def zero_shot(rec: Recipe, data: str | Path, query: pd.DataFrame, gallery: pd.Da
 
 def split_rows(data: str | Path, split: str = "test") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Query and gallery manifest rows of `split` (ranking-file order); queries need identities to score."""
-    from submit.manifest import read_manifest, select
-
     manifest = read_manifest(data)
     query, gallery = select(manifest, split, "query"), select(manifest, split, "gallery")
     if (query["pid"] < 0).all():
@@ -160,8 +155,6 @@ def split_rows(data: str | Path, split: str = "test") -> tuple[pd.DataFrame, pd.
 
 def recipe(budget_name: str, overrides: Sequence[str] = ()) -> Recipe:
     """The budget's base recipe with the budget's and then the caller's `a.b=value` overrides."""
-    from submit.recipe import apply_overrides, load_recipe
-
     b = budget(budget_name)
     base = load_recipe(bundled.MODELS / b.recipe)
     return apply_overrides(base, [*b.overrides, *overrides], where="ablation overrides")
@@ -169,16 +162,12 @@ def recipe(budget_name: str, overrides: Sequence[str] = ()) -> Recipe:
 
 def run_dir(rec: Recipe, data: str | Path, work_dir: str | Path) -> Path:
     """Where the run of `rec` on `data` lives: named by the recipe and a hash of (recipe, manifest)."""
-    from submit.manifest import fingerprint, read_manifest
-
     text = json.dumps({"recipe": config.to_mapping(rec), "data": fingerprint(read_manifest(data))}, sort_keys=True)
     return Path(work_dir) / "runs" / f"{rec.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def ensure_run(rec: Recipe, data: str | Path, work_dir: str | Path, progress: bool = True) -> Path:
     """The run dir of `rec`, trained now only if it has no `best.pt` yet (a finished run is reused)."""
-    from submit.training import train
-
     final = run_dir(rec, data, work_dir)
     if (final / "best.pt").is_file():
         return final
@@ -245,10 +234,6 @@ def run_summary(run: str | Path) -> dict[str, float]:
 def features(run: str | Path, data: str | Path, rows: pd.DataFrame, work_dir: str | Path,
              tta: TTASpec | None = None, checkpoint: str = "best") -> np.ndarray:
     """(N, D) unit TTA features of `rows` from a run's checkpoint (default TTA: the run's recipe), cached."""
-    from submit import embedding
-    from submit.recipe import load_recipe
-    from submit.run_folder import checkpoint_path, load_trained
-
     rec = load_recipe(Path(run) / "recipe.yaml")
     tta = tta or rec.tta
     identity = embedding.checkpoint_identity(checkpoint_path(run, checkpoint), rec.backbone)
@@ -275,8 +260,6 @@ cosine = cosine_distance  # (Q, G) float32 cosine distances; the notebooks' name
 
 def score(dist: np.ndarray, query: pd.DataFrame, gallery: pd.DataFrame) -> dict[str, float]:
     """mAP, rank-1/5/10 and mINP in percent for distances between query and gallery rows."""
-    from submit.metrics import evaluate_distances
-
     result = evaluate_distances(dist, query["pid"].to_numpy(), gallery["pid"].to_numpy())
     return {k: round(100.0 * float(result[k]), 2) for k in METRIC_KEYS}
 

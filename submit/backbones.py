@@ -258,13 +258,6 @@ def _timm_embedder(spec: BackboneSpec, name: str, pretrained: str | None) -> Emb
     )
 
 
-def create_model(backbone_name: str) -> nn.Module:
-    """The bare timm tower of a `backbone.name` at its native size, random weights (used to convert sources)."""
-    if not backbone_name.startswith(TIMM):
-        raise SubmitError(f"backbone.name {backbone_name!r}: named weight sources support timm towers only")
-    return _create_timm(backbone_name[len(TIMM):], None)
-
-
 def _create_timm(name: str, image_size: tuple[int, int] | None) -> nn.Module:
     """A timm model with pooled features (no classifier); ViT-like models take `img_size`."""
     import timm

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from submit import ensembling, evaluation, predict, prepare, synthetic
+from submit import ensembling, evaluation, predict, prepare, synthetic, training
 from submit.errors import SubmitError
 
 DEMO_SPEC = "demo"
@@ -39,8 +39,8 @@ def run_demo(out_dir: str | Path, players: int = 72, seed: int = 0, device: str 
     log("[3/5] train the demo ensemble's members (tiny CNNs from scratch, CPU)")
     t = time.perf_counter()
     runs_dir = out / "runs"
-    spec = predict.resolve_spec_path(spec)
-    trained = ensembling.train_members(spec, data_dir, runs_dir, device=device, progress=progress)
+    spec = ensembling.resolve_spec_path(spec)
+    trained = training.train_members(spec, data_dir, runs_dir, device=device, progress=progress)
     timings["train"] = time.perf_counter() - t
 
     log("[4/5] predict: test split (scored at every stage) and challenge split")

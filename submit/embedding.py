@@ -35,6 +35,7 @@ from submit.errors import SubmitError, loader_errors
 from submit.manifest import fingerprint
 from submit.progress import progress_bar
 from submit.recipe import TTASpec
+from submit.transforms import letterbox, normalise_pixels, open_image, to_uint8
 
 View = tuple[float, bool]  # (scale, horizontal flip)
 CACHE_VERSION = "1"
@@ -62,8 +63,6 @@ class _Views(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from submit.transforms import letterbox, open_image, to_uint8
-
         img = open_image(self.root / self.paths[i])
         by_scale: dict[float, torch.Tensor] = {}
         out = []
@@ -187,8 +186,6 @@ def _forward_views(model: torch.nn.Module, batch: torch.Tensor, dev: torch.devic
                    channels_last: bool) -> torch.Tensor:
     """uint8 (B, V, 3, H, W) -> (B, D): per view, to float and normalise with the model's mean/std on `dev`,
     forward, L2-normalise; then average the views and renormalise (fp32)."""
-    from submit.transforms import normalise_pixels
-
     batch = batch.to(dev, non_blocking=True)  # the whole (pinned, contiguous) batch at once: a view slice is neither
     total = None
     for v in range(batch.shape[1]):

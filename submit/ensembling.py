@@ -50,11 +50,25 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from submit import config, reranking
+from submit import bundled, config, reranking
 from submit.errors import SubmitError
-from submit.recipe import TTASpec, apply_overrides, load_recipe
+from submit.recipe import TTASpec, load_recipe
+from submit.space import Param, integers
 
 RUNS_PLACEHOLDER = "${RUNS}"
+
+
+def resolve_spec_path(name: str | Path) -> Path:
+    """A path to a spec file, or a bare name (`best`, `best.yaml`) in the bundled `ensembles/` (`submit.bundled`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if len(path.parts) == 1:
+        for candidate in (bundled.ENSEMBLES / path.name, bundled.ENSEMBLES / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = ", ".join(sorted(p.stem for p in bundled.ENSEMBLES.glob("*.yaml")))
+    raise SubmitError(f"{name}: ensemble spec not found (a path, or one of: {known or 'none'})")
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,20 @@ class JerseySpec:
 
 
 @dataclass(frozen=True)
+class TuneSpec:
+    """The spec's `tune:` block: what `reident-submit tune` searches on held-out identities.
+
+    By default every parameter of every post-processing step (its registered `space`), the fusion rule (and its
+    own parameters) and, with two or more members, the member weights. `space` replaces or adds a key's range
+    (`postprocess[3].k1: {low: 5, high: 30, integer: true}`, `fusion: {choices: [mean, rank]}`); `fixed` keeps
+    keys at the spec's value; `weights: false` keeps the member weights."""
+
+    space: dict[str, Param] = field(default_factory=dict)
+    fixed: tuple[str, ...] = ()
+    weights: bool = True
+
+
+@dataclass(frozen=True)
 class EnsembleSpec:
     """A whole `ensembles/<name>.yaml`."""
 
@@ -128,7 +156,8 @@ class EnsembleSpec:
     reliability_k: int = config.bounded(15, ge=1)
     postprocess: tuple[StepSpec, ...] = ()
     postprocess_on: Literal["member", "fused"] = "member"
-    jersey: JerseySpec | None = None  # shirt-number agreement on the final distances (see `submit.jersey`)
+    jersey: JerseySpec | None = None  # shirt numbers: read by `submit.jersey`, applied by `reranking.number_agreement`
+    tune: TuneSpec = field(default_factory=TuneSpec)  # what `tune` searches (see TuneSpec)
 
 
 def load_spec(path: str | Path, runs_dir: str | Path | None = None, require_runs: bool = True) -> EnsembleSpec:
@@ -147,6 +176,7 @@ def load_spec(path: str | Path, runs_dir: str | Path | None = None, require_runs
     if spec.postprocess_on == "fused" and spec.fusion != "mean" and spec.postprocess:
         raise SubmitError(f"{where}: key 'postprocess_on': 'fused' needs fusion 'mean' (got {spec.fusion!r})")
     check_steps(spec.postprocess, where)
+    check_tune_keys(spec, where)
     spec = dataclasses.replace(spec, jersey=_resolve_jersey(spec.jersey, path.parent, where))
     members = tuple(_resolve_member(m, path.parent, runs_dir, where, f"members[{i}]", require_runs)
                     for i, m in enumerate(spec.members))
@@ -157,14 +187,41 @@ def _resolve_jersey(step: JerseySpec | None, base: Path, where: str) -> JerseySp
     """The jersey step with an absolute, existing `numbers` file; exactly one number source."""
     if step is None:
         return None
-    if (step.model is None) == (step.numbers is None):
-        raise SubmitError(f"{where}: key 'jersey': give exactly one of 'model' (zero-shot) or 'numbers' (a CSV)")
+    check_number_source(step, f"{where}: key 'jersey'")
     if step.numbers is None:
         return step
     numbers = (base / step.numbers).resolve()
     if not numbers.is_file():
         raise SubmitError(f"{where}: key 'jersey.numbers': {numbers} not found (write it with `reident-submit jersey`)")
     return dataclasses.replace(step, numbers=str(numbers))
+
+
+def tunable_keys(spec: EnsembleSpec) -> list[str]:
+    """Every key a `tune:` block may name for this spec: each step's parameters, the fusion rule, reliability_k and
+    each member's weight."""
+    keys = [f"postprocess[{i}].{name}" for i, step in enumerate(spec.postprocess)
+            if step.op in reranking.STEPS for name in reranking.STEPS[step.op].parameters()]
+    return keys + ["fusion", "reliability_k"] + [f"members[{i}].weight" for i in range(len(spec.members))]
+
+
+def check_tune_keys(spec: EnsembleSpec, where: str) -> None:
+    """The `tune:` block names only keys of this spec, each with a usable range or choice list."""
+    allowed = tunable_keys(spec)
+    for kind, keys in (("space", list(spec.tune.space)), ("fixed", list(spec.tune.fixed))):
+        for key in keys:
+            if key not in allowed:
+                raise SubmitError(f"{where}: key 'tune.{kind}': {key!r} is not a tunable key of this spec "
+                                  f"(allowed: {', '.join(allowed)})")
+    for key, param in spec.tune.space.items():
+        param.check(f"{where}: key 'tune.space.{key}'")
+        if key == "fusion" and param.choices is not None and not set(param.choices) <= set(FUSIONS):
+            raise SubmitError(f"{where}: key 'tune.space.fusion': expected choices among {list(FUSIONS)}")
+
+
+def check_number_source(step: JerseySpec, where: str) -> None:
+    """A `jersey:` block reads numbers from exactly one source: a model (zero-shot) or a numbers CSV."""
+    if (step.model is None) == (step.numbers is None):
+        raise SubmitError(f"{where}: give exactly one of 'model' (zero-shot reading) or 'numbers' (a CSV)")
 
 
 def _resolve_onnx(m: MemberSpec, base: Path, runs_dir: str | Path | None, where: str, key: str) -> MemberSpec:
@@ -276,31 +333,6 @@ def _unique_names(members: tuple[MemberSpec, ...]) -> tuple[MemberSpec, ...]:
     return tuple(out)
 
 
-def train_members(spec_path: str | Path, data_dir: str | Path, runs_dir: str | Path | None = None,
-                  device: str | None = None, progress: bool = True) -> list[dict]:
-    """Train every member that has a `train` block into its run dir; a run with `last.pt` is resumed.
-
-    Resuming a finished run is a no-op, so re-running (the demo, a benchmark) retrains nothing.
-    """
-    from submit import training
-
-    spec = load_spec(spec_path, runs_dir, require_runs=False)
-    results = []
-    for member in spec.members:
-        if member.train is None:
-            continue
-        recipe = load_recipe(member.train.recipe)
-        seed = [] if member.train.seed is None else [f"seed={member.train.seed}"]
-        recipe = apply_overrides(recipe, [*seed, *member.train.overrides],
-                                 where=f"{spec_path}: member {member.name} train.overrides")
-        run = Path(member.run or "")
-        results.append(training.train(recipe, data_dir, run, resume=(run / "last.pt").is_file(),
-                                      device=device, progress=progress))
-    if not results:
-        raise SubmitError(f"{spec_path}: no member has a 'train' block, so there is nothing to train")
-    return results
-
-
 def fuse(dists: Sequence[np.ndarray], weights: Sequence[float], rule: str = "mean", k: int = 15) -> np.ndarray:
     """Fuse member distance matrices with the rule `FUSIONS[rule]`; returns a float32 (Q, G) matrix."""
     mats, w = _check(dists, weights)
@@ -337,12 +369,26 @@ def fuse_mean_reliability(dists: Sequence[np.ndarray], weights: Sequence[float],
 
 FusionRule = Callable[[Sequence[np.ndarray], Sequence[float], int], np.ndarray]
 
-# The fusion rules: name -> function (member (Q, G) distances, member weights, the spec's reliability_k) -> (Q, G).
-FUSIONS: dict[str, FusionRule] = {
-    "mean": fuse_mean,
-    "rank": fuse_rank,
-    "reliability": fuse_reliability,
-    "mean+reliability": fuse_mean_reliability,
+
+@dataclass(frozen=True)
+class Fusion:
+    """A registered fusion rule: its function and what `tune` searches for it by default (spec keys)."""
+
+    fn: FusionRule
+    space: dict[str, Param] = field(default_factory=dict)
+
+    def __call__(self, dists: Sequence[np.ndarray], weights: Sequence[float], k: int) -> np.ndarray:
+        return self.fn(dists, weights, k)
+
+
+_RELIABILITY_K = {"reliability_k": integers(3, 40)}
+
+# The fusion rules: name -> Fusion (member (Q, G) distances, member weights, the spec's reliability_k) -> (Q, G).
+FUSIONS: dict[str, Fusion] = {
+    "mean": Fusion(fuse_mean),
+    "rank": Fusion(fuse_rank),
+    "reliability": Fusion(fuse_reliability, _RELIABILITY_K),
+    "mean+reliability": Fusion(fuse_mean_reliability, _RELIABILITY_K),
 }
 
 

@@ -29,9 +29,13 @@ from PIL import Image
 from rich.progress import Progress
 
 from submit import atomic
+from submit.backbones import build_embedder
 from submit.device import autocast, pick_device
 from submit.errors import SubmitError
 from submit.progress import progress_bar
+from submit.recipe import BackboneSpec
+from submit.trained import load_trained
+from submit.transforms import letterbox, open_image, preprocess
 
 
 def score_cam(model: torch.nn.Module, img_a: torch.Tensor, img_b: torch.Tensor, batch_size: int = 32,
@@ -108,16 +112,12 @@ def _bar(enabled: bool) -> Progress:
 
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB, or raise a one-line SubmitError naming it."""
-    from submit.transforms import open_image
-
     return open_image(path)
 
 
 def to_tensor(img: Image.Image, size_hw: Sequence[int], mean: Sequence[float],
               std: Sequence[float]) -> tuple[torch.Tensor, np.ndarray]:
     """Letterbox `img` to `size_hw`; return the normalised (3, H, W) model input and the uint8 RGB array shown."""
-    from submit.transforms import letterbox, preprocess
-
     size = (int(size_hw[0]), int(size_hw[1]))
     return preprocess(img, size, mean, std), np.asarray(letterbox(img, size), dtype=np.uint8)
 
@@ -128,12 +128,7 @@ def load_model(run_dir: str | Path | None = None, checkpoint: str = "best", mode
     if (run_dir is None) == (model is None):
         raise SubmitError("give exactly one of --run RUN_DIR or --model NAME")
     if run_dir is not None:
-        from submit.run_folder import load_trained
-
         return load_trained(run_dir, checkpoint=checkpoint)[0]
-    from submit.backbones import build_embedder
-    from submit.recipe import BackboneSpec
-
     assert model is not None  # exactly one of run_dir and model, checked above
     return build_embedder(BackboneSpec(name=model, pretrained=pretrained))
 

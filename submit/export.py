@@ -82,7 +82,8 @@ def _onnx() -> Any:
 def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
                 opset: int = DEFAULT_OPSET) -> ExportResult:
     """Export RUN_DIR's trained tower to ONNX file `out` (see the module docstring for its contract)."""
-    from submit.run_folder import checkpoint_path, load_trained, recorded_manifest
+    from submit.run_folder import checkpoint_path, recorded_manifest  # lazy for start-up: torch
+    from submit.trained import load_trained
 
     max_opset = _max_opset()
     if not MIN_OPSET <= opset <= max_opset:

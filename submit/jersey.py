@@ -18,6 +18,7 @@ generator, and `prepare` copies it into DATA_DIR) while the manifest's are relat
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import weakref
@@ -34,13 +35,17 @@ from rich.progress import Progress
 from torch.utils.data import DataLoader
 
 from submit import atomic, config
+from submit.backbones import load_clip
 from submit.device import autocast, check_device, pick_device
-from submit.ensembling import JerseySpec  # the spec's `jersey:` block lives with the (torch-free) ensemble spec
+from submit.embedding import file_hash
+from submit.ensembling import JerseySpec, check_number_source  # the spec's `jersey:` block, torch-free
 from submit.errors import SubmitError, loader_errors
 from submit.manifest import read_csv, read_manifest, select
 from submit.progress import progress_bar
+from submit.reranking import NO_NUMBER, number_agreement  # noqa: F401 - number_agreement: jersey's old name
+from submit.transforms import CropDataset
 
-NONE = -1  # the "no readable number" class
+NONE = NO_NUMBER  # the "no readable number" class
 CLASSES: tuple[int, ...] = (*range(100), NONE)
 NUMBER_PROMPTS: tuple[str, ...] = (
     "a photo of a basketball player wearing number {n}.",
@@ -149,8 +154,6 @@ def read_numbers(clip_model: torch.nn.Module, tokenizer: Callable[..., torch.Ten
                  number_prompts: Sequence[str] = NUMBER_PROMPTS,
                  none_prompts: Sequence[str] = NONE_PROMPTS) -> np.ndarray:
     """(N, 101) class probabilities (columns in `CLASSES` order) for crops at `paths` under `data_dir`."""
-    from submit.transforms import CropDataset
-
     dev = pick_device(_dev_str(device))
     classes = text_matrix(clip_model, tokenizer, number_prompts, none_prompts, text_cache, dev).to(dev)
     size_hw, mean, std = model_geometry(clip_model)
@@ -259,8 +262,6 @@ def run_jersey(data_dir: str | Path, split: str, role: str, model: str, pretrain
 
     Without `truth`, DATA_DIR/numbers.csv is used when present (prepare copies the generator's file there).
     """
-    from submit.backbones import load_clip
-
     atomic.check_file_target(Path(out))
     check_device(device)
     rows = select_rows(data_dir, split, role)
@@ -288,55 +289,31 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
     return df
 
 
-# ---------------------------------------------------------------- ranking step
-
-
-def number_agreement(dist: np.ndarray, q_numbers: Sequence[int] | np.ndarray,
-                     q_probs: Sequence[float] | np.ndarray, g_numbers: Sequence[int] | np.ndarray,
-                     g_probs: Sequence[float] | np.ndarray, bonus: float = 0.1, penalty: float = 0.1,
-                     threshold: float = 0.5) -> np.ndarray:
-    """Distances minus `bonus` where both confident numbers agree, plus `penalty` where they differ.
-
-    A side is confident when its number is not "none" (-1) and its probability >= `threshold`; a pair
-    with an unconfident side keeps its distance. Same dtype and shape as `dist`.
-    """
-    dist = np.asarray(dist)
-    qn, qp = np.asarray(q_numbers), np.asarray(q_probs, dtype=np.float64)
-    gn, gp = np.asarray(g_numbers), np.asarray(g_probs, dtype=np.float64)
-    if dist.ndim != 2 or dist.shape != (len(qn), len(gn)) or len(qp) != len(qn) or len(gp) != len(gn):
-        raise SubmitError(f"number_agreement: distances {dist.shape} do not fit {len(qn)} query and "
-                          f"{len(gn)} gallery numbers/probabilities")
-    if bonus < 0 or penalty < 0 or not 0 <= threshold <= 1:
-        raise SubmitError(f"jersey: bonus and penalty must be >= 0 and threshold in [0, 1] "
-                          f"(got {bonus}, {penalty}, {threshold})")
-    q_ok = (qn != NONE) & (qp >= threshold)
-    g_ok = (gn != NONE) & (gp >= threshold)
-    both = q_ok[:, None] & g_ok[None, :]
-    same = qn[:, None] == gn[None, :]
-    shift = np.where(both & same, -bonus, 0.0) + np.where(both & ~same, penalty, 0.0)
-    return (dist + shift).astype(dist.dtype, copy=False)
+# ---------------------------------------------------------------- numbers for the ranking step
 
 
 def apply_jersey(dist: np.ndarray, query_rows: pd.DataFrame, gallery_rows: pd.DataFrame,
                  data_dir: str | Path, params: Mapping[str, Any] | JerseySpec, base_dir: str | Path = ".",
                  device: str | None = None, progress: bool = True) -> np.ndarray:
-    """The ensemble's `{"jersey": {...}}` step: read (or load) shirt numbers and apply `number_agreement`.
-
-    `query_rows`/`gallery_rows` are the manifest rows in `dist` order; `params` is the spec mapping
-    (validated as `JerseySpec`); `base_dir` resolves a relative `numbers` path. Zero-shot readings
-    with a named `pretrained` are cached under DATA_DIR/.cache/jersey/.
-    """
+    """The ensemble's `{"jersey": {...}}` step in one call (notebooks, scripts): validate `params` as `JerseySpec`
+    (`base_dir` resolves a relative `numbers` path), read the numbers, apply `reranking.number_agreement`."""
     spec = params if isinstance(params, JerseySpec) else config.from_mapping(JerseySpec, dict(params), "jersey")
-    if (spec.model is None) == (spec.numbers is None):
-        raise SubmitError("jersey: give exactly one of 'model' (zero-shot reading) or 'numbers' (a CSV)")
-    paths = [*query_rows["path"].tolist(), *gallery_rows["path"].tolist()]
+    check_number_source(spec, "jersey")
     if spec.numbers is not None:
-        numbers, probs = _numbers_from_csv(Path(base_dir) / spec.numbers, paths)
-    else:
-        numbers, probs = _numbers_from_model(spec, data_dir, paths, device, progress)
+        spec = dataclasses.replace(spec, numbers=str(Path(base_dir) / spec.numbers))
+    numbers, probs = spec_numbers(spec, data_dir, [*query_rows["path"], *gallery_rows["path"]], device, progress)
     nq = len(query_rows)
     return number_agreement(dist, numbers[:nq], probs[:nq], numbers[nq:], probs[nq:],
                             spec.bonus, spec.penalty, spec.threshold)
+
+
+def spec_numbers(spec: JerseySpec, data_dir: str | Path, paths: Sequence[str], device: str | None = None,
+                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(number, probability) per manifest path for a resolved `jersey:` block: from its numbers CSV, or read
+    zero-shot with its model (cached under DATA_DIR/.cache/jersey/ when the weights are named)."""
+    if spec.numbers is not None:
+        return _numbers_from_csv(Path(spec.numbers), paths)
+    return _numbers_from_model(spec, data_dir, paths, device, progress)
 
 
 def _numbers_from_csv(path: Path, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -354,8 +331,6 @@ def _numbers_from_csv(path: Path, paths: Sequence[str]) -> tuple[np.ndarray, np.
 def _numbers_from_model(spec: JerseySpec, data_dir: str | Path, paths: Sequence[str], device: str | None,
                         progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Zero-shot (number, prob) per path, cached on disk when the weights are named."""
-    from submit.backbones import load_clip
-
     assert spec.model is not None
     cache = _numbers_cache_file(data_dir, spec, paths)
     if cache is not None and cache.is_file():
@@ -379,8 +354,6 @@ def weights_identity(model: str, pretrained: str | None) -> str | None:
     if not pretrained:
         return None
     if Path(pretrained).is_file():
-        from submit.embedding import file_hash
-
         return f"{model}|file:{file_hash(pretrained)}"
     return f"{model}|{pretrained}"
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-
-from submit.recipe import TrainSpec
 
 
 def world_size() -> int:
@@ -91,12 +89,30 @@ class TripletLoss(nn.Module):
         return F.relu(hardest_pos - hardest_neg + self.margin).mean()
 
 
+class LossSettings(Protocol):
+    """What a loss builder reads: the recipe's `train` section (`recipe.TrainSpec`) has these fields."""
+
+    @property
+    def label_smoothing(self) -> float: ...
+
+    @property
+    def triplet_margin(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Loss settings given as plain numbers (`build_loss`); the same fields as the recipe's `train` section."""
+
+    label_smoothing: float = 0.1
+    triplet_margin: float = 0.3
+
+
 @dataclass(frozen=True)
 class Loss:
     """A registered loss: `build(train)` makes it from the recipe's `train` section; `temperature` says whether it
     uses the learnable temperature (`train.learn_temperature` is ignored for a loss that does not)."""
 
-    build: Callable[[TrainSpec], nn.Module]
+    build: Callable[[LossSettings], nn.Module]
     temperature: bool
 
 
@@ -110,4 +126,4 @@ def build_loss(kind: str, label_smoothing: float = 0.1, margin: float = 0.3) -> 
     """The loss named by `recipe.train.loss`, a name in `LOSSES`."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; expected one of {list(LOSSES)}")
-    return LOSSES[kind].build(TrainSpec(loss=kind, label_smoothing=label_smoothing, triplet_margin=margin))
+    return LOSSES[kind].build(Settings(label_smoothing=label_smoothing, triplet_margin=margin))

@@ -9,41 +9,33 @@ result, each step on the fused features), so one command is an ablation table.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 import yaml
 
-from submit import atomic, bundled, config, embedding, ensembling
-from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec
+from submit import atomic, config, embedding, ensembling, reranking, trained
+from submit.backbones import build_embedder
+from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec, resolve_spec_path
 from submit.errors import SubmitError
+from submit.export import OnnxEmbedder, read_metadata
+from submit.jersey import spec_numbers
 from submit.manifest import fingerprint, read_manifest, select
-from submit.metrics import METRIC_KEYS
-from submit.recipe import BackboneSpec, load_recipe
+from submit.metrics import METRIC_KEYS, evaluate_distances
+from submit.ranking_file import read_ranking, write_ranking
+from submit.recipe import BackboneSpec, TTASpec, load_recipe
 from submit.reranking import cosine_distance
+from submit.run_folder import recorded_manifest
 
-REPO_ENSEMBLES = bundled.ENSEMBLES  # the checkout's ensembles/, or the installed wheel's copy
 SPLITS = ("test", "challenge")
-
-
-def resolve_spec_path(name: str | Path) -> Path:
-    """A path to a spec file, or a bare name (`best`, `best.yaml`) in the bundled `ensembles/` (`submit.bundled`)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    if len(path.parts) == 1:
-        for candidate in (REPO_ENSEMBLES / path.name, REPO_ENSEMBLES / f"{path.name}.yaml"):
-            if candidate.is_file():
-                return candidate
-    known = ", ".join(sorted(p.stem for p in REPO_ENSEMBLES.glob("*.yaml")))
-    raise SubmitError(f"{name}: ensemble spec not found (a path, or one of: {known or 'none'})")
 
 
 def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | Path,
@@ -55,8 +47,6 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
     `scores` maps a stage label to its metrics (mAP, rank1, rank5, rank10, mINP) on the test split and is
     empty on the challenge split (no identities). The last entry is the written file, re-read and scored.
     """
-    from submit.ranking_file import read_ranking, write_ranking
-
     if split not in SPLITS:
         raise SubmitError(f"--split {split!r}: expected one of {list(SPLITS)}")
     atomic.check_file_target(Path(out))  # a folder in the way is refused before any embedding
@@ -68,11 +58,12 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
     score = _scorer(query, gallery) if split == "test" else None
     stages: dict[str, np.ndarray] = {}
     final = fuse_members(spec, data_dir, query, gallery, device, workers, progress, stages, score is not None)
-    if spec.jersey is not None:
-        from submit.jersey import apply_jersey
-
-        final = apply_jersey(final, query, gallery, data_dir, spec.jersey, base_dir=spec_file.parent,
-                             device=device, progress=progress)
+    if spec.jersey is not None:  # resolved at load: its numbers CSV (absolute) or its model
+        step = spec.jersey
+        numbers, probs = spec_numbers(step, data_dir, [*query["path"], *gallery["path"]], device, progress)
+        nq = len(query)
+        final = reranking.number_agreement(final, numbers[:nq], probs[:nq], numbers[nq:], probs[nq:],
+                                           step.bonus, step.penalty, step.threshold)
         stages["+ shirt numbers"] = final
     q_ids, g_ids = query["image_id"].to_numpy(), gallery["image_id"].to_numpy()
     write_ranking(out, final, q_ids, g_ids)
@@ -107,8 +98,9 @@ def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
     query, gallery = select(manifest, "test", "query"), select(manifest, "test", "gallery")
     notes = member_notes(spec, manifest, data_dir, test_split=True)
     score = _scorer(query, gallery)
-    raw, processed, _ = member_matrices(spec, data_dir, query, gallery, device, workers, progress)
-    mats = processed or raw
+    feats = member_feature_pairs(spec, data_dir, query, gallery, device, workers, progress)
+    trains = [train_features(m, data_dir, device, workers, progress) for m in spec.members]
+    mats = member_distances(spec, feats, trains)
 
     def evaluate(weights: tuple[float, ...]) -> dict:
         return score(ensembling.fuse(mats, weights, spec.fusion, spec.reliability_k))
@@ -116,8 +108,9 @@ def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
     before = evaluate(tuple(m.weight for m in spec.members))
     tried = {w: evaluate(w) for w in weight_grid(len(mats), grid)}
     best = max(tried, key=lambda w: (tried[w]["mAP"], tried[w]["rank1"]))
-    write_weighted_spec(spec_file, out, best, f"fitted on the test split of {data_dir}: mAP "
-                        f"{100 * before['mAP']:.2f} with the spec's weights -> {100 * tried[best]['mAP']:.2f}")
+    weights = {f"members[{i}].weight": w for i, w in enumerate(best)}
+    write_spec_values(spec_file, out, weights, f"# fitted on the test split of {data_dir}: mAP "
+                      f"{100 * before['mAP']:.2f} with the spec's weights -> {100 * tried[best]['mAP']:.2f}\n")
     ensembling.load_spec(out, runs_dir)  # the written spec must load as written
     return {"out": str(out), "members": [m.name for m in spec.members], "weights": list(best),
             "score": tried[best], "spec_score": before, "tried": len(tried), "notes": notes}
@@ -135,13 +128,22 @@ def weight_grid(members: int, grid: tuple[float, ...]) -> list[tuple[float, ...]
     return out
 
 
-def write_weighted_spec(spec_file: Path, out: str | Path, weights: tuple[float, ...], note: str) -> Path:
-    """Copy `spec_file` to `out` with new member weights; relative member paths are re-based on `out`'s folder."""
+def write_spec_values(spec_file: Path, out: str | Path, values: dict[str, Any], header: str) -> Path:
+    """Copy `spec_file` to `out` with `values` (spec key -> value: `members[1].weight`, `postprocess[0].dim`,
+    `fusion`, `reliability_k`, as `ensembling.tunable_keys` names them) put in place, `header` (comment lines)
+    on top; relative paths are re-based on `out`'s folder."""
     out = Path(out)
     data = config.read_yaml(spec_file)
+    for key, value in values.items():
+        if key.startswith("postprocess["):
+            step = data["postprocess"][key_index(key)]
+            step["params"] = {**(step.get("params") or {}), key.split(".", 1)[1]: value}
+        elif key.startswith("members["):
+            data["members"][key_index(key)]["weight"] = float(value)
+        else:
+            data[key] = value
     old, new = spec_file.parent, out.parent
-    for member, weight in zip(data["members"], weights):
-        member["weight"] = float(weight)
+    for member in data["members"]:
         for key in ("run", "recipe", "checkpoint", "onnx"):
             value = member.get(key)
             if isinstance(value, str) and not (key == "checkpoint" and value in ("best", "last")):
@@ -150,8 +152,12 @@ def write_weighted_spec(spec_file: Path, out: str | Path, weights: tuple[float, 
             member["train"]["recipe"] = _rebase(member["train"]["recipe"], old, new)
     if isinstance(data.get("jersey"), dict) and isinstance(data["jersey"].get("numbers"), str):
         data["jersey"]["numbers"] = _rebase(data["jersey"]["numbers"], old, new)
-    text = f"# {note}\n# from {spec_file}\n" + yaml.safe_dump(data, sort_keys=False)
-    return atomic.write_text(out, text)
+    return atomic.write_text(out, header + f"# from {spec_file}\n" + yaml.safe_dump(data, sort_keys=False))
+
+
+def key_index(key: str) -> int:
+    """The list index in a spec key such as `postprocess[3].k1` or `members[1].weight`."""
+    return int(key.split("[", 1)[1].split("]", 1)[0])
 
 
 def _rebase(value: str, old: Path, new: Path) -> str:
@@ -175,16 +181,12 @@ def trained_manifests(spec: EnsembleSpec) -> dict[str, str | None]:
     Read from the checkpoint the member loads, memory-mapped, so no weights are read. Pretrained (zero-shot)
     members are left out: they were never trained on a manifest.
     """
-    from submit.run_folder import recorded_manifest
-
     out: dict[str, str | None] = {}
     for m in spec.members:
         ckpt = ensembling.member_checkpoint(m)
         if ckpt is not None:
             out[m.name or "member"] = recorded_manifest(ckpt)
         elif m.onnx is not None:  # an exported run keeps its manifest in the file's metadata
-            from submit.export import read_metadata
-
             out[m.name or "member"] = read_metadata(m.onnx).get("manifest") or None
     return out
 
@@ -233,53 +235,67 @@ def fuse_members(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, 
                  device: str | None, workers: int, progress: bool, stages: dict[str, np.ndarray],
                  ablate: bool) -> np.ndarray:
     """The ensemble's final (Q, G) distances; with `ablate`, every intermediate matrix lands in `stages`."""
-    weights = [m.weight for m in spec.members]
-    raw, processed, feats = member_matrices(spec, data_dir, query, gallery, device, workers, progress,
-                                            stages if ablate else None)
-    label = f"fused ({spec.fusion})"
-    if spec.postprocess_on == "member" and spec.postprocess:
-        if ablate and len(raw) > 1:
-            stages[f"{label}, raw"] = ensembling.fuse(raw, weights, spec.fusion, spec.reliability_k)
-        final = ensembling.fuse(processed, weights, spec.fusion, spec.reliability_k)
-        stages[label] = final
-        return final
-    final = ensembling.fuse(raw, weights, spec.fusion, spec.reliability_k)
-    stages[label] = final
-    if spec.postprocess:
-        q_cat, g_cat = concat_features(feats, weights)
-        trains = [train_features(m, data_dir, device, workers, progress) for m in spec.members]
-        train = functools.cache(lambda: weighted_concat([t() for t in trains], weights))
-        for step_label, final in stage_distances(q_cat, g_cat, spec.postprocess, train):
-            stages[f"{label} {step_label}"] = final
-    return final
+    feats = member_feature_pairs(spec, data_dir, query, gallery, device, workers, progress)
+    trains = [train_features(m, data_dir, device, workers, progress) for m in spec.members]
+    return ensemble_distances(spec, feats, trains, stages, ablate)
 
 
-def member_matrices(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, gallery: pd.DataFrame,
-                    device: str | None, workers: int, progress: bool, stages: dict[str, np.ndarray] | None = None
-                    ) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
-    """Per member: raw cosine distances, post-processed distances (member mode with a chain, else empty) and
-    (query, gallery) features (fused mode, else empty). Each stage also lands in `stages` when given."""
+def member_feature_pairs(spec: EnsembleSpec, data_dir: str | Path, query: pd.DataFrame, gallery: pd.DataFrame,
+                         device: str | None, workers: int, progress: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per member: its (query, gallery) TTA features (cached on disk, see `member_features`)."""
     rows = pd.concat([query, gallery], ignore_index=True)
-    nq = len(query)
-    raw, processed, feats = [], [], []
+    pairs = []
     for m in spec.members:
         f = member_features(m, data_dir, rows, device, workers, progress)
         if f.shape[0] != len(rows):
             raise SubmitError(f"member {m.name}: {f.shape[0]} feature rows for {len(rows)} manifest rows")
-        q, g = f[:nq], f[nq:]
-        raw.append(cosine_distance(q, g))
+        pairs.append((f[:len(query)], f[len(query):]))
+    return pairs
+
+
+def ensemble_distances(spec: EnsembleSpec, feats: list[tuple[np.ndarray, np.ndarray]],
+                       trains: list[Callable[[], np.ndarray]], stages: dict[str, np.ndarray] | None = None,
+                       ablate: bool = False) -> np.ndarray:
+    """The spec's final (Q, G) distances from its members' features: each member's chain then fusion, or fusion
+    of the weighted, concatenated features then one chain (`postprocess_on`). `trains` give each member's
+    training-split features on demand. The fused stages land in `stages`; with `ablate`, every member stage too."""
+    weights = [m.weight for m in spec.members]
+    label = f"fused ({spec.fusion})"
+    record = stages if stages is not None else {}
+    if spec.postprocess_on == "member" and spec.postprocess:
+        per_member = member_distances(spec, feats, trains, record if ablate else None)
+        if ablate and len(feats) > 1:
+            record[f"{label}, raw"] = ensembling.fuse([cosine_distance(q, g) for q, g in feats], weights,
+                                                      spec.fusion, spec.reliability_k)
+        final = ensembling.fuse(per_member, weights, spec.fusion, spec.reliability_k)
+        record[label] = final
+        return final
+    raw = member_distances(dataclasses.replace(spec, postprocess=()), feats, trains, record if ablate else None)
+    final = ensembling.fuse(raw, weights, spec.fusion, spec.reliability_k)
+    record[label] = final
+    if spec.postprocess:
+        q_cat, g_cat = concat_features(feats, weights)
+        train = functools.cache(lambda: weighted_concat([t() for t in trains], weights))
+        for step_label, final in stage_distances(q_cat, g_cat, spec.postprocess, train):
+            record[f"{label} {step_label}"] = final
+    return final
+
+
+def member_distances(spec: EnsembleSpec, feats: list[tuple[np.ndarray, np.ndarray]],
+                     trains: list[Callable[[], np.ndarray]], stages: dict[str, np.ndarray] | None = None
+                     ) -> list[np.ndarray]:
+    """Per member: its cosine distances after the spec's chain (run on each member's features), or before it
+    when there is none. Each stage also lands in `stages` when given."""
+    out = []
+    for m, (q, g), train in zip(spec.members, feats, trains):
+        last = cosine_distance(q, g)
         if stages is not None:
-            stages[m.name or "member"] = raw[-1]
-        if spec.postprocess_on == "member" and spec.postprocess:
-            last = raw[-1]
-            train = train_features(m, data_dir, device, workers, progress)
-            for step_label, last in stage_distances(q, g, spec.postprocess, train):
-                if stages is not None:
-                    stages[f"{m.name} {step_label}"] = last
-            processed.append(last)
-        elif spec.postprocess_on == "fused":
-            feats.append((q, g))
-    return raw, processed, feats
+            stages[m.name or "member"] = last
+        for step_label, last in stage_distances(q, g, spec.postprocess, train):
+            if stages is not None:
+                stages[f"{m.name} {step_label}"] = last
+        out.append(last)
+    return out
 
 
 def member_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame, device: str | None,
@@ -304,9 +320,6 @@ def member_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame
 def _onnx_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame, device: str | None,
                    workers: int, progress: bool) -> np.ndarray:
     """An `onnx:` member: the exported file (onnxruntime) under the member's `tta` over TTASpec's defaults."""
-    from submit.export import OnnxEmbedder
-    from submit.recipe import TTASpec
-
     path = member.onnx or ""
     return embedding.embed(lambda: OnnxEmbedder(path), data_dir, rows, member.tta.apply(TTASpec()), device=device,
                            workers=workers, identity=embedding.checkpoint_identity(path, "onnx"), precision="fp32",
@@ -327,16 +340,12 @@ def train_features(member: MemberSpec, data_dir: str | Path, device: str | None,
 
 def _run_loader(member: MemberSpec) -> Callable[[], torch.nn.Module]:
     def load() -> torch.nn.Module:
-        from submit.run_folder import load_trained
-
-        return load_trained(member.run, member.checkpoint)[0]  # type: ignore[arg-type]
+        return trained.load_trained(member.run, member.checkpoint)[0]  # type: ignore[arg-type]
     return load
 
 
 def _pretrained_loader(backbone: BackboneSpec) -> Callable[[], torch.nn.Module]:
     def load() -> torch.nn.Module:
-        from submit.backbones import build_embedder
-
         return build_embedder(backbone)
     return load
 
@@ -366,8 +375,6 @@ def stage_distances(q: np.ndarray, g: np.ndarray, steps: tuple[StepSpec, ...],
                     train_feats: Callable[[], np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """The spec's steps through `submit.reranking.run_chain`, yielding ("+ QE + re-rank"-style label, distances)
     after each: the distance step's own, else the cosine distances of the features so far."""
-    from submit import reranking
-
     for stage in reranking.run_chain(q, g, [(step.op, step.params) for step in steps], train_feats):
         dist = stage.distances
         yield stage.label, dist if dist is not None else cosine_distance(stage.query, stage.gallery)
@@ -375,8 +382,6 @@ def stage_distances(q: np.ndarray, g: np.ndarray, steps: tuple[StepSpec, ...],
 
 def chain_text(steps: tuple[StepSpec, ...]) -> str:
     """The chain with its parameters, e.g. 'QE(k=1) -> re-rank(k1=20, k2=6, lambda_value=0.3)'."""
-    from submit import reranking
-
     parts = []
     for step in steps:
         params = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in step.params.items())
@@ -385,8 +390,6 @@ def chain_text(steps: tuple[StepSpec, ...]) -> str:
 
 
 def _scorer(query: pd.DataFrame, gallery: pd.DataFrame) -> Callable[[np.ndarray], dict]:
-    from submit.metrics import evaluate_distances
-
     q_pids, g_pids = query["pid"].to_numpy(), gallery["pid"].to_numpy()
 
     def score(dist: np.ndarray) -> dict:

@@ -25,10 +25,15 @@ from pathlib import Path
 
 import torch
 
+from submit.backbones import build_embedder
 from submit.device import amp_dtype, pick_device, precision_note
 from submit.errors import SubmitError
+from submit.manifest import read_manifest
 from submit.recipe import Recipe
+from submit.sampler import PairBatchSampler
+from submit.train_data import make_splits
 from submit.train_step import TrainStep
+from submit.weights import locate
 
 GIB = 1024 ** 3
 
@@ -110,9 +115,6 @@ def dry_run(recipe: Recipe, device: str | None = None, steps: int = 3, data_dir:
 
 def _build(recipe: Recipe) -> tuple[torch.nn.Module, str, list[str]]:
     """The recipe's tower with its real weights when they are on this machine, else random (with a note)."""
-    from submit.backbones import build_embedder
-    from submit.weights import locate
-
     spec = recipe.backbone
     loc = locate(spec.name, spec.pretrained)
     torch.manual_seed(recipe.seed)
@@ -146,10 +148,6 @@ def _time_steps(step: TrainStep, recipe: Recipe, dev: torch.device, steps: int) 
 
 def _recipe_steps(recipe: Recipe, data_dir: str | Path) -> int:
     """The optimiser steps of the whole recipe on DATA_DIR's training rows (one process)."""
-    from submit.manifest import read_manifest
-    from submit.sampler import PairBatchSampler
-    from submit.train_data import make_splits
-
     t = recipe.train
     splits = make_splits(read_manifest(data_dir), recipe.data, recipe.seed)
     sampler = PairBatchSampler(splits.train["pid"].tolist(), t.pairs_per_batch * t.accum_steps, 1, 0, recipe.seed)

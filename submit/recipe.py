@@ -98,7 +98,7 @@ class Recipe:
 
 def _losses() -> dict:
     """The loss registry, imported when a recipe names a loss (it needs torch; loading a recipe otherwise does not)."""
-    from submit.losses import LOSSES
+    from submit.losses import LOSSES  # lazy for start-up: losses imports torch
 
     return LOSSES
 

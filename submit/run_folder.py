@@ -4,8 +4,8 @@ RUN_DIR holds `recipe.yaml`, `best.pt` / `last.pt` (format `FORMAT`: model, EMA,
 RNG state, history, recipe, manifest fingerprint), `metrics.csv`/`metrics.json` and `tb/`. Checkpoints are
 written atomically (`save_atomic`) and read with `weights_only=True` (`load_checkpoint`). `TrainState` is the
 loop's state as a checkpoint stores it, `check_resumable` what a resume must share with the run, `write_metrics`
-and `write_recipe` the plain files. `load_trained` is the one way to get a trained embedder back: predict,
-explain, ablation and export use it without importing the trainer.
+and `write_recipe` the plain files. It reads and writes files only: building the trained embedder from a run
+folder is `trained.load_trained`, a layer above the model factory.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch import nn
 
 from submit import atomic, config
 from submit.errors import SubmitError
@@ -193,21 +192,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_trained(run_dir: str | Path, checkpoint: str = "best") -> tuple[nn.Module, Recipe]:
-    """The trained embedder (EMA weights when the run used EMA) and its recipe, from RUN_DIR/<checkpoint>.pt.
-
-    `checkpoint` is 'best', 'last' or a path to a .pt file. The backbone is built without pretrained
-    weights (nothing is downloaded); the checkpoint supplies them.
-    """
-    from submit.backbones import build_embedder
-
-    path = checkpoint_path(run_dir, checkpoint)
-    obj = load_checkpoint(path)
-    recipe = config.from_mapping(Recipe, obj["recipe"], where=str(path))
-    check_same_backbone(Path(run_dir) / "recipe.yaml", path, recipe)
-    embedder = build_embedder(recipe.backbone, load_weights=False)
-    weights = obj.get("ema") or obj["model"]
-    embedder.load_state_dict(weights)
-    return embedder.eval(), recipe

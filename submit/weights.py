@@ -20,8 +20,11 @@ from urllib.parse import urlparse
 
 import torch
 
-from submit import atomic
+from submit import atomic, bundled
+from submit.config import read_yaml
+from submit.ensembling import load_spec
 from submit.errors import SubmitError, first_line
+from submit.recipe import load_recipe
 from submit.weight_sources import SOURCES, cached_source, fetch_source, missing_source
 
 OPEN_CLIP = "open_clip:"
@@ -309,9 +312,7 @@ class Need:
 def needed(targets: Sequence[str | Path] = ()) -> list[Need]:
     """The weights of each target: a named source, a recipe or ensemble spec (a path, or a name in the repo's
     models/ or ensembles/); no targets: every recipe in the repo's models/."""
-    from submit.predict import REPO_ENSEMBLES
-
-    models = REPO_ENSEMBLES.parent / "models"
+    models = bundled.MODELS
     if not targets:
         targets = sorted(str(p) for p in models.glob("*.yaml"))
     out: list[Need] = []
@@ -320,7 +321,7 @@ def needed(targets: Sequence[str | Path] = ()) -> list[Need]:
             source = SOURCES[str(target)]
             out.append(Need(source.name, source.architecture, locate(source.architecture, source.name)))
             continue
-        for recipe_path in _recipes_of(_target_file(str(target), models, REPO_ENSEMBLES)):
+        for recipe_path in _recipes_of(_target_file(str(target), models, bundled.ENSEMBLES)):
             out.append(_need_of_recipe(recipe_path))
     return list({(n.target, n.backbone): n for n in out}.values())  # a recipe named twice is listed once
 
@@ -350,9 +351,6 @@ def _target_file(target: str, models: Path, ensembles: Path) -> Path:
 
 def _recipes_of(path: Path) -> list[Path]:
     """The file itself for a recipe; the members' recipes (trained or zero-shot) for an ensemble spec."""
-    from submit.config import read_yaml
-    from submit.ensembling import load_spec
-
     if "members" not in read_yaml(path):
         return [path]
     spec = load_spec(path, runs_dir=".", require_runs=False)
@@ -361,7 +359,5 @@ def _recipes_of(path: Path) -> list[Path]:
 
 
 def _need_of_recipe(path: Path) -> Need:
-    from submit.recipe import load_recipe
-
     backbone = load_recipe(path).backbone
     return Need(str(path), backbone.name, locate(backbone.name, backbone.pretrained))

@@ -69,7 +69,7 @@ def test_train_ensemble_cli_rejects_mixed_arguments(demo_run, tmp_path) -> None:
 
 
 def test_a_spec_without_train_blocks_has_nothing_to_train(demo_run, tmp_path) -> None:
-    from submit.ensembling import train_members
+    from submit.training import train_members
 
     out, _, _ = demo_run
     spec = tmp_path / "s.yaml"

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from submit import predict as predict_mod
-from submit import training
+from submit import trained, training
 from submit.cli import main
 from submit.ensembling import load_spec
 from submit.errors import SubmitError
@@ -106,7 +106,7 @@ def test_features_are_cached_so_a_second_predict_loads_no_weights(world, tmp_pat
     def refuse(*args, **kwargs):
         raise AssertionError("weights loaded although the features were cached")
 
-    monkeypatch.setattr(training, "load_trained", refuse)
+    monkeypatch.setattr(trained, "load_trained", refuse)
     second = _predict(world, spec, "test", tmp_path / "b.csv")
     assert first["scores"] == second["scores"]
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()

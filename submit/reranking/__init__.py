@@ -6,7 +6,8 @@ Public API (all re-exported here; the modules behind it are private):
 - `query_expansion`, `database_augmentation`, `cosine_distance` (`_expansion`), `pca_whitening` (`_whitening`);
 - `STEPS`, the registry of post-processing steps, and the one chain that runs them: `run_chain` (stage by
   stage) and `postprocess` (a list of `{name: params}`, the final distances) (`_chain`);
-- `estimate_rerank_memory`, `available_memory` (`_memory`: the estimate behind the early refusal).
+- `estimate_rerank_memory`, `available_memory` (`_memory`: the estimate behind the early refusal);
+- `number_agreement` (`_numbers`): the shirt-number step on final distances (the numbers are read by `jersey`).
 
 Importing this package does not import torch (faiss is imported when QE or DBA first runs).
 """
@@ -17,6 +18,7 @@ from submit.reranking._chain import STEPS, Stage, Step, check_chain, postprocess
 from submit.reranking._expansion import cosine_distance, database_augmentation, query_expansion
 from submit.reranking._kreciprocal import k_reciprocal
 from submit.reranking._memory import available_memory, estimate_rerank_memory
+from submit.reranking._numbers import NO_NUMBER, number_agreement
 from submit.reranking._whitening import pca_whitening
 
 __all__ = [
@@ -34,4 +36,6 @@ __all__ = [
     "Stage",
     "step_named",
     "check_chain",
+    "number_agreement",
+    "NO_NUMBER",
 ]

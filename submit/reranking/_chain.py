@@ -9,7 +9,7 @@ from, and what `run_chain` dispatches on.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -19,6 +19,7 @@ from submit.reranking._checks import _as_features, _pair, _unit
 from submit.reranking._expansion import cosine_distance, database_augmentation, query_expansion
 from submit.reranking._kreciprocal import k_reciprocal
 from submit.reranking._whitening import pca_whitening
+from submit.space import Param, choice, floats, integers
 
 RUNTIME = ("train_feats", "timings")  # step arguments the caller of a chain supplies; a chain never sets them
 
@@ -31,6 +32,7 @@ class Step:
     short: str
     label: str
     distances: bool = False  # returns (Q, G) distances instead of features, so it must be the last step
+    space: dict[str, Param] = field(default_factory=dict)  # what `tune` searches by default, per parameter
 
     def parameters(self) -> list[str]:
         """The parameters a chain may set: the function's keyword parameters after the two feature matrices."""
@@ -42,10 +44,13 @@ class Step:
 
 
 STEPS: dict[str, Step] = {
-    "query_expansion": Step(query_expansion, "qe", "QE"),
-    "database_augmentation": Step(database_augmentation, "dba", "DBA"),
-    "pca_whitening": Step(pca_whitening, "whiten", "PCA-whiten"),
-    "k_reciprocal": Step(k_reciprocal, "rerank", "re-rank", distances=True),
+    "query_expansion": Step(query_expansion, "qe", "QE", space={"k": integers(1, 10), "alpha": floats(0.5, 6)}),
+    "database_augmentation": Step(database_augmentation, "dba", "DBA",
+                                  space={"k": integers(1, 10), "alpha": floats(0.5, 6)}),
+    "pca_whitening": Step(pca_whitening, "whiten", "PCA-whiten",
+                          space={"dim": integers(32, 512, log=True), "fit_on": choice(["train", "query+gallery"])}),
+    "k_reciprocal": Step(k_reciprocal, "rerank", "re-rank", distances=True,
+                         space={"k1": integers(3, 30), "k2": integers(1, 10), "lambda_value": floats(0.0, 0.9)}),
 }
 
 

@@ -1,0 +1,249 @@
+"""`reident-submit tune`: the search space declared by steps and fusion rules, the refusals, the tuned spec's
+value against a re-score, resume after kill -9, and two processes sharing one study (tiny runs, synthetic data)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import invoke, one_error_line
+
+from submit import ensembling, reranking, tune
+from submit.ensembling import load_spec
+from submit.errors import SubmitError
+from submit.space import Param, integers
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "models" / "tiny-test.yaml"
+HOLDOUT = ["--holdout", "4", "--folds", "2", "--holdout-seed", "0"]
+
+
+def _spec(folder: Path, body: str, name: str = "spec.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+MEMBERS = f"""\
+members:
+  - {{run: '${{RUNS}}/a', checkpoint: last, train: {{recipe: {TINY}, seed: 0, overrides: ['train.epochs=1']}}}}
+  - {{run: '${{RUNS}}/b', checkpoint: last, train: {{recipe: {TINY}, seed: 1, overrides: ['train.epochs=1']}}}}
+"""
+CHAIN = """\
+postprocess:
+  - {op: query_expansion, params: {k: 1}}
+  - {op: k_reciprocal, params: {k1: 4, k2: 2, lambda_value: 0.3}}
+tune:
+  space:
+    postprocess[1].k1: {low: 2, high: 6, integer: true}
+    postprocess[1].k2: {low: 1, high: 2, integer: true}
+"""
+
+
+# ---- the search space ---------------------------------------------------------------------------------
+
+
+def test_default_space_comes_from_the_registered_steps_and_fusion_rules(tmp_path) -> None:
+    spec = load_spec(_spec(tmp_path, f"{MEMBERS}{CHAIN}"), runs_dir=tmp_path, require_runs=False)
+    space = tune.search_space(spec)
+    assert space["postprocess[0].k"] == reranking.STEPS["query_expansion"].space["k"]
+    assert space["postprocess[0].alpha"] == reranking.STEPS["query_expansion"].space["alpha"]
+    assert space["postprocess[1].k1"] == Param(2.0, 6.0, integer=True)  # the spec's tune.space replaces the default
+    assert space["postprocess[1].lambda_value"] == reranking.STEPS["k_reciprocal"].space["lambda_value"]
+    assert space["fusion"].choices == tuple(ensembling.FUSIONS) and "members[1].weight" in space
+    assert "members[0].weight" not in space and "reliability_k" not in space  # drawn only with its rule
+    assert tune.fusion_space(spec, "reliability") == {"reliability_k": ensembling.FUSIONS["reliability"].space[
+        "reliability_k"]}
+    assert tune.fusion_space(spec, "mean") == {}
+
+
+def test_a_new_step_brings_its_own_space_and_fixed_keys_are_not_searched(tmp_path, monkeypatch) -> None:
+    def shrink(q, g, factor: float = 1.0):
+        return q * factor, g * factor
+
+    monkeypatch.setitem(reranking.STEPS, "shrink", reranking.Step(shrink, "shrink", "shrink",
+                                                                   space={"factor": integers(1, 3)}))
+    path = _spec(tmp_path, f"""\
+        members: [{{recipe: {REPO / 'models' / 'cpu-pretrained.yaml'}}}]
+        postprocess: [{{op: shrink}}, {{op: query_expansion}}]
+        tune: {{fixed: ['postprocess[1].alpha']}}
+        """)
+    spec = load_spec(path, require_runs=False)
+    assert tune.search_space(spec) == {"postprocess[0].factor": integers(1, 3),
+                                       "postprocess[1].k": reranking.STEPS["query_expansion"].space["k"]}
+    chosen = tune.apply_values(spec, {"postprocess[0].factor": 2, "postprocess[1].k": 3})
+    assert chosen.postprocess[0].params == {"factor": 2} and chosen.postprocess[1].params == {"k": 3}
+
+
+@pytest.mark.parametrize("block, message", [
+    ("tune: {space: {'postprocess[5].k': {low: 1, high: 2}}}", r"'postprocess\[5\].k' is not a tunable key"),
+    ("tune: {space: {'postprocess[0].k': {low: 3, high: 1}}}", r"tune.space.postprocess\[0\].k': expected 'low' <="),
+    ("tune: {space: {fusion: {choices: [median]}}}", r"tune.space.fusion': expected choices among"),
+    ("tune: {space: {'postprocess[0].alpha': {low: 0, high: 1, log: true}}}", r"log-scaled range needs low > 0"),
+    ("tune: {fixed: ['members[3].weight']}", r"key 'tune.fixed': 'members\[3\].weight'"),
+    ("tune: {spaces: {}}", r"unknown key 'tune.spaces'"),
+])
+def test_a_bad_tune_block_is_refused_at_load(tmp_path, block, message) -> None:
+    path = _spec(tmp_path, f"{MEMBERS}postprocess: [{{op: query_expansion}}]\n{block}\n")
+    with pytest.raises(SubmitError, match=message):
+        load_spec(path, runs_dir=tmp_path, require_runs=False)
+
+
+# ---- a whole study ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def study(data_dir, tmp_path_factory):
+    """One tune run in-process: 2 tiny members trained on each of 2 folds of 4 held-out identities, 6 trials."""
+    root = tmp_path_factory.mktemp("tune")
+    spec = _spec(root, f"{MEMBERS}{CHAIN}")
+    result = tune.tune(spec, data_dir, root / "out" / "tuned.yaml", holdout_ids=4, folds=2, trials=6,
+                       work_dir=root / "work", device="cpu", workers=0, progress=False)
+    return root, spec, result
+
+
+def _finished(db: Path) -> list[tuple[int, str]]:
+    """(number, state) of every trial in the study database (none while optuna is still creating its tables)."""
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+        except sqlite3.OperationalError:
+            return []
+
+
+def test_tune_writes_the_tuned_spec_table_and_pictures(study) -> None:
+    root, spec, result = study
+    assert result.finished == 6 and result.complete >= 1 and len(result.fold_values) == 2
+    assert result.best_value == pytest.approx(np.mean(result.fold_values))
+    text = result.out.read_text()
+    assert text.startswith("# Tuned by `reident-submit tune`") and "never scored on the test" in text
+    tuned = load_spec(result.out, runs_dir=root / "work" / "runs" / "x", require_runs=False)
+    for key, value in result.best_params.items():  # the best values are in place, paths rebased to out/
+        if key.startswith("postprocess[1]."):
+            assert tuned.postprocess[1].params[key.split(".", 1)[1]] == value
+    assert Path(tuned.members[0].train.recipe) == TINY
+    assert (root / "work" / "trials.csv").read_text().count("\n") == 7  # header + 6 trials
+    assert {p.name for p in result.pictures} <= {"history.png", "importances.png", "slice.png"}
+    assert any(p.name == "history.png" for p in result.pictures)
+    held = [tune.holdout.held_out_ids(d) for d in sorted((root / "work" / "folds").iterdir())]
+    assert len(held) == 2 and not held[0] & held[1]
+
+
+def test_best_value_equals_rescoring_the_tuned_spec(study) -> None:
+    """The recorded best is what predict's own path gives the tuned spec on the same folds."""
+    root, _, result = study
+    folds = sorted((root / "work" / "folds").iterdir())
+    scores = [tune.rescore(result.out, fold, root / "work" / "runs" / fold.name, device="cpu", workers=0)
+              for fold in folds]
+    assert scores == pytest.approx(list(result.fold_values), abs=1e-6)
+
+
+def test_rerun_resumes_the_study_and_trains_nothing_again(study, data_dir) -> None:
+    root, spec, _ = study
+    runs = sorted((root / "work" / "runs").glob("*/a/last.pt"))
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    before = _finished(root / "work" / "study.db")
+    more = tune.tune(spec, data_dir, root / "out" / "tuned.yaml", holdout_ids=4, folds=2, trials=9,
+                     work_dir=root / "work", device="cpu", workers=0, progress=False)
+    after = _finished(root / "work" / "study.db")
+    assert more.finished == 9 and after[:6] == before and [n for n, _ in after] == list(range(9))
+    assert [p.stat().st_mtime_ns for p in runs] == stamps  # finished runs reused
+
+
+def test_a_study_of_another_setup_is_refused(study, data_dir) -> None:
+    root, _, _ = study
+    (root / "edited").mkdir()
+    other = _spec(root / "edited", f"{MEMBERS}postprocess: [{{op: query_expansion, params: {{k: 1}}}}]\n")
+    code, err = invoke(["tune", "--ensemble", other, "--data", data_dir, *HOLDOUT, "--trials", "7",
+                        "--study", f"sqlite:///{root / 'work' / 'study.db'}", "--work", root / "work",
+                        "--out", root / "o.yaml", "--device", "cpu", "--workers", "0"])
+    line = one_error_line(err)
+    assert code == 2 and "was made with another space, spec" in line and "pass the same options" in line
+
+
+# ---- refusals -------------------------------------------------------------------------------------------
+
+
+def test_refusals_are_one_line(study, data_dir, tmp_path) -> None:
+    root, spec, _ = study
+    base = ["--device", "cpu", "--workers", "0", "--work", tmp_path / "w", "--out", tmp_path / "t.yaml"]
+    code, err = invoke(["tune", "--ensemble", spec, "--data", data_dir, *base])
+    assert code == 2 and "its test split is the real test or challenge split" in one_error_line(err)
+    fold = sorted((root / "work" / "folds").iterdir())[0]
+    code, err = invoke(["tune", "--ensemble", spec, "--data", fold, "--holdout", "3", *base])
+    assert code == 2 and "already a held-out folder" in one_error_line(err)
+    # a run trained on the whole of TRAIN has seen the held-out identities
+    full = _spec(tmp_path, f"members: [{{run: {root / 'work' / 'runs' / fold.name / 'a'}, checkpoint: last}}]\n"
+                           "postprocess: [{op: query_expansion}]\n", "full.yaml")
+    other_fold = sorted((root / "work" / "folds").iterdir())[1]
+    code, err = invoke(["tune", "--ensemble", full, "--data", other_fold, *base])
+    line = one_error_line(err)
+    assert code == 2 and "may have seen held-out identities" in line and "member a" in line
+    loose = _spec(tmp_path, MEMBERS.replace("'${RUNS}/b'", str(tmp_path / "elsewhere")) + CHAIN, "loose.yaml")
+    code, err = invoke(["tune", "--ensemble", loose, "--data", fold, *base])
+    assert code == 2 and "write its run as '${RUNS}/elsewhere'" in one_error_line(err)
+    assert not (tmp_path / "t.yaml").exists()
+
+
+# ---- kill -9 and two processes --------------------------------------------------------------------------
+
+
+def _tune_process(spec: Path, data_dir: Path, work: Path, trials: int, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "submit.cli", "tune", "--ensemble", str(spec), "--data", str(data_dir), *HOLDOUT,
+           "--trials", str(trials), "--work", str(work), "--out", str(out), "--device", "cpu", "--workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(db: Path, count: int, proc: subprocess.Popen, limit: float = 240) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if db.is_file() and sum(state == "COMPLETE" or state == "PRUNED" for _, state in _finished(db)) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"{count} trials did not finish in {limit} s")
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_continues_the_study(study, data_dir) -> None:
+    """The trials finished before the kill are kept; the rerun finishes the count; the killed one is not counted."""
+    root, spec, _ = study
+    work = root / "killed"
+    proc = _tune_process(spec, data_dir, work, 400, root / "k.yaml")
+    _wait_for(work / "study.db", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = [(n, s) for n, s in _finished(work / "study.db") if s in ("COMPLETE", "PRUNED")]
+    done = _tune_process(spec, data_dir, work, len(before) + 3, root / "k.yaml")
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    after = _finished(work / "study.db")
+    assert [t for t in after if t[0] in dict(before)] == before  # nothing finished was redone or lost
+    assert sum(s in ("COMPLETE", "PRUNED") for _, s in after) == len(before) + 3
+    assert (root / "k.yaml").is_file() and "best trial" in out
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study(study, data_dir) -> None:
+    root, spec, _ = study
+    work = root / "shared"
+    first = _tune_process(spec, data_dir, work, 2, root / "s0.yaml")  # the runs and the study, made once
+    assert first.wait(timeout=300) == 0, first.communicate()
+    procs = [_tune_process(spec, data_dir, work, 16, root / f"s{i}.yaml") for i in (1, 2)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.communicate()
+    with sqlite3.connect(work / "study.db") as con:
+        rows = con.execute("SELECT t.number, a.value_json FROM trials t JOIN trial_user_attributes a "
+                           "ON a.trial_id = t.trial_id WHERE a.key = 'pid'").fetchall()
+    finished = sum(s in ("COMPLETE", "PRUNED") for _, s in _finished(work / "study.db"))
+    assert 16 <= finished <= 17  # each stops once the study holds 16 (a trial already running may finish)
+    assert len({pid for _, pid in rows if int(pid) not in (first.pid,)}) == 2  # both processes ran trials
