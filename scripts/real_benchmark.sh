@@ -27,7 +27,7 @@ ABLATION=$REPO/ensembles/cpu-real-ablation.yaml
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT"
 reident-submit weights fetch "$SPEC"
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -Is); load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc --all) cores; $(date -Is); load $(cut -d' ' -f1-3 /proc/loadavg)"
 DIRS=()
 for S in $SEEDS; do
   D=$OUT/seed$S

@@ -2,6 +2,9 @@
 
     python scripts/real_table.py spec ENSEMBLE.yaml SEED OUT.yaml
         copy the spec with every member's train.seed shifted by SEED and its recipe path made absolute
+    python scripts/real_table.py tune OUT_DIR SEED_DIR [SEED_DIR ...]
+        scripts/real_tune.sh's table: the hand-chosen and the tuned spec on the test split per seed (their
+        `evaluate --json` files), mean ± sd, the tuned spec's comment block; written to OUT_DIR/results.md
     python scripts/real_table.py table OUT_DIR DATA_DIR SEED_DIR [SEED_DIR ...]
         score every stage of each seed's ensemble on the test split (cached features, so cheap), and
         write OUT_DIR/results.md: the paper's table in miniature (colour histogram, zero-shot, scratch,
@@ -180,9 +183,29 @@ def table(out_dir: str, data_dir: str, seed_dirs: list[str]) -> str:
     return text
 
 
+def tune_table(out_dir: str, seed_dirs: list[str]) -> str:
+    """Hand-chosen vs tuned spec on the test split (scores of the same trained runs), mean ± sd over seeds."""
+    rows = {v: [json.loads((Path(d) / f"{v}-score.json").read_text()) for d in seed_dirs] for v in ("hand", "tuned")}
+    header = [line for line in Path(out_dir, "tuned.yaml").read_text().splitlines() if line.startswith("#")]
+    lines = [f"machine: {_machine()}; date {time.strftime('%Y-%m-%dT%H:%M:%S')}; "
+             f"load average {os.getloadavg()[0]:.1f}; seeds: {len(seed_dirs)}", "", *header, "",
+             "| spec (test split, 50 queries x 255 gallery) | seeds | mAP | rank-1 | mINP |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, scores in rows.items():
+        cols = [[100 * r[k] for r in scores] for k in ("mAP", "rank1", "mINP")]
+        lines.append(f"| {name} | {len(scores)} | " + " | ".join(_cell(c) for c in cols) + " |")
+    diff = [100 * (t["mAP"] - h["mAP"]) for h, t in zip(rows["hand"], rows["tuned"])]
+    lines += ["", f"tuned - hand, per seed (mAP points): {', '.join(f'{d:+.2f}' for d in diff)}"]
+    text = "\n".join(lines) + "\n"
+    Path(out_dir, "results.md").write_text(text)
+    return text
+
+
 def main(argv: list[str]) -> None:
     if len(argv) == 4 and argv[0] == "spec":
         seed_spec(argv[1], int(argv[2]), argv[3])
+    elif len(argv) >= 3 and argv[0] == "tune":
+        print(tune_table(argv[1], argv[2:]), end="")
     elif len(argv) >= 4 and argv[0] == "table":
         print(table(argv[1], argv[2], argv[3:]), end="")
     else:

@@ -435,7 +435,8 @@ def tune(spec: str, data_dir: str, holdout_ids: int | None, folds: int, holdout_
 @click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | None, workers: int,
                 device: str | None) -> None:
-    """Grid-search member weights on the test split and write a copy of the spec with the best ones."""
+    """Grid-search member weights on DATA's test split (held-out identities on a tune/holdout folder) and write a
+    copy of the spec with the best ones."""
     # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.predict import fit_weights as run_fit
 
@@ -444,8 +445,9 @@ def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | N
     for note in result["notes"]:
         click.echo(f"note: {note}", err=True)
     weights = ", ".join(f"{n}={w:g}" for n, w in zip(result["members"], result["weights"]))
-    click.echo(f"best of {result['tried']} weightings: {weights}; test mAP {100 * result['spec_score']['mAP']:.2f} "
-               f"-> {100 * result['score']['mAP']:.2f} (over-fits 50 queries easily); wrote {result['out']}")
+    split = "held-out mAP" if result["fitted_on"] == "held-out" else "test mAP (fitted on the split it reports)"
+    click.echo(f"best of {result['tried']} weightings: {weights}; {split} {100 * result['spec_score']['mAP']:.2f} "
+               f"-> {100 * result['score']['mAP']:.2f}; wrote {result['out']}")
 
 
 @main.command()

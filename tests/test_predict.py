@@ -326,6 +326,7 @@ def test_fit_weights_cli(world, tmp_path) -> None:
     ok = CliRunner().invoke(main, [*base, "--grid", "1,2"])
     assert ok.exit_code == 0, ok.output
     assert "best of 3 weightings: tiny-0=" in ok.output and (tmp_path / "w.yaml").is_file()
+    assert "test mAP (fitted on the split it reports)" in ok.output and "the fitted score is optimistic" in ok.output
     bad = CliRunner().invoke(main, [*base, "--grid", "1,x"])
     assert bad.exit_code == 2 and "error: --grid '1,x': expected comma-separated numbers" in bad.output
 

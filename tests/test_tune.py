@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from cli_helpers import invoke, one_error_line
 
 from submit import ensembling, reranking, tune
+from submit.cli import main
 from submit.ensembling import load_spec
 from submit.errors import SubmitError
 from submit.space import Param, integers
@@ -167,6 +169,18 @@ def test_a_study_of_another_setup_is_refused(study, data_dir) -> None:
                         "--out", root / "o.yaml", "--device", "cpu", "--workers", "0"])
     line = one_error_line(err)
     assert code == 2 and "was made with another space, spec" in line and "pass the same options" in line
+
+
+def test_fit_weights_on_a_held_out_fold_says_so(study, tmp_path) -> None:
+    root, spec, _ = study
+    fold = sorted((root / "work" / "folds").iterdir())[0]
+    res = CliRunner().invoke(main, ["fit-weights", "--ensemble", str(spec), "--data", str(fold), "--out",
+                                    str(tmp_path / "w.yaml"), "--runs-dir", str(root / "work" / "runs" / fold.name),
+                                    "--grid", "0,1", "--workers", "0", "--device", "cpu"])
+    code, out = res.exit_code, res.output
+    assert code == 0, out
+    assert "held-out mAP" in out and "fitted on the split it reports" not in out
+    assert (tmp_path / "w.yaml").read_text().startswith(f"# fitted on held-out TRAIN identities of {fold}")
 
 
 # ---- refusals -------------------------------------------------------------------------------------------

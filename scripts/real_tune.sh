@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Tuning on real images (issue 22): `reident-submit tune` chooses ensembles/cpu-real.yaml's post-processing,
+# fusion and member weights on held-out TRAIN identities (never the test or challenge split), then the tuned
+# spec and the hand-chosen one are scored on the test split over SEEDS, on the same trained runs (they differ
+# only in post-processing, fusion and weights, so each seed's members are trained once on all of TRAIN).
+#
+#   scripts/real_tune.sh PREPARED_DATA_DIR OUT_DIR [SEEDS] [FOLDS] [TRIALS] [SEARCH_SECONDS]
+#
+# Defaults: SEEDS "0 1 2", FOLDS 3, TRIALS 200, SEARCH_SECONDS 1800 (the search stops at whichever comes first;
+# training the members on each fold comes before and is not counted). Writes OUT_DIR/tuned.yaml, OUT_DIR/tune/
+# (folds, runs, study.db, trials.csv, pictures), OUT_DIR/seedS/{hand,tuned}.yaml and their test scores, and
+# OUT_DIR/results.md (the machine, the date, the load, mean ± sd over seeds). Rerunning resumes every part.
+set -euo pipefail
+if [[ $# -lt 2 || $# -gt 6 ]]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2
+fi
+DATA=$1
+OUT=$2
+SEEDS=${3:-0 1 2}
+SEEDS=${SEEDS//,/ }
+FOLDS=${4:-3}
+TRIALS=${5:-200}
+SEARCH=${6:-1800}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+SPEC=$REPO/ensembles/cpu-real.yaml
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+reident-submit weights fetch "$SPEC"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc --all) cores; $(date -Is); load $(cut -d' ' -f1-3 /proc/loadavg)"
+t0=$(date +%s)
+reident-submit tune --ensemble "$SPEC" --data "$DATA" --holdout 60 --folds "$FOLDS" --trials "$TRIALS" \
+  --timeout "$SEARCH" --work "$OUT/tune" --out "$OUT/tuned.yaml"
+echo "tune: $(($(date +%s) - t0)) s (members trained on $FOLDS fold(s), then the search); load $(cut -d' ' -f1-3 /proc/loadavg)"
+DIRS=()
+for S in $SEEDS; do
+  D=$OUT/seed$S
+  DIRS+=("$D")
+  python "$REPO/scripts/real_table.py" spec "$SPEC" "$S" "$D/hand.yaml"
+  python "$REPO/scripts/real_table.py" spec "$OUT/tuned.yaml" "$S" "$D/tuned.yaml"
+  t0=$(date +%s)
+  reident-submit train --ensemble "$D/hand.yaml" --runs-dir "$D/runs" --data "$DATA"
+  echo "seed $S: members trained in $(($(date +%s) - t0)) s; load $(cut -d' ' -f1-3 /proc/loadavg)"
+  for V in hand tuned; do
+    reident-submit predict --ensemble "$D/$V.yaml" --runs-dir "$D/runs" --data "$DATA" --split test \
+      --out "$D/$V-test.csv" > "$D/$V-test.txt"
+    reident-submit evaluate "$D/$V-test.csv" --data "$DATA" --json > "$D/$V-score.json"
+  done
+done
+python "$REPO/scripts/real_table.py" tune "$OUT" "${DIRS[@]}"
+echo "wrote $OUT/tuned.yaml and $OUT/results.md"
