@@ -23,15 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
+from submit.ablation import HIST_BINS, HIST_STRIPES, histogram_scores
 from submit.errors import SubmitError
 
 REFERENCE_MAP = 28.0  # issue 6: plain ResNet-18 from scratch, InfoNCE, 15 minutes (not re-measured here)
 REFERENCE_RANK1 = 43.0
-HIST_BINS = (8, 4, 4)  # hue, saturation, value bins of the colour-histogram baseline
-HIST_STRIPES = 3  # horizontal body stripes (head/torso, shorts, legs), one histogram each
 
 
 def seed_spec(spec_path: str, seed: int, out: str) -> None:
@@ -88,32 +86,6 @@ def seed_scores(seed_dir: Path, data_dir: str) -> tuple[dict, dict]:
             history = json.loads(metrics.read_text())["history"]
             times[f"{run.name}: epochs, without validation"] = sum(row["seconds"] for row in history)
     return result, times
-
-
-def colour_histogram(path: Path) -> np.ndarray:
-    """The measured-in-the-same-run reference: joint HSV histograms of horizontal stripes of a crop,
-    square-rooted (Hellinger) and L2-normalised, so 1 - dot is a distance. No learning at all."""
-    from PIL import Image
-
-    hsv = np.asarray(Image.open(path).convert("RGB").convert("HSV"), dtype=np.int64)
-    scale = np.array([256 // b for b in HIST_BINS])
-    code = ((hsv // scale) * np.array([HIST_BINS[1] * HIST_BINS[2], HIST_BINS[2], 1])).sum(axis=2)
-    size = int(np.prod(HIST_BINS))
-    parts = [np.bincount(stripe.ravel(), minlength=size) for stripe in np.array_split(code, HIST_STRIPES, axis=0)]
-    feat = np.sqrt(np.concatenate(parts) / max(1, code.size))
-    return feat / np.linalg.norm(feat)
-
-
-def histogram_scores(data_dir: str) -> dict:
-    """Test-split metrics of the colour-histogram baseline (a few seconds for 305 crops)."""
-    from submit.manifest import read_manifest, select
-    from submit.metrics import evaluate_distances
-
-    manifest = read_manifest(data_dir)
-    query, gallery = select(manifest, "test", "query"), select(manifest, "test", "gallery")
-    q = np.stack([colour_histogram(Path(data_dir) / p) for p in query["path"]])
-    g = np.stack([colour_histogram(Path(data_dir) / p) for p in gallery["path"]])
-    return evaluate_distances(1.0 - q @ g.T, query["pid"].to_numpy(), gallery["pid"].to_numpy())
 
 
 def _cell(values: list[float]) -> str:
