@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
+
 from click.testing import CliRunner
 
 from submit.cli import main
+
+TINY = Path(__file__).resolve().parents[1] / "models" / "tiny-test.yaml"
+
+# A child process that dies by kill -9 in the middle of an atomic write of a file or a folder.
+KILLED_WRITE = textwrap.dedent("""
+    import os, sys
+    from submit import atomic
+    kind, target = sys.argv[1], sys.argv[2]
+    if kind == "dir":
+        with atomic.atomic_dir(target) as tmp:
+            (tmp / "half.jpg").write_bytes(b"x" * 100000)
+            os.kill(os.getpid(), 9)
+    with atomic.atomic_file(target, "wb") as fh:
+        fh.write(b"x" * 100000)
+        fh.flush()
+        os.kill(os.getpid(), 9)
+""")
 
 
 def invoke(args: list) -> tuple[int, str]:
@@ -22,3 +42,21 @@ def one_error_line(stderr: str) -> str:
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], stderr
     return errors[0]
+
+
+def tiny_world(root: Path) -> tuple[Path, Path, Path]:
+    """A synthetic source (20 players), its prepared DATA_DIR and a one-step tiny run: (src, data, run)."""
+    import torch
+
+    from submit import training
+    from submit.prepare import prepare
+    from submit.recipe import load_recipe
+    from submit.synthetic import make_dataset
+
+    torch.set_num_threads(1)
+    src = make_dataset(root / "src", players=20, seqs=2, frames=3, seed=5)
+    data = prepare(src, root / "data", progress=False).data_dir
+    recipe = training.apply_overrides(load_recipe(TINY), ["data.workers=0", "train.checkpoint_every=0",
+                                                          "train.epochs=1"])
+    training.train(recipe, data, root / "runs" / "tiny", max_steps=1, progress=False)
+    return src, data, root / "runs" / "tiny"

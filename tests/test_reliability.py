@@ -17,7 +17,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +26,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from cli_helpers import invoke, one_error_line
+from cli_helpers import KILLED_WRITE, invoke, one_error_line
 from click.testing import CliRunner
 from PIL import Image
 
@@ -435,21 +434,6 @@ def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
-
-
-KILLED_WRITE = textwrap.dedent("""
-    import os, sys
-    from submit import atomic
-    kind, target = sys.argv[1], sys.argv[2]
-    if kind == "dir":
-        with atomic.atomic_dir(target) as tmp:
-            (tmp / "half.jpg").write_bytes(b"x" * 100000)
-            os.kill(os.getpid(), 9)
-    with atomic.atomic_file(target, "wb") as fh:
-        fh.write(b"x" * 100000)
-        fh.flush()
-        os.kill(os.getpid(), 9)
-""")
 
 
 @pytest.mark.parametrize("writer", ["ranking", "checkpoint", "manifest", "prepare", "report"])

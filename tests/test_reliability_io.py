@@ -19,7 +19,6 @@ import socket
 import stat
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -28,17 +27,14 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
-from cli_helpers import invoke, one_error_line
+from cli_helpers import KILLED_WRITE, invoke, one_error_line, tiny_world
 from click.testing import CliRunner
 
-from submit import atomic, locks, ranking_file, training
+from submit import atomic, locks, ranking_file
 from submit.cli import main
 from submit.errors import SubmitError
 from submit.manifest import read_manifest, select
-from submit.prepare import prepare
 from submit.ranking_file import read_ranking, write_ranking
-from submit.recipe import load_recipe
-from submit.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-test.yaml"
@@ -49,13 +45,8 @@ OTHER_UID = 12345
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """A synthetic source and DATA_DIR, a one-step tiny run with a spec naming it, a test-split ranking file."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("io-reliability")
-    src = make_dataset(root / "src", players=20, seqs=2, frames=3, seed=5)
-    data = prepare(src, root / "data", progress=False).data_dir
-    recipe = training.apply_overrides(load_recipe(TINY), ["data.workers=0", "train.checkpoint_every=0",
-                                                          "train.epochs=1"])
-    training.train(recipe, data, root / "runs" / "tiny", max_steps=1, progress=False)
+    src, data, _ = tiny_world(root)
     spec = root / "spec.yaml"
     spec.write_text(f"members: [{{run: '{root / 'runs' / 'tiny'}'}}]\nfusion: mean\n")
     df = read_manifest(data)
@@ -283,21 +274,6 @@ def test_the_target_of_a_long_names_temp_is_found_beside_it(tmp_path) -> None:
     (tmp_path / _long_name(240, ".txt")).write_text("another long name with the same prefix")
     assert atomic.target_of(atomic.temp_for(target)) == str(target)
     assert atomic.target_of(atomic.temp_for(target, "old")) == str(target)
-
-
-KILLED_WRITE = textwrap.dedent("""
-    import os, sys
-    from submit import atomic
-    kind, target = sys.argv[1], sys.argv[2]
-    if kind == "dir":
-        with atomic.atomic_dir(target) as tmp:
-            (tmp / "half.jpg").write_bytes(b"x" * 100000)
-            os.kill(os.getpid(), 9)
-    with atomic.atomic_file(target, "wb") as fh:
-        fh.write(b"x" * 100000)
-        fh.flush()
-        os.kill(os.getpid(), 9)
-""")
 
 
 @pytest.mark.parametrize("length", [20, 240, 255])

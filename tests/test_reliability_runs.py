@@ -24,17 +24,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from cli_helpers import invoke, one_error_line
+from cli_helpers import invoke, one_error_line, tiny_world
 
 from submit import atomic, bundled, locks, training
 from submit.distributed import DistInfo
 from submit.errors import SubmitError, loader_errors, worker_message
 from submit.manifest import read_manifest
-from submit.prepare import prepare
 from submit.recipe import load_recipe
-from submit.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-test.yaml"
@@ -45,13 +42,8 @@ HOLDER = re.compile(r"in use by (?P<cmd>\w+) \(pid (?P<pid>\d+) on (?P<host>\S+)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """A synthetic source and DATA_DIR, and one one-step tiny run with a spec naming it."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("runs-reliability")
-    src = make_dataset(root / "src", players=20, seqs=2, frames=3, seed=5)
-    data = prepare(src, root / "data", progress=False).data_dir
-    recipe = training.apply_overrides(load_recipe(TINY), ["data.workers=0", "train.checkpoint_every=0",
-                                                          "train.epochs=1"])
-    training.train(recipe, data, root / "runs" / "tiny", max_steps=1, progress=False)
+    src, data, _ = tiny_world(root)
     spec = root / "spec.yaml"
     spec.write_text("members: [{run: '${RUNS}/tiny'}]\nfusion: mean\n")
     return {"root": root, "src": src, "data": data, "run": root / "runs" / "tiny", "spec": spec}
