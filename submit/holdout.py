@@ -23,9 +23,9 @@ resolved absolute path), `source_fingerprint` (`manifest.fingerprint` of the sou
 `manifest_fingerprint` (the fingerprint of OUT/manifest.csv as written), `n_ids`, `seed`, `fold`, `folds`
 (integers) and `held_out` (the held-out pids, sorted). A folder is a valid tuning folder only when it
 carries this record and its manifest still has the recorded fingerprint (`check_tuning_dir`): a prepared
-DATA_DIR has none, so its test split, the real one, can never be mistaken for a held-out split
-(`is_real_eval_split`). Later code proves which identities were held out with `held_out_ids` and refuses a
-run that trained on any of them with `refuse_trained_on`.
+DATA_DIR has none, so its test split, the real one, can never be mistaken for a held-out split.
+`held_out_ids` tells which identities were held out; `tune` refuses a member that did not train on the fold's
+own manifest (its fingerprint), which holds none of them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, TypeGuard
+from typing import Any, TypeGuard
 
 import numpy as np
 import pandas as pd
@@ -315,20 +315,3 @@ def check_tuning_dir(data_dir: str | Path) -> HoldoutRecord:
                           f"{record.manifest_fingerprint}); expected the held-out manifest: remove the folder and "
                           "write the split again")
     return record
-
-
-def is_real_eval_split(data_dir: str | Path) -> bool:
-    """Whether `data_dir`'s test split is the real one (no provenance record): such a folder must not be tuned on.
-
-    A folder with a valid record gives False; a malformed record is refused in one line (as `holdout_record`).
-    """
-    return holdout_record(data_dir) is None
-
-
-def refuse_trained_on(held: Iterable[int], trained_pids: Iterable[int], what: str) -> None:
-    """Refuse, in one line naming `what` (a run or member), training identities that are held out."""
-    overlap = sorted(set(int(p) for p in held) & set(int(p) for p in trained_pids))
-    if overlap:
-        shown = ", ".join(str(p) for p in overlap[:5]) + (", ..." if len(overlap) > 5 else "")
-        raise SubmitError(f"{what}: trained on {len(overlap)} held-out identit{'y' if len(overlap) == 1 else 'ies'} "
-                          f"({shown}); expected runs trained on the held-out folder's train split only")

@@ -20,8 +20,6 @@ from submit.holdout import (
     holdout_folds,
     holdout_record,
     holdout_split,
-    is_real_eval_split,
-    refuse_trained_on,
     write_holdout,
     write_holdout_folds,
 )
@@ -198,7 +196,7 @@ def test_write_holdout_round_trips_with_held_out_ids(src, df, tmp_path):
     data = json.loads((out / RECORD_NAME).read_text())
     assert data["format"] == holdout.FORMAT and data["held_out"] == sorted(held)
     assert check_tuning_dir(out) == record
-    assert not is_real_eval_split(out) and is_real_eval_split(src)
+    assert holdout_record(out) is not None and holdout_record(src) is None
     assert held_out_ids(src) is None and holdout_record(src) is None
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp left beside it
 
@@ -309,7 +307,7 @@ def test_a_corrupt_record_names_the_file(src, tmp_path, text, field):
     out = write_holdout(src, tmp_path / "h", 3, 0)
     path = out / RECORD_NAME
     path.write_text(text if text is not None else json.dumps({**json.loads(path.read_text()), "format": "x"}))
-    for call in (held_out_ids, holdout_record, is_real_eval_split, check_tuning_dir):
+    for call in (held_out_ids, holdout_record, check_tuning_dir):
         with pytest.raises(SubmitError, match=f"^{re.escape(str(path))}: .*{field}"):
             call(out)
 
@@ -335,15 +333,6 @@ def test_a_missing_field_is_named(src, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(SubmitError, match=f"^{re.escape(str(path))}: field 'seed' is None"):
         holdout_record(out)
-
-
-def test_refuse_trained_on():
-    refuse_trained_on({1, 2}, [3, 4, 5], "run a")
-    with pytest.raises(SubmitError, match=r"^runs/a: trained on 1 held-out identity \(2\)"):
-        refuse_trained_on({1, 2}, [2, 3], "runs/a")
-
-
-# ---- on the synthetic players the other tests use ---------------------------------------------------
 
 
 def test_synthetic_data_dir(data_dir, tmp_path):
