@@ -7,9 +7,14 @@ The exported graph is the whole embedder a ranking file needs, with nothing left
   normalisation is folded into the graph.
 - output `embeddings`: float32 (batch, D), L2-normalised, so cosine distance is `1 - a @ b.T`.
 - the batch axis is dynamic; `metadata_props` hold input_size, mean, std, embedding_dim, recipe, backbone,
-  checkpoint and manifest (the fingerprint of the data the run trained on), all as strings (JSON for lists).
+  checkpoint, manifest (the fingerprint of the data the run trained on) and tta (the test-time augmentation the
+  run predicts with: its recipe.yaml's `tta` section), all as strings (JSON for lists and mappings).
 
-`OnnxEmbedder` puts such a file back behind the `Embedder` interface (onnxruntime), for `onnx:` ensemble members.
+`OnnxEmbedder` puts such a file back behind the `Embedder` interface (onnxruntime), for `onnx:` ensemble members;
+`member_tta` is the TTA such a member embeds with (the recorded one, so it ranks as the run member does; a file
+exported before the TTA was recorded gets `TTASpec()`'s defaults, with a note). `read_metadata` is the validating
+reader of the metadata (`submit.records`): each field checked, and against the graph (input size, output width);
+a file that is not what it claims is one line naming the file and the field.
 The classic TorchScript exporter is used (`dynamo=False`: no onnxscript needed); the file is written
 atomically (submit.atomic). An operator the exporter cannot convert is named in one line.
 """
@@ -18,8 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
+import logging
+import math
 import re
 import warnings
 from pathlib import Path
@@ -28,8 +36,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from submit import atomic
+from submit import atomic, config, records
 from submit.errors import SubmitError, first_line
+from submit.recipe import TTASpec, load_recipe
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled-dot-product attention and the normalisation ops need 14+
@@ -53,6 +62,7 @@ class ExportResult:
     checkpoint: str
     manifest: str | None
     bytes: int
+    tta: TTASpec = dataclasses.field(default_factory=TTASpec)
 
 
 class NormalizedEmbedder(nn.Module):
@@ -95,14 +105,22 @@ def export_onnx(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     size_hw = (int(embedder.input_size[0]), int(embedder.input_size[1]))
     mean, std = tuple(embedder.mean), tuple(embedder.std)
     manifest = recorded_manifest(path)
+    tta = predict_tta(run_dir, recipe.tta)
     meta = {"input_size": json.dumps(list(size_hw)), "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
             "embedding_dim": str(embedder.embed_dim), "recipe": recipe.name, "backbone": recipe.backbone.name,
-            "checkpoint": str(path), "manifest": manifest or "", "input": INPUT_DOC,
-            "output": "float32 (batch, embedding_dim), L2-normalised"}
+            "checkpoint": str(path), "manifest": manifest or "", "tta": json.dumps(config.to_mapping(tta)),
+            "input": INPUT_DOC, "output": "float32 (batch, embedding_dim), L2-normalised"}
     data = _to_onnx(NormalizedEmbedder(embedder).eval(), size_hw, opset, recipe.backbone.name)
     written = _write_with_metadata(data, out, meta)
     return ExportResult(str(out), opset, size_hw, int(embedder.embed_dim), mean, std,  # type: ignore[arg-type]
-                        recipe.name, recipe.backbone.name, str(path), manifest, written)
+                        recipe.name, recipe.backbone.name, str(path), manifest, written, tta)
+
+
+def predict_tta(run_dir: str | Path, recorded: TTASpec) -> TTASpec:
+    """The TTA a `run:` member of RUN_DIR embeds with: its recipe.yaml's `tta` (what `predict` reads; it may have
+    been edited after training), else the checkpoint's recipe's."""
+    recipe_file = Path(run_dir) / "recipe.yaml"
+    return load_recipe(recipe_file).tta if recipe_file.is_file() else recorded
 
 
 def _check_out(out: Path) -> Path:
@@ -181,7 +199,10 @@ def _write_with_metadata(data: bytes, out: Path, meta: dict[str, str]) -> int:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata_props of an exported file (lists decoded from JSON); one-line errors for foreign files."""
+    """The metadata_props of an exported file, each field checked (`submit.records`) and against the graph:
+    input_size (2 positive ints, the graph's H, W where fixed), mean and std (3 finite numbers, std > 0),
+    embedding_dim (a positive int, the graph's output width where fixed), tta (a recipe `tta` mapping; None for a
+    file exported before it was recorded). One line naming the file and the field for a foreign or damaged file."""
     onnx = _onnx()
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -191,8 +212,93 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     missing = [k for k in ("input_size", "mean", "std", "embedding_dim") if k not in props]
     if missing:
         raise SubmitError(f"{path}: not a reident-submit export (metadata lacks {', '.join(missing)})")
-    return {**props, "input_size": tuple(json.loads(props["input_size"])), "mean": tuple(json.loads(props["mean"])),
-            "std": tuple(json.loads(props["std"])), "embedding_dim": int(props["embedding_dim"])}
+    meta = records.Record(props, path, "metadata")
+    size = _numbers(meta, "input_size", 2, "a JSON list of 2 integers >= 1 (height, width)", integer=True)
+    mean = _numbers(meta, "mean", 3, "a JSON list of 3 finite numbers")
+    std = _numbers(meta, "std", 3, "a JSON list of 3 finite numbers > 0", positive=True)
+    dim = meta.json_value("embedding_dim", "an integer >= 1")
+    if not _positive_int(dim):
+        raise meta.error("embedding_dim", "an integer >= 1", props["embedding_dim"])
+    tta_raw = meta.json_value("tta", "a mapping of the recipe's tta fields", default=None)
+    tta = None if tta_raw is None else config.from_mapping(TTASpec, tta_raw, where=f"{path}: metadata.tta")
+    _check_graph(model, path, tuple(size), int(dim))
+    return {**props, "input_size": tuple(size), "mean": tuple(mean), "std": tuple(std), "embedding_dim": int(dim),
+            "tta": tta}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _numbers(meta: records.Record, key: str, n: int, expected: str, integer: bool = False,
+             positive: bool = False) -> list:
+    """A metadata field holding a JSON list of `n` numbers (ints >= 1 with `integer`, > 0 with `positive`)."""
+    value = meta.json_value(key, expected)
+    ok = isinstance(value, list) and len(value) == n and all(
+        _positive_int(v) if integer else
+        (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive))
+        for v in value)
+    if not ok:
+        raise meta.error(key, expected, meta.get(key))
+    return [int(v) for v in value] if integer else [float(v) for v in value]
+
+
+def _check_graph(model: Any, path: str | Path, size_hw: tuple[int, int], dim: int) -> None:
+    """The graph must take `images` (batch, 3, H, W) and give `embeddings` (batch, D) as the metadata says (axes
+    left symbolic are not checked); a file whose metadata and graph disagree is refused naming both."""
+    graph = model.graph
+    inputs = {i.name: i for i in graph.input}
+    outputs = {o.name: o for o in graph.output}
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        raise SubmitError(f"{path}: graph: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r} (a reident-submit "
+                          f"export), got inputs {sorted(inputs)} and outputs {sorted(outputs)}")
+    got_in, got_out = _dims(inputs[INPUT_NAME]), _dims(outputs[OUTPUT_NAME])
+    if len(got_out) == 2 and got_out[1] is None:  # the exporter leaves the width symbolic: infer it
+        got_out = _inferred_output(model) or got_out
+    want_in: list[int | None] = [None, 3, *size_hw]
+    if len(got_in) != 4 or any(g is not None and g != w for g, w in zip(got_in, want_in)):
+        raise SubmitError(f"{path}: metadata.input_size: {list(size_hw)} disagrees with the graph's input "
+                          f"{_shape(got_in)}; expected (batch, 3, {size_hw[0]}, {size_hw[1]})")
+    if len(got_out) != 2 or (got_out[1] is not None and got_out[1] != dim):
+        raise SubmitError(f"{path}: metadata.embedding_dim: {dim} disagrees with the graph's output "
+                          f"{_shape(got_out)}; expected (batch, {dim})")
+
+
+def _inferred_output(model: Any) -> list[int | None] | None:
+    """The output's shape after ONNX shape inference (None when inference fails on this graph)."""
+    try:
+        inferred = _onnx().shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference is a best-effort check; onnxruntime still checks at run time
+        return None
+    return next((_dims(o) for o in inferred.graph.output if o.name == OUTPUT_NAME), None)
+
+
+def _dims(value_info: Any) -> list[int | None]:
+    """A graph input's or output's shape: ints where fixed, None where symbolic or unknown."""
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+
+
+def _shape(dims: list[int | None]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+
+
+def member_tta(path: str | Path) -> TTASpec:
+    """The TTA an `onnx:` member embeds with before its own `tta:` override: the recorded one (the run's), else,
+    for a file exported before the TTA was recorded, `TTASpec()`'s defaults with a one-line note (logged once)."""
+    recorded = read_metadata(path)["tta"]
+    if recorded is not None:
+        return recorded
+    _note_default_tta(str(path))
+    return TTASpec()
+
+
+@functools.cache
+def _note_default_tta(path: str) -> None:
+    defaults = config.to_mapping(TTASpec())
+    logging.getLogger(__name__).info(
+        f"note: {path} records no TTA (exported before the run's TTA was recorded); assuming the defaults "
+        f"{json.dumps(defaults)}; export it again to embed as its run does")
 
 
 class OnnxEmbedder(nn.Module):
@@ -214,6 +320,9 @@ class OnnxEmbedder(nn.Module):
         """(B, 3, H, W) normalised images -> (B, D) L2-normalised features (un-normalised back to [0, 1] first)."""
         images = (x.float() * self._std + self._mean).detach().cpu().numpy()
         out = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        if out.ndim != 2 or out.shape[1] != self.embed_dim:
+            raise SubmitError(f"{self.name[len('onnx:'):]}: metadata.embedding_dim: {self.embed_dim} disagrees with "
+                              f"the graph's output {tuple(out.shape)}; expected (batch, {self.embed_dim})")
         return torch.from_numpy(out).to(x.device)
 
 

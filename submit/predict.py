@@ -26,12 +26,12 @@ from submit import atomic, config, embedding, ensembling, holdout, reranking, tr
 from submit.backbones import build_embedder
 from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec, resolve_spec_path
 from submit.errors import SubmitError
-from submit.export import OnnxEmbedder, read_metadata
+from submit.export import OnnxEmbedder, member_tta, read_metadata
 from submit.jersey import spec_numbers
 from submit.manifest import fingerprint, read_manifest, select
 from submit.metrics import METRIC_KEYS, evaluate_distances
 from submit.ranking_file import read_ranking, write_ranking
-from submit.recipe import BackboneSpec, TTASpec, load_recipe
+from submit.recipe import BackboneSpec, load_recipe
 from submit.reranking import cosine_distance
 from submit.run_folder import recorded_manifest
 
@@ -328,10 +328,12 @@ def member_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame
 
 def _onnx_features(member: MemberSpec, data_dir: str | Path, rows: pd.DataFrame, device: str | None,
                    workers: int, progress: bool) -> np.ndarray:
-    """An `onnx:` member: the exported file (onnxruntime) under the member's `tta` over TTASpec's defaults."""
+    """An `onnx:` member: the exported file (onnxruntime) under the member's `tta` over the TTA the file records
+    (its run's, `export.member_tta`), so it ranks as the same run used as a `run:` member does."""
     path = member.onnx or ""
-    return embedding.embed(lambda: OnnxEmbedder(path), data_dir, rows, member.tta.apply(TTASpec()), device=device,
-                           workers=workers, identity=embedding.checkpoint_identity(path, "onnx"), precision="fp32",
+    tta = member.tta.apply(member_tta(path))
+    return embedding.embed(lambda: OnnxEmbedder(path), data_dir, rows, tta, device=device, workers=workers,
+                           identity=embedding.checkpoint_identity(path, "onnx"), precision="fp32",
                            progress=progress, label=f"embed {member.name}")
 
 

@@ -10,13 +10,12 @@ skipped with a note. Times are the training seconds the epochs recorded (validat
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import yaml
 
-from submit import atomic
+from submit import atomic, records
 from submit.errors import SubmitError
 from submit.metrics import METRIC_LABELS
 
@@ -95,80 +94,85 @@ def find_runs(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     return [next(p for p in found if p.resolve() == u) for u in unique], notes
 
 
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """One history row as read (and checked) from metrics.json or last.pt."""
+
+    epoch: int
+    step: int
+    mAP: float | None
+    rank1: float | None
+    mINP: float | None
+    seconds: float
+
+
 def read_run(path: str | Path) -> RunSummary:
-    """Summarise one run folder (one-line errors naming a damaged file)."""
+    """Summarise one run folder; a damaged file, or a field of the wrong type in it, is one line naming the file
+    and the field (`submit.records`): the run is refused, never summarised from half-read numbers."""
     path = Path(path)
     recipe = _read_yaml(path / "recipe.yaml")
-    metrics = _read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+    metrics = records.read_json(path / "metrics.json", "a JSON object with 'history'") \
+        if (path / "metrics.json").is_file() else records.Record({}, path / "metrics.json")
     state, ckpt_history, ckpt_manifest = _read_last(path / "last.pt")
-    history = [r for r in metrics.get("history", ckpt_history) if isinstance(r, dict)]
-    scored = [r for r in history if r.get("mAP") is not None]
-    best = max(scored, key=lambda r: r["mAP"]) if scored else None
+    history = [_row(r) for r in (metrics.records("history") if "history" in metrics else ckpt_history)]
+    scored = [r for r in history if r.mAP is not None]
+    best = max(scored, key=lambda r: r.mAP or 0.0) if scored else None
     last = scored[-1] if scored else None
-    train = recipe["train"] if isinstance(recipe.get("train"), dict) else {}
-    backbone = recipe["backbone"] if isinstance(recipe.get("backbone"), dict) else {}
-    epochs_done = state.get("epoch", max((int(r.get("epoch", 0)) for r in history), default=0))
+    train = recipe.mapping("train") or records.Record({}, recipe.source, "train")
+    backbone = recipe.mapping("backbone") or records.Record({}, recipe.source, "backbone")
+    epochs_done = state.integer("epoch", minimum=0)
+    steps = state.integer("step", minimum=0)
     return RunSummary(
-        run_dir=str(path), name=path.name, recipe=str(metrics.get("recipe") or recipe.get("name") or path.name),
-        backbone=str(backbone.get("name", "?")), epochs_done=int(epochs_done),
-        epochs_planned=_int_or_none(train.get("epochs")),
-        steps=int(state.get("step", max((int(r.get("step", 0)) for r in history), default=0))),
-        best_mAP=_get(best, "mAP"), best_rank1=_get(best, "rank1"), best_epoch=_int_or_none(_get(best, "epoch")),
-        last_mAP=_get(last, "mAP"), last_rank1=_get(last, "rank1"),
-        train_seconds=float(sum(float(r.get("seconds") or 0.0) for r in history)),
-        manifest=metrics.get("manifest") or ckpt_manifest, validation=metrics.get("validation"),
+        run_dir=str(path), name=path.name,
+        recipe=metrics.text("recipe") or recipe.text("name") or path.name,
+        backbone=backbone.text("name") or "?",
+        epochs_done=max((r.epoch for r in history), default=0) if epochs_done is None else epochs_done,
+        epochs_planned=train.integer("epochs"),
+        steps=max((r.step for r in history), default=0) if steps is None else steps,
+        best_mAP=_score(best, "mAP"), best_rank1=_score(best, "rank1"), best_epoch=None if best is None else best.epoch,
+        last_mAP=_score(last, "mAP"), last_rank1=_score(last, "rank1"),
+        train_seconds=float(sum(r.seconds for r in history)),
+        manifest=metrics.text("manifest") or ckpt_manifest, validation=metrics.text("validation"),
         curve=_curve(history))
 
 
-def _curve(history: list[dict]) -> tuple[CurvePoint, ...]:
+def _row(record: records.Record) -> _Row:
+    """A history row's fields, checked: integers for epoch and step, numbers (NaN read as none) for scores."""
+    return _Row(epoch=record.integer("epoch", 0, minimum=0) or 0, step=record.integer("step", 0, minimum=0) or 0,
+                mAP=record.number("mAP", nonfinite_null=True), rank1=record.number("rank1", nonfinite_null=True),
+                mINP=record.number("mINP", nonfinite_null=True),
+                seconds=record.number("seconds", nonfinite_null=True, minimum=0.0) or 0.0)
+
+
+def _curve(history: list[_Row]) -> tuple[CurvePoint, ...]:
     """Validated epochs in order; a row stopped mid-epoch gives way to the later row of the same epoch."""
-    rows: dict[int, dict] = {}
-    for row in history:
-        if row.get("mAP") is not None:
-            rows[int(row.get("epoch", 0))] = row
-    return tuple(CurvePoint(e, int(r.get("step", 0)), _get(r, "mAP"), _get(r, "rank1"), _get(r, "mINP"))
-                 for e, r in sorted(rows.items()))
+    rows = {r.epoch: r for r in history if r.mAP is not None}
+    return tuple(CurvePoint(e, r.step, r.mAP, r.rank1, r.mINP) for e, r in sorted(rows.items()))
 
 
-def _get(row: dict | None, key: str) -> Any:
-    value = None if row is None else row.get(key)
-    return float(value) if isinstance(value, (int, float)) else None
+def _score(row: _Row | None, key: str) -> float | None:
+    return None if row is None else getattr(row, key)
 
 
-def _int_or_none(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) else None
-
-
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path) -> records.Record:
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         raise SubmitError(f"{path}: not readable YAML ({type(exc).__name__})") from None
     if not isinstance(data, dict):
         raise SubmitError(f"{path}: expected a recipe mapping")
-    return data
+    return records.Record(data, path)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SubmitError(f"{path}: not readable JSON ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise SubmitError(f"{path}: expected a JSON object with 'history'")
-    return data
-
-
-def _read_last(path: Path) -> tuple[dict, list, str | None]:
-    """(state, history, manifest) of last.pt, memory-mapped; empty when the run has none."""
+def _read_last(path: Path) -> tuple[records.Record, list[records.Record], str | None]:
+    """(state, history rows, manifest) of last.pt, memory-mapped, checked as metrics.json is; empty without one."""
     if not path.is_file():
-        return {}, [], None
+        return records.Record({}, path, "state"), [], None
     from submit.run_folder import load_checkpoint  # lazy for start-up: torch, only for runs with a last.pt
 
-    ckpt = load_checkpoint(path, mmap=True)
-    state = ckpt["state"] if isinstance(ckpt.get("state"), dict) else {}
-    manifest = ckpt.get("manifest")
-    return state, list(ckpt.get("history") or []), manifest if isinstance(manifest, str) else None
+    ckpt = records.Record(load_checkpoint(path, mmap=True), path)
+    state = ckpt.mapping("state") or records.Record({}, path, "state")
+    return state, ckpt.records("history"), ckpt.text("manifest")
 
 
 def list_runs(paths: Sequence[str | Path], sort: str = "mAP") -> RunsTable:
@@ -185,8 +189,8 @@ def list_runs(paths: Sequence[str | Path], sort: str = "mAP") -> RunsTable:
 
 
 def to_json(table: RunsTable) -> str:
-    """The table for machines: {"sort", "runs": [...], "notes": [...]}."""
-    return json.dumps(dataclasses.asdict(table), indent=2)
+    """The table for machines: {"sort", "runs": [...], "notes": [...]}; always JSON (a non-finite number is null)."""
+    return records.dumps(dataclasses.asdict(table), indent=2)
 
 
 def plot_curves(runs: Sequence[RunSummary], out: str | Path) -> Path:
