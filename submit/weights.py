@@ -25,7 +25,7 @@ from submit.config import read_yaml
 from submit.ensembling import load_spec
 from submit.errors import SubmitError, first_line
 from submit.recipe import load_recipe
-from submit.weight_sources import SOURCES, cached_source, fetch_source, missing_source
+from submit.weight_sources import SOURCES, cache_entry, check_architecture, fetch_source, missing_source
 
 OPEN_CLIP = "open_clip:"
 TIMM = "timm:"
@@ -48,6 +48,7 @@ class Location:
     url: str = ""  # url: the address and the folder it is cached in
     cache: Path | None = None
     tag_cfg: dict = field(default_factory=dict)  # open_clip tags: preprocessing (mean/std, QuickGELU)
+    problem: str = ""  # source: why the cache entry cannot be used (damaged), the line `obtain` raises
 
 
 def locate(backbone_name: str, pretrained: str | None) -> Location:
@@ -68,6 +69,8 @@ def obtain(loc: Location) -> Path:
     if loc.kind == "url":
         return _url_download(loc.url, loc.cache or Path("."), loc.what)
     if loc.kind == "source":
+        if loc.problem:  # damaged: `weights fetch NAME --force` (or a plain fetch) repairs it
+            raise SubmitError(loc.problem)
         return missing_source(SOURCES[str(loc.pretrained)])
     raise SubmitError(f"pretrained checkpoint {loc.origin}: file not found")
 
@@ -134,7 +137,9 @@ def _locate_common(model: str, pretrained: str | None, hub_files: tuple[str, ...
         return Location(None, "none", "random initialisation")
     if pretrained in SOURCES:
         source = SOURCES[pretrained]
-        return Location(pretrained, "source", source.origin, cached_source(source, model), f"weights {pretrained}")
+        check_architecture(source, model)
+        path, problem = cache_entry(source)  # a damaged entry is located, not refused: fetch --force repairs it
+        return Location(pretrained, "source", source.origin, path, f"weights {pretrained}", problem=problem or "")
     if pretrained.startswith(HF_HUB):
         return _hub_location(pretrained[len(HF_HUB):], hub_files, pretrained)
     return None
@@ -189,11 +194,23 @@ def _file_in_folder(folder: Path, files: tuple[str, ...]) -> Path:
     """The first loadable of `files` in `folder`, or in the snapshot its `refs/main` (else its only
     snapshot) names; one line naming the folder and the files looked for when there is none."""
     snapshots = sorted(p for p in (folder / "snapshots").glob("*") if p.is_dir())
+    ref = folder / "refs" / "main"
     try:
-        snapshots = [folder / "snapshots" / (folder / "refs" / "main").read_text().strip()]
-    except OSError:  # no refs/main (or unreadable): the only snapshot, if there is exactly one
-        pass
-    for place in [folder, *(snapshots if len(snapshots) == 1 else [])]:
+        revision: str | None = ref.read_text().strip()
+    except (OSError, UnicodeDecodeError):  # no refs/main (or unreadable): the only snapshot, if there is exactly one
+        revision = None
+    for name in files:  # a plain model folder: the file itself
+        if _loadable(name) and (folder / name).is_file():
+            return folder / name
+    if revision is not None:
+        named = folder / "snapshots" / revision
+        if not revision or revision in (".", "..") or "/" in revision or "\\" in revision or not named.is_dir():
+            found = ", ".join(p.name for p in snapshots) or "none"
+            raise SubmitError(f"{ref}: names snapshot {revision[:64]!r}, which is not in {folder / 'snapshots'} "
+                              f"(a stale ref; snapshots there: {found}); expected the name of a snapshot there: "
+                              "download the repo again, or write one of them into refs/main")
+        snapshots = [named]
+    for place in snapshots if len(snapshots) == 1 else []:
         for name in files:
             if _loadable(name) and (place / name).is_file():
                 return place / name
