@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -202,7 +203,19 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata_props of an exported file, each field checked (`submit.records`) and against the graph:
     input_size (2 positive ints, the graph's H, W where fixed), mean and std (3 finite numbers, std > 0),
     embedding_dim (a positive int, the graph's output width where fixed), tta (a recipe `tta` mapping; None for a
-    file exported before it was recorded). One line naming the file and the field for a foreign or damaged file."""
+    file exported before it was recorded). One line naming the file and the field for a foreign or damaged file.
+    Read once per version of the file (size, mtime, inode): predict asks for it per member and per split."""
+    try:
+        st = os.stat(path)
+        version: tuple[int, int, int] | None = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:
+        version = None
+    return dict(_read_metadata(str(path), version))
+
+
+@functools.lru_cache(maxsize=16)
+def _read_metadata(path: str, version: tuple[int, int, int] | None) -> dict[str, Any]:
+    """`read_metadata` of one version of the file (`version` only keys the cache)."""
     onnx = _onnx()
     try:
         model = onnx.load(str(path), load_external_data=False)
