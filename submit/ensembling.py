@@ -19,7 +19,7 @@ The spec (`ensembles/*.yaml`, loaded by `load_spec` into the frozen `EnsembleSpe
         weight: 1.0                # fusion weight (default 1)
         tta: {scales: [1.0, 1.1]}  # optional override of the recipe's tta fields (hflip, scales, batch_size)
       - recipe: ../models/vit-l-14-openai.yaml   # a recipe: its pretrained backbone used zero-shot
-      - onnx: embedder.onnx        # a file from `reident-submit export` (onnxruntime; TTA from `tta` only)
+      - onnx: embedder.onnx        # from `reident-submit export` (onnxruntime; the run's TTA it records + `tta`)
     fusion: mean+reliability       # a name in FUSIONS
     reliability_k: 15
     postprocess:                   # applied in order; ops: submit.reranking.STEPS; k_reciprocal (distances out) last
