@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from submit import atomic
+from submit import atomic, ranking_file
 from submit import manifest as mf
 from submit.errors import SubmitError
 from submit.metrics import METRIC_LABELS, average_precision, evaluate_distances
@@ -53,13 +53,22 @@ class Aligned:
 
 
 def load_aligned(ranking_csv: str | Path, data_dir: str | Path, split: str = "auto") -> Aligned:
-    """Read the ranking file and map its rows/columns to manifest rows (stable sort by image_id)."""
-    dist, q_ids, g_ids = read_ranking(ranking_csv)  # validated: ids ascending, as manifest.select orders rows
+    """Read the ranking file and map its rows/columns to manifest rows (stable sort by image_id).
+
+    The manifest is read first: the ranking file is bounded by what one for its split (or, with `auto`, for
+    the manifest's largest ranked split) can be, so a huge file is refused before it is read."""
+    if split not in ("auto", "test", "challenge"):
+        raise SubmitError(f"--split {split!r}: expected auto, test or challenge")
     df = mf.read_manifest(data_dir)
+    limit = ranking_file.manifest_size_limit(df, None if split == "auto" else split)
+    if limit is None:
+        which = "test or challenge" if split == "auto" else split
+        raise SubmitError(f"{ranking_csv}: the manifest in {data_dir} has no {which} query and gallery images "
+                          "to compare with")
+    # validated: ids ascending, as manifest.select orders rows
+    dist, q_ids, g_ids = read_ranking(ranking_csv, limit=limit)
     if split == "auto":
         split = _detect_split(df, q_ids, g_ids, ranking_csv, data_dir)
-    if split not in ("test", "challenge"):
-        raise SubmitError(f"--split {split!r}: expected auto, test or challenge")
     queries = _rows(df, split, "query", q_ids, ranking_csv)
     gallery = _rows(df, split, "gallery", g_ids, ranking_csv)
     return Aligned(dist=dist, queries=queries, gallery=gallery, split=split)

@@ -127,7 +127,10 @@ def _make_zip(root: Path, players: int, seqs: int, frames: int, seed: int) -> Pa
     """The dataset as a zip, built in a scratch folder beside it and written atomically (submit.atomic)."""
     zpath = root if root.suffix == ".zip" else root.with_suffix(".zip")
     atomic.remove_stale(zpath)
-    scratch = atomic.temp_for(zpath)
+    try:
+        scratch = atomic.make_temp_dir(zpath)  # created here, exclusively: a link planted at the name is not followed
+    except OSError as exc:
+        raise atomic.write_error(exc, zpath) from None
     try:
         make_dataset(scratch, players, seqs, frames, seed)
         with atomic.atomic_path(zpath) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
