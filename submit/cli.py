@@ -30,11 +30,29 @@ class _StderrLines(logging.Handler):
 
 
 def _log_to_stderr() -> None:
-    """Show the library's progress lines (e.g. training's per-epoch line) as the commands always printed them."""
+    """Show the library's progress lines (e.g. training's per-epoch line) as the commands always printed them:
+    once each, on stderr.
+
+    The `submit` logger does not propagate meanwhile: a handler on the root logger (the one `logging.warning`
+    installs through `basicConfig` when a library such as open_clip warns) would print every line a second
+    time. The handler, level and propagation are restored when the command ends, so a caller that runs the
+    CLI in-process (a notebook, the tests) keeps its own logging."""
     logger = logging.getLogger("submit")
-    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
-        logger.addHandler(_StderrLines())
+    if any(isinstance(h, _StderrLines) for h in logger.handlers):
+        return
+    handler, level, propagate = _StderrLines(), logger.level, logger.propagate
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(restore)
 
 
 _INVOKED = "submit.invoked"  # ctx.meta key: (command name, its parsed options)
