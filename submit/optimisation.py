@@ -1,5 +1,6 @@
 """What the optimiser needs besides the model: AdamW parameter groups (no decay on norms, biases and the
-temperature; optional layer-wise LR decay by depth), the LR schedule per step, and the EMA of the weights."""
+temperature; optional layer-wise LR decay by depth), the epochs' lengths and the LR schedule per step, and the
+EMA of the weights."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import copy
 import dataclasses
 import math
 import re
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -39,6 +40,48 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
                                                    "lr_scale": scale})
         group["params"].append(param)
     return list(groups.values())
+
+
+EXACT_EPOCHS = 100  # `EpochLengths.total` draws at most this many epochs (the rest at their mean)
+
+
+class EpochLengths:
+    """Optimiser steps per epoch, each asked of `length(epoch)` only when needed (and once), so the work of a run
+    bounded by `--max-steps` is bounded too, whatever `train.epochs` says (an epoch's length depends on its
+    shuffle: drawing one costs a pass over the training rows).
+
+    `total`, the length of the LR schedule: the exact sum over the epochs when there are at most `EXACT_EPOCHS`;
+    beyond that, the first `EXACT_EPOCHS` drawn and every later epoch counted at their mean (rounded), since
+    drawing them all would take as long as the epochs say (an epoch's length varies by a batch or so, so the
+    decay then ends within a few steps of the last one).
+    """
+
+    def __init__(self, length: Callable[[int], int], epochs: int) -> None:
+        self.length, self.epochs = length, epochs
+        self._known: dict[int, int] = {}
+        self._total: int | None = None
+
+    def __len__(self) -> int:
+        return self.epochs
+
+    def __getitem__(self, epoch: int) -> int:
+        if not 0 <= epoch < self.epochs:
+            raise IndexError(f"epoch {epoch} out of range 0..{self.epochs - 1}")
+        if epoch not in self._known:
+            self._known[epoch] = int(self.length(epoch))
+        return self._known[epoch]
+
+    def __iter__(self) -> Iterator[int]:
+        return (self[e] for e in range(self.epochs))
+
+    @property
+    def total(self) -> int:
+        """Steps over all epochs: exact up to `EXACT_EPOCHS` epochs, else extrapolated from the first ones."""
+        if self._total is None:
+            drawn = [self[e] for e in range(min(self.epochs, EXACT_EPOCHS))]
+            rest = self.epochs - len(drawn)
+            self._total = sum(drawn) + (round(rest * sum(drawn) / len(drawn)) if rest else 0)
+        return self._total
 
 
 @dataclasses.dataclass(frozen=True)

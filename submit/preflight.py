@@ -29,6 +29,7 @@ from submit.backbones import build_embedder
 from submit.device import amp_dtype, pick_device, precision_note
 from submit.errors import SubmitError
 from submit.manifest import read_manifest
+from submit.optimisation import EpochLengths
 from submit.recipe import Recipe
 from submit.sampler import PairBatchSampler
 from submit.train_data import make_splits
@@ -59,7 +60,7 @@ class Preflight:
     peak_memory: int  # bytes
     memory_kind: str  # what `peak_memory` counts
     static_memory: int  # bytes of weights + gradients + AdamW state (+ EMA): independent of the batch
-    total_steps: int | None = None  # with data: the recipe's optimiser steps over all epochs
+    total_steps: int | None = None  # with data: the recipe's optimiser steps over all epochs (EpochLengths.total)
     estimated_seconds: float | None = None
     budget: int | None = None  # bytes, from --memory
     fits: bool | None = None
@@ -147,15 +148,16 @@ def _time_steps(step: TrainStep, recipe: Recipe, dev: torch.device, steps: int) 
 
 
 def _recipe_steps(recipe: Recipe, data_dir: str | Path) -> int:
-    """The optimiser steps of the whole recipe on DATA_DIR's training rows (one process)."""
+    """The optimiser steps of the whole recipe on DATA_DIR's training rows (one process), counted as the loop
+    counts them (`EpochLengths.total`: bounded work whatever `train.epochs` says)."""
     t = recipe.train
     splits = make_splits(read_manifest(data_dir), recipe.data, recipe.seed)
     sampler = PairBatchSampler(splits.train["pid"].tolist(), t.pairs_per_batch * t.accum_steps, 1, 0, recipe.seed)
-    steps = sum(len(sampler.global_batches(e)) for e in range(t.epochs))
-    if steps == 0:
+    lengths = EpochLengths(lambda e: len(sampler.global_batches(e)), t.epochs)
+    if lengths[0] == 0:
         raise SubmitError(f"{data_dir}: the global batch needs {sampler.global_pairs} distinct identities with >= 2 "
                           f"images, the training rows have {len(sampler.groups)}")
-    return steps
+    return lengths.total
 
 
 def _peak(dev: torch.device) -> tuple[int, str]:
