@@ -5,9 +5,14 @@ rate, temperature = CLIP's logit scale, images/s) and `validation` after each va
 mINP, ...). `open_reporter` builds it from `--report-to` (`tensorboard`, `wandb`, `none`, comma-separated):
 
 - `tensorboard`: event files in RUN_DIR/tb/ (`tensorboard --logdir RUNS`), tags `train/*` and `val/*`, the
-  resolved recipe as text. The global step is the x axis; a resumed run opens its writer with
-  `purge_step = resumed step + 1`, so steps logged after the last checkpoint by a killed run are dropped by
-  every reader and nothing appears twice.
+  resolved recipe as text. The global step is the x axis. The loop flushes the reporter before it writes each
+  checkpoint (`flush`), and writes an epoch's checkpoint after its validation is reported, so the event files
+  hold every record up to the checkpoint's step; a resumed run opens its writer with
+  `purge_step = resumed step + 1`, so what a killed run logged after its last checkpoint is dropped by every
+  reader and logged again (a run started afresh where a killed one left events before its first checkpoint
+  purges from step 0). Readers take a folder's event files in name order, which begins with the second the
+  writer was opened, so a new writer waits for the next second when an earlier file bears this one. A resumed
+  run thus leaves the event history of a run never interrupted (every step and every validation once).
 - `wandb`: only when the `wandb` package is importable; offline (RUN_DIR/wandb/) unless WANDB_MODE is set.
   The run id is kept in RUN_DIR/tb/wandb-id so a resume continues the same W&B run.
 
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -30,6 +37,7 @@ DEFAULT = ("tensorboard",)
 STEP_KEYS = ("loss", "lr", "temperature", "images_per_s")
 VALIDATION_KEYS = METRIC_KEYS
 TB_DIR = "tb"
+_EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")  # the second its writer was opened comes first
 
 
 class Reporter(Protocol):
@@ -40,6 +48,9 @@ class Reporter(Protocol):
 
     def validation(self, row: Mapping[str, Any]) -> None:
         """One validated epoch's metrics row (keys `step`, `epoch` and `VALIDATION_KEYS`, None when skipped)."""
+
+    def flush(self) -> None:
+        """Put every record so far on disk (the loop calls it before writing a checkpoint)."""
 
     def close(self) -> None:
         """Flush and release files."""
@@ -53,6 +64,9 @@ class NullReporter:
 
     def validation(self, row: Mapping[str, Any]) -> None:
         """Ignore the validation row."""
+
+    def flush(self) -> None:
+        """Nothing to flush."""
 
     def close(self) -> None:
         """Nothing to release."""
@@ -70,11 +84,15 @@ class TensorBoardReporter:
         self._writer: Any = None
 
     def _get(self) -> Any:
-        """The writer, created on first use; on resume it purges what a killed run logged after its checkpoint."""
+        """The writer, created on first use; on resume it purges what a killed run logged after its checkpoint,
+        on a fresh start everything a killed run logged before its first one, in a file that sorts last."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = self.start_step + 1 if self.start_step > 0 else None
+            earlier = _opened_at(self.log_dir)
+            purge = self.start_step + 1 if self.start_step > 0 else (0 if earlier else None)
+            if earlier:
+                _wait_past(max(earlier))
             self._writer = SummaryWriter(str(self.log_dir), purge_step=purge)
             if self.start_step == 0:
                 self._writer.add_text("recipe", f"```yaml\n{self.recipe_text}```", global_step=0)
@@ -97,11 +115,33 @@ class TensorBoardReporter:
                 writer.add_scalar(f"val/{key}", float(row[key]), global_step=int(row["step"]))
         writer.flush()  # a validation is rare and worth keeping if the run is killed next
 
+    def flush(self) -> None:
+        """Write the queued events to the event file (nothing when no writer was opened)."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         """Flush and close the event file."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _opened_at(log_dir: Path) -> list[int]:
+    """The seconds at which the event files already in `log_dir` were opened (from their names)."""
+    try:
+        names = [p.name for p in log_dir.iterdir()]
+    except OSError:  # no folder yet
+        return []
+    return [int(m.group(1)) for m in map(_EVENT_FILE.match, names) if m]
+
+
+def _wait_past(second: int, most: float = 2.0) -> None:
+    """Sleep until the clock is past `second` (at most `most` seconds: a file from a clock ahead of this one is
+    not waited for), so a file opened next sorts after one opened then."""
+    deadline = time.time() + most
+    while int(time.time()) <= second and time.time() < deadline:
+        time.sleep(0.02)
 
 
 class WandbReporter:
@@ -134,6 +174,9 @@ class WandbReporter:
             self._get().log({f"val/{k}": float(row[k]) for k in VALIDATION_KEYS if row.get(k) is not None},
                             step=int(row["step"]))
 
+    def flush(self) -> None:
+        """W&B writes its own files as it goes: nothing to do."""
+
     def close(self) -> None:
         """Finish the W&B run."""
         if self._run is not None:
@@ -142,7 +185,8 @@ class WandbReporter:
 
 
 def _new_scores(row: Mapping[str, Any], start_step: int) -> bool:
-    """A row with metrics that the run has not reported before (a resumed run re-validates its stop step)."""
+    """A row with metrics that the run has not reported before: the event files of a resumed run already hold
+    every record up to its checkpoint's step (the loop flushes before it checkpoints)."""
     return row.get("mAP") is not None and (start_step == 0 or int(row["step"]) > start_step)
 
 
@@ -161,6 +205,11 @@ class MultiReporter:
         """Forward the validation row to each reporter."""
         for reporter in self.reporters:
             reporter.validation(row)
+
+    def flush(self) -> None:
+        """Flush each reporter."""
+        for reporter in self.reporters:
+            reporter.flush()
 
     def close(self) -> None:
         """Close each reporter."""

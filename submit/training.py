@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -58,7 +59,7 @@ from submit.ensembling import load_spec
 from submit.errors import SubmitError, loader_errors
 from submit.manifest import fingerprint, read_manifest
 from submit.metrics import METRIC_KEYS, evaluate_distances
-from submit.optimisation import LRSchedule
+from submit.optimisation import EpochLengths, LRSchedule
 from submit.progress import progress_bar
 from submit.recipe import Recipe, apply_overrides, load_recipe
 from submit.reranking import cosine_distance
@@ -121,7 +122,8 @@ class _Trainer:
         embedder = build_embedder(recipe.backbone)
         self.train_step = TrainStep.build(recipe, embedder, device, distributed=info.world_size > 1)
         self.sampler = self._sampler()
-        self.steps_per_epoch = [len(self.sampler.global_batches(e)) for e in range(recipe.train.epochs)]
+        # drawn per epoch when needed: a run bounded by --max-steps draws only the epochs it reaches
+        self.steps_per_epoch = EpochLengths(lambda e: len(self.sampler.global_batches(e)), recipe.train.epochs)
         self.schedule = self._schedule()
         self.loader = self._loader(embedder)
         self.state = TrainState()
@@ -136,14 +138,15 @@ class _Trainer:
                                 self.info.world_size, self.info.rank, self.recipe.seed)
 
     def _schedule(self) -> LRSchedule:
-        """The LR per optimizer step over the recipe's epochs; refuses a batch the identities cannot fill."""
+        """The LR per optimizer step over the recipe's epochs (`EpochLengths.total`); refuses a batch the identities
+        cannot fill."""
         t = self.recipe.train
-        if not self.steps_per_epoch or self.steps_per_epoch[0] == 0:
+        if self.steps_per_epoch[0] == 0:
             raise SubmitError(
                 f"recipe: key 'train.pairs_per_batch': the global batch needs {self.sampler.global_pairs} distinct "
                 f"identities with >= 2 images, the training rows have {len(self.sampler.groups)}")
         return LRSchedule(t.lr, t.min_lr, round(t.warmup_epochs * self.steps_per_epoch[0]),
-                          sum(self.steps_per_epoch), t.schedule, t.poly_power)
+                          self.steps_per_epoch.total, t.schedule, t.poly_power)
 
     def _loader(self, embedder: nn.Module) -> DataLoader:
         """Augmented crop pairs in the sampler's order, decoded by `data.workers` processes."""
@@ -172,6 +175,7 @@ class _Trainer:
         rngs = gather_objects(rng_state(), self.info)
         if not self.info.main:
             return
+        self.reporter.flush()  # the event files hold every step this checkpoint covers (a resume purges the rest)
         s = self.state
         obj = {
             "format": FORMAT, "kind": "last", "recipe": config.to_mapping(self.recipe), "manifest": self.manifest,
@@ -194,19 +198,24 @@ class _Trainer:
     # -- epochs --
 
     def run(self, max_steps: int | None, progress: bool) -> None:
-        """Train from the current state until the recipe's epochs (or `max_steps`) are done."""
-        total = sum(self.steps_per_epoch)
-        stop = min(total, max_steps) if max_steps is not None else total
+        """Train from the current state until the recipe's epochs (or `max_steps`) are done.
+
+        The epochs end the run (the schedule's total may be an estimate, `EpochLengths.total`); `max_steps` ends it
+        mid-epoch with a partial validation, unless that step is validated already (a resumed run that
+        `--max-steps` stopped there: nothing to do, and no row twice)."""
+        s = self.state
+        stop = max_steps if max_steps is not None else math.inf
         bar = _progress(progress and self.info.main)
         with bar:
-            task = bar.add_task("train", total=stop, completed=self.state.step, loss=float("nan"), lr=0.0,
-                                temp=self.train_step.temperature, ips=0.0)
-            while self.state.step < stop and self.state.epoch < self.recipe.train.epochs:
+            task = bar.add_task("train", total=min(self.steps_per_epoch.total, stop), completed=s.step,
+                                loss=float("nan"), lr=0.0, temp=self.train_step.temperature, ips=0.0)
+            while s.step < stop and s.epoch < self.recipe.train.epochs:
                 self._run_epoch(stop, bar, task)
-        if self.state.batch_in_epoch and self.state.step >= stop:
+        validated = bool(s.history) and s.history[-1]["step"] == s.step
+        if s.batch_in_epoch and s.step >= stop and not validated:
             self._end_epoch(partial=True)
 
-    def _run_epoch(self, stop: int, bar: Any, task: Any) -> None:
+    def _run_epoch(self, stop: float, bar: Any, task: Any) -> None:
         """The rest of the current epoch (or up to `stop`), checkpointing every `train.checkpoint_every` steps."""
         s, every = self.state, self.recipe.train.checkpoint_every
         self.sampler.set_epoch(s.epoch, start=s.batch_in_epoch)
@@ -224,8 +233,8 @@ class _Trainer:
                 if s.batch_in_epoch < self.steps_per_epoch[s.epoch]:
                     return
                 break
-            if every and s.step % every == 0:
-                self.save_last()
+            if every and s.step % every == 0 and s.batch_in_epoch < self.steps_per_epoch[s.epoch]:
+                self.save_last()  # (not after an epoch's last batch: the epoch's end checkpoints next)
         self._end_epoch(partial=False)
 
     def _optimizer_step(self, batch: torch.Tensor) -> tuple[float, float]:
@@ -255,7 +264,10 @@ class _Trainer:
         """Hook called after every optimizer step (tests slow runs down here to kill them mid-way)."""
 
     def _end_epoch(self, partial: bool) -> None:
-        """Validate, record the row, save last.pt (and best.pt on a new best mAP), write the metrics files."""
+        """Validate, record the row, write best.pt (on a new best mAP), the metrics files and the curves, then
+        last.pt. The checkpoint comes last: a kill before it is redone by a resume from the previous checkpoint,
+        and everything it covers (best.pt, metrics, the flushed event files) is on disk once it is written, so a
+        resumed run leaves what an uninterrupted one leaves (no validation lost, none twice)."""
         s = self.state
         row = self._epoch_row()
         is_best = self.splits.query is None or row["mAP"] > s.best_map
@@ -264,7 +276,6 @@ class _Trainer:
         s.history.append(row)
         if not partial:
             s.epoch, s.batch_in_epoch, s.loss_sum, s.loss_count = s.epoch + 1, 0, 0.0, 0
-        self.save_last()
         if is_best:
             self.save_best(row)
         if self.info.main:
@@ -273,6 +284,8 @@ class _Trainer:
                                                     "world_size": self.info.world_size,
                                                     "global_batch_pairs": self.sampler.global_pairs})
             self.reporter.validation(row)
+        self.save_last()
+        if self.info.main:
             _log(_row_text(row, partial))
 
     def _epoch_row(self) -> dict[str, Any]:
@@ -392,7 +405,7 @@ def _start_text(trainer: _Trainer) -> str:
              f"cpu, {torch.get_num_threads()} compute thread(s) + {recipe.data.workers} loader worker(s)")
     return (f"training {recipe.name} on {where}: {len(trainer.splits.train)} images, global batch "
             f"{sampler.global_pairs} pairs ({info.world_size} process(es)), lr {recipe.train.lr:g} for "
-            f"that batch, {sum(trainer.steps_per_epoch)} steps; {trainer.splits.note}"
+            f"that batch, {trainer.steps_per_epoch.total} steps; {trainer.splits.note}"
             + (f"; {sampler.skipped} single-image identities skipped" if sampler.skipped else ""))
 
 
