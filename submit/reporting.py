@@ -18,13 +18,23 @@ mINP, ...). `open_reporter` builds it from `--report-to` (`tensorboard`, `wandb`
 
 Only rank 0 reports (other ranks get `NullReporter`); writers are created lazily on the first record, so
 resuming a finished run leaves no empty event file behind.
+
+A writer that cannot write (a full or read-only disk, at its opening, a record, a flush or its closing) never
+ends the run: `open_reporter` wraps each one in `_Guarded`, the one place that catches its `OSError`, says so
+once (`RUN/tb: cannot write TensorBoard events (No space left on device); training goes on without curves`),
+releases it and ignores its later records; metrics.json, metrics.csv and the checkpoints are the loop's and go
+on as before. TensorBoard's writer writes in a background thread, which stores its error for the next call
+to raise and then dies; while an event writer is open, `_QUIET_WRITER_THREADS` keeps that thread from printing
+the same error as a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -37,7 +47,9 @@ DEFAULT = ("tensorboard",)
 STEP_KEYS = ("loss", "lr", "temperature", "images_per_s")
 VALIDATION_KEYS = METRIC_KEYS
 TB_DIR = "tb"
+WANDB_DIR = "wandb"
 _EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")  # the second its writer was opened comes first
+_LOG = logging.getLogger(__name__)  # the CLI prints the `submit` logger's lines on stderr
 
 
 class Reporter(Protocol):
@@ -75,13 +87,16 @@ class NullReporter:
 class TensorBoardReporter:
     """Event files in RUN_DIR/tb/ through tensorboard's SummaryWriter (via torch.utils.tensorboard)."""
 
+    records, without = "TensorBoard events", "curves"  # for `_Guarded`'s line
+
     def __init__(self, run_dir: Path, start_step: int, recipe: Mapping[str, Any]) -> None:
         import yaml
 
-        self.log_dir = Path(run_dir) / TB_DIR
+        self.log_dir = self.folder = Path(run_dir) / TB_DIR
         self.start_step = start_step
         self.recipe_text = yaml.safe_dump(dict(recipe), sort_keys=False)
         self._writer: Any = None
+        self._quiet = False  # whether this reporter holds `_QUIET_WRITER_THREADS`
 
     def _get(self) -> Any:
         """The writer, created on first use; on resume it purges what a killed run logged after its checkpoint,
@@ -93,6 +108,9 @@ class TensorBoardReporter:
             purge = self.start_step + 1 if self.start_step > 0 else (0 if earlier else None)
             if earlier:
                 _wait_past(max(earlier))
+            if not self._quiet:  # before the writer's thread starts: its first write may already fail
+                _QUIET_WRITER_THREADS.acquire()
+                self._quiet = True
             self._writer = SummaryWriter(str(self.log_dir), purge_step=purge)
             if self.start_step == 0:
                 self._writer.add_text("recipe", f"```yaml\n{self.recipe_text}```", global_step=0)
@@ -122,9 +140,69 @@ class TensorBoardReporter:
 
     def close(self) -> None:
         """Flush and close the event file."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        try:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        finally:
+            self._unquiet()
+
+    def abandon(self) -> None:
+        """Release the writer after it failed, whatever else fails now (its thread may be dead already)."""
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception:  # noqa: BLE001 - the failure was reported once; what is left is released quietly
+            pass
+        finally:
+            self._unquiet()
+
+    def _unquiet(self) -> None:
+        """Give back `_QUIET_WRITER_THREADS` if this reporter holds it."""
+        if self._quiet:
+            self._quiet = False
+            _QUIET_WRITER_THREADS.release()
+
+
+class _QuietWriterThreads:
+    """A `threading.excepthook`, installed while TensorBoard writers are open, that keeps the error of a dying
+    event-writer thread from being printed as a traceback: the thread stores it (`exception`) for its writer's
+    next call to raise in the caller's thread, where `_Guarded` reports it in one line. Every other thread's
+    error goes to the hook that was there before."""
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.previous: Any = None
+
+    def hook(self, args: Any) -> None:
+        """Drop an error the writer thread kept for its caller; hand on anything else."""
+        thread = args.thread
+        if type(thread).__name__ == "_AsyncWriterThread" and getattr(thread, "exception", None) is args.exc_value:
+            return
+        (self.previous or threading.__excepthook__)(args)
+
+    def acquire(self) -> None:
+        """One more open writer: install the hook for the first."""
+        if self.users == 0:
+            self.previous, threading.excepthook = threading.excepthook, self.hook
+        self.users += 1
+
+    def release(self) -> None:
+        """One writer fewer: after the last, wait for failed writer threads to end (their hook call included),
+        then put the previous hook back unless someone replaced ours meanwhile."""
+        self.users = max(self.users - 1, 0)
+        if self.users:
+            return
+        for thread in threading.enumerate():
+            if type(thread).__name__ == "_AsyncWriterThread" and getattr(thread, "exception", None) is not None:
+                thread.join(timeout=5)
+        if threading.excepthook == self.hook:
+            threading.excepthook = self.previous
+        self.previous = None
+
+
+_QUIET_WRITER_THREADS = _QuietWriterThreads()
 
 
 def _opened_at(log_dir: Path) -> list[int]:
@@ -147,8 +225,11 @@ def _wait_past(second: int, most: float = 2.0) -> None:
 class WandbReporter:
     """A Weights & Biases run (offline unless WANDB_MODE says otherwise), resumed under the same id."""
 
+    records, without = "W&B records", "W&B"  # for `_Guarded`'s line
+
     def __init__(self, run_dir: Path, start_step: int, name: str, recipe: Mapping[str, Any]) -> None:
         self.run_dir, self.start_step, self.name, self.recipe = Path(run_dir), start_step, name, dict(recipe)
+        self.folder = self.run_dir / WANDB_DIR
         self._run: Any = None
 
     def _get(self) -> Any:
@@ -183,11 +264,71 @@ class WandbReporter:
             self._run.finish()
             self._run = None
 
+    def abandon(self) -> None:
+        """Let go of the W&B run after it failed, whatever else fails now."""
+        run, self._run = self._run, None
+        try:
+            if run is not None:
+                run.finish()
+        except Exception:  # noqa: BLE001 - the failure was reported once; what is left is released quietly
+            pass
+
 
 def _new_scores(row: Mapping[str, Any], start_step: int) -> bool:
     """A row with metrics that the run has not reported before: the event files of a resumed run already hold
     every record up to its checkpoint's step (the loop flushes before it checkpoints)."""
     return row.get("mAP") is not None and (start_step == 0 or int(row["step"]) > start_step)
+
+
+class _Writer(Reporter, Protocol):
+    """A reporter that writes files of its own: what `_Guarded` names and how it lets go after a failure."""
+
+    folder: Path  # where it writes, named in the line
+    records: str  # what it writes ("TensorBoard events")
+    without: str  # what the run goes on without ("curves")
+
+    def abandon(self) -> None:
+        """Release files and threads after a failure; never raises."""
+
+
+class _Guarded:
+    """The one place a writer's disk error ends: its first `OSError` (a full or read-only disk at its opening,
+    a record, a flush or its closing) is logged once, `FOLDER: cannot write WHAT (reason); training goes on
+    without ...`, the writer is abandoned and every later call is ignored. The run goes on: metrics.json,
+    metrics.csv and the checkpoints are written by the loop, not by a reporter."""
+
+    def __init__(self, writer: _Writer) -> None:
+        self.writer: _Writer | None = writer
+
+    def _do(self, call: str, *args: Any) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            getattr(writer, call)(*args)
+        except OSError as exc:
+            self.writer = None
+            reason = exc.strerror or first_line(exc)
+            _LOG.warning("%s: cannot write %s (%s); training goes on without %s", writer.folder, writer.records,
+                         reason, writer.without)
+            writer.abandon()
+
+    def step(self, step: int, values: Mapping[str, float]) -> None:
+        """The writer's `step`, unless it failed before."""
+        self._do("step", step, values)
+
+    def validation(self, row: Mapping[str, Any]) -> None:
+        """The writer's `validation`, unless it failed before."""
+        self._do("validation", row)
+
+    def flush(self) -> None:
+        """The writer's `flush`, unless it failed before."""
+        self._do("flush")
+
+    def close(self) -> None:
+        """The writer's `close`, unless it failed before (then it was released already)."""
+        self._do("close")
+        self.writer = None
 
 
 class MultiReporter:
@@ -257,7 +398,7 @@ def open_reporter(targets: Sequence[str], run_dir: str | Path, *, main: bool, st
     reporters: list[Reporter] = []
     for target in targets:
         if target == "tensorboard":
-            reporters.append(TensorBoardReporter(Path(run_dir), start_step, recipe))
+            reporters.append(_Guarded(TensorBoardReporter(Path(run_dir), start_step, recipe)))
         elif target == "wandb":
-            reporters.append(WandbReporter(Path(run_dir), start_step, name, recipe))
+            reporters.append(_Guarded(WandbReporter(Path(run_dir), start_step, name, recipe)))
     return reporters[0] if len(reporters) == 1 else MultiReporter(reporters)
