@@ -87,11 +87,12 @@ def _exclusive(target: Path, create: Callable[[Path], _T]) -> tuple[Path, _T]:
                       f"stale temps in {target.parent})")
 
 
-def target_of(path: str | os.PathLike[str]) -> str:
+def target_of(path: str | bytes | os.PathLike[str]) -> str:
     """The target a temp path stands for (a temp's own name means nothing to a user); others unchanged.
 
-    A long target's temp holds only a hash of its name: the target is found beside it when it exists."""
-    p = Path(path)
+    A long target's temp holds only a hash of its name: the target is found beside it when it exists. A bytes
+    path (as some libraries put in `OSError.filename`) is decoded as the file system does."""
+    p = Path(os.fsdecode(path))
     for pattern in (_TEMP, _LEGACY_TEMP):
         m = pattern.match(p.name)
         if m and p.name.startswith("."):

@@ -243,6 +243,8 @@ def test_atomic_layer_turns_write_errors_into_one_line_and_removes_the_temp(tmp_
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/o/f/run"),
      "/o/f/run: a part of the path is a file; expected folders"),
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "/d/img.jpg"), "/d/img.jpg: No such file or directory"),
+    (OSError(errno.ENOSPC, "No space left on device", b"/r/tb/events.out.tfevents.1"),  # a library's bytes name
+     "/r/tb/events.out.tfevents.1: cannot write (No space left on device)"),
 ])
 def test_the_funnel_names_the_target_of_a_stray_os_error(exc, expected) -> None:
     assert atomic.describe(exc) == expected
