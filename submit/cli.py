@@ -6,9 +6,10 @@ anywhere below becomes a one-line `error: ...` on stderr and exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -266,6 +267,16 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
     click.echo(f"wrote {path}")
 
 
+def _resume_mode(ctx: click.Context, param: click.Parameter, value: str | None) -> bool | str:
+    """train --resume: absent -> False (a new run), bare -> True (continue last.pt), `auto` -> 'auto'."""
+    if value is None:
+        return False
+    if value in ("last", "auto"):
+        return True if value == "last" else "auto"
+    raise click.BadParameter(f"--resume takes no value (continue OUT/last.pt) or 'auto', not {value!r}; "
+                             "write RECIPE before --resume")
+
+
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(path_type=str))
 @click.option("--data", "data_dir", default=None, type=click.Path(path_type=str),
@@ -275,7 +286,9 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
               help="Instead of RECIPE: train every member of this ensemble spec that has a `train` block.")
 @click.option("--runs-dir", default=None, type=click.Path(path_type=str),
               help="Folder that ${RUNS} in the spec stands for.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (same recipe).")
+@click.option("--resume", default=None, is_flag=False, flag_value="last", metavar="[auto]", callback=_resume_mode,
+              help="Continue from OUT/last.pt (same recipe); --resume auto continues it when it exists and starts a "
+                   "new run when not (what a requeued or restarted cluster job wants).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override train.epochs.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many optimizer steps in total.")
@@ -292,7 +305,7 @@ def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, mode
 @click.option("--memory", "memory_gib", type=click.FloatRange(min=0, min_open=True, max=1e6), default=None,
               metavar="GiB", help="With --dry-run: say whether the peak fits this many GiB, and what would.")
 def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: str | None, runs_dir: str | None,
-          resume: bool, epochs: int | None, max_steps: int | None, device: str | None,
+          resume: bool | str, epochs: int | None, max_steps: int | None, device: str | None,
           overrides: tuple[str, ...], report_to: str, dry_run: bool, steps: int, memory_gib: float | None) -> None:
     """Fine-tune a RECIPE (a file or a name in models/) on DATA_DIR; under torchrun, trains with DDP on each process."""
     # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
@@ -318,21 +331,38 @@ def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: s
         from submit.ensembling import resolve_spec_path
         from submit.training import train_members
 
-        for result in train_members(resolve_spec_path(spec), data_dir, runs_dir, device=device):
-            if result["main"]:
-                _report_run(result)
+        with _stop_status():
+            for result in train_members(resolve_spec_path(spec), data_dir, runs_dir, device=device):
+                if result["main"]:
+                    _report_run(result)
         return
     if recipe is None or out_dir is None:
         raise SubmitError("train needs RECIPE and --out (or --ensemble SPEC)")
     extra = [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])]
     spec_ = apply_overrides(load_recipe(recipe_path(recipe)), extra, where=f"{recipe} (--set/--epochs)")
-    result = training.train(spec_, data_dir, out_dir, resume=resume, device=device, max_steps=max_steps,
-                            report_to=targets)
+    with _stop_status():
+        result = training.train(spec_, data_dir, out_dir, resume=resume, device=device, max_steps=max_steps,
+                                report_to=targets)
     if result["main"]:  # under torchrun only rank 0 reports
         _report_run(result)
 
 
-def _dry_run(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: str | None, resume: bool,
+@contextlib.contextmanager
+def _stop_status() -> Iterator[None]:
+    """A training stopped by a signal (last.pt saved, `distributed.Stopped`): its one line on rank 0, and the
+    exit status 128 + the signal's number (143 SIGTERM, 138 SIGUSR1, 130 SIGINT) on every rank."""
+    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
+    from submit.distributed import Stopped
+
+    try:
+        yield
+    except Stopped as exc:
+        if exc.main:
+            click.echo(str(exc), err=True)
+        sys.exit(exc.status)
+
+
+def _dry_run(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: str | None, resume: bool | str,
              epochs: int | None, max_steps: int | None, device: str | None, overrides: tuple[str, ...], steps: int,
              memory_gib: float | None) -> None:
     """`train RECIPE --dry-run`: run the pre-flight and print it as a table; nothing is written."""

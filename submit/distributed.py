@@ -1,16 +1,33 @@
-"""Where this process runs: its place in a torchrun job (rank, world size, the process group it joined), the
-objects every rank shares, and how many CPU compute threads it should use."""
+"""Where this process runs: its place in a torchrun job (rank, world size, the process group it joined, which
+restart of the job this is), the objects every rank shares, the stop signals every rank agrees on, and how many
+CPU compute threads it should use.
+
+Signals: `StopSignals` turns SIGTERM, SIGUSR1 and a first SIGINT into a request that every rank reads at the
+same step boundary through one all-reduce (`StopSignals.agreed`), so all ranks save and stop together and none
+waits at a collective for a rank that left; a second SIGINT aborts at once (KeyboardInterrupt). `Stopped` is
+what the training loop then raises; its `status` is the exit status, 128 + the signal's number.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
+import signal
+import socket
+import threading
+import traceback
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from submit.device import usable_cores
+from submit.errors import SubmitError
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # what makes `train` save last.pt and stop at a step boundary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +56,73 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _restart_store()
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return DistInfo(dist.get_world_size(), dist.get_rank(), local, owns), device
+
+
+def _restart_store() -> dist.Store | None:
+    """The store for a restarted torchrun worker group: the launcher's own store, under a prefix of its own.
+
+    torchrun's workers share their launcher's key-value store (TORCHELASTIC_USE_AGENT_STORE), and a restart
+    reuses it with the keys of the workers it replaced: the previous group's peer addresses among them, so a
+    new gloo group may read a dead peer's address and wait on it until its timeout (30 minutes), silently.
+    Each restart of one launcher's group (TORCHELASTIC_RESTART_COUNT, the same for all its workers) takes the
+    prefix `reident-submit/attempt_N`. With several launchers (GROUP_WORLD_SIZE > 1) the counts of their
+    agents need not agree, so torch's own set-up is kept there. None when there is nothing to change.
+    """
+    attempt = restart_count()
+    if attempt == 0 or int(os.environ.get("GROUP_WORLD_SIZE", "1")) != 1:
+        return None
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"reident-submit/attempt_{attempt}", store)
+
+
+def release_group(error: BaseException | None = None) -> None:
+    """Destroy the process group this process created, so that nothing of it (its gloo threads) outlives the call.
+
+    `dist.destroy_process_group` only drops the group from torch's tables; the group lives on while anything
+    holds it: DistributedDataParallel's reducer does, and the trainer that holds DDP may sit in a reference cycle
+    or in the frames of `error`'s traceback until the interpreter exits. A gloo group alive then aborts the
+    process now and then after every file is written: its worker thread, freeing the last collective's work,
+    drops the Python object of a tensor, asks a finalizing interpreter for the GIL, is ended by pthread_exit
+    inside a noexcept destructor, and std::terminate raises SIGABRT (issue 24). So the frames of `error`'s
+    traceback drop their locals and a garbage collection frees any cycle before the group is destroyed.
+    """
+    if error is not None:
+        traceback.clear_frames(error.__traceback__)
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def restart_count() -> int:
+    """How many times torchrun restarted this job's workers (TORCHELASTIC_RESTART_COUNT; 0 outside torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def launch_id() -> str | None:
+    """What tells this torchrun job from any other, the same across its restarts: its rendezvous id
+    (TORCHELASTIC_RUN_ID) when it names one, else (torchrun's default id is 'none') the launcher itself: host,
+    pid and start time of this worker's parent. None outside torchrun."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run is None:
+        return None
+    if run and run != "none":
+        return run
+    parent = os.getppid()
+    try:  # /proc/PID/stat field 22: the start time, so a reused pid is another launcher
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    return f"{socket.gethostname()}:{parent}:{started}"
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
@@ -66,3 +148,55 @@ def cpu_threads(device: torch.device, workers: int) -> int:
     busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
     torch.set_num_threads(max(1, min(cores - workers, cores - busy)))
     return torch.get_num_threads()
+
+
+class Stopped(SubmitError):
+    """Training saved last.pt at a step boundary and stopped because of a signal. `status` is the process's exit
+    status (128 + the signal's number: 143 for SIGTERM, 138 for SIGUSR1, 130 for SIGINT); `main` says whether
+    this rank is the one that reports it."""
+
+    def __init__(self, signum: int, step: int, main: bool = True) -> None:
+        self.signum, self.step, self.main = signum, step, main
+        self.status = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; resume with --resume auto")
+
+
+class StopSignals:
+    """While entered (in the main thread), SIGTERM, SIGUSR1 and a first SIGINT only note a stop request; a
+    second SIGINT raises KeyboardInterrupt (abort). The previous handlers come back on exit.
+
+    Handlers are copied into forked DataLoader workers, so a signal sent to a whole process group (torchrun's
+    killpg, a scheduler's) leaves the workers running until the loop that owns them stops.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0  # the first stop signal's number, 0 while none came
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if not self.received:
+            self.received = signum
+        if signum == signal.SIGINT:  # the next Ctrl-C aborts instead of waiting for the step boundary
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def agreed(self, info: DistInfo, device: torch.device) -> int:
+        """The signal every rank stops for now (the highest number any rank received; 0 to go on): one
+        all-reduce of one number per call, so every rank must call it at the same step."""
+        if info.world_size == 1:
+            return self.received
+        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())

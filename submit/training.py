@@ -46,14 +46,23 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
 from submit import config, locks, reporting
 from submit.backbones import build_embedder
 from submit.device import pick_device, precision_note
-from submit.distributed import DistInfo, cpu_threads, gather_objects, init_distributed
+from submit.distributed import (
+    DistInfo,
+    Stopped,
+    StopSignals,
+    cpu_threads,
+    gather_objects,
+    init_distributed,
+    launch_id,
+    release_group,
+    restart_count,
+)
 from submit.embedding import embed_views
 from submit.ensembling import load_spec
 from submit.errors import SubmitError, loader_errors
@@ -128,6 +137,7 @@ class _Trainer:
         self.loader = self._loader(embedder)
         self.state = TrainState()
         self.reporter: reporting.Reporter = reporting.NullReporter()  # `train` sets the --report-to one
+        self.signals = StopSignals()  # `train` sets the one holding the signal handlers
         self._epoch_start = time.perf_counter()
         _seed_all(recipe.seed + 1000 * info.rank)  # per-rank randomness (dropout) from here on
 
@@ -183,6 +193,7 @@ class _Trainer:
             "sampler": {"seed": self.sampler.seed, "epoch": s.epoch, "position": s.batch_in_epoch,
                         "global_pairs": self.sampler.global_pairs},
             "rng": rngs, "world_size": self.info.world_size,
+            "launch": launch_id(),  # which torchrun job wrote it: a restart of that job resumes it (`_resuming`)
         }
         save_atomic(obj, self.out_dir / "last.pt")
 
@@ -235,7 +246,16 @@ class _Trainer:
                 break
             if every and s.step % every == 0 and s.batch_in_epoch < self.steps_per_epoch[s.epoch]:
                 self.save_last()  # (not after an epoch's last batch: the epoch's end checkpoints next)
+            self._stop_if_signalled()
         self._end_epoch(partial=False)
+
+    def _stop_if_signalled(self) -> None:
+        """At a step boundary: when any rank received a stop signal (every rank learns it from the same
+        all-reduce, `StopSignals.agreed`), save last.pt and raise `Stopped` on every rank together."""
+        signum = self.signals.agreed(self.info, self.device)
+        if signum:
+            self.save_last()
+            raise Stopped(signum, self.state.step, self.info.main)
 
     def _optimizer_step(self, batch: torch.Tensor) -> tuple[float, float]:
         """One step at the schedule's LR, counted in the state; returns (loss, lr). Divergence names the step."""
@@ -327,27 +347,44 @@ def _row_text(row: dict, partial: bool) -> str:
 # ---- the entry point --------------------------------------------------------------------------------
 
 
-def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+RESUME_MODES = (False, True, "auto")  # train(resume=...): a new run, continue last.pt, continue it if it exists
+
+
+def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bool | str = False,
           device: str | None = None, max_steps: int | None = None, progress: bool = True,
           report_to: Sequence[str] = reporting.DEFAULT) -> dict:
     """Fine-tune `recipe` on DATA_DIR's manifest into run dir `out_dir`; returns a summary dict.
 
-    `resume` continues from `out_dir/last.pt` (same recipe; `train.epochs` may grow). `max_steps` stops
-    after that many optimizer steps in total (the LR schedule still follows the recipe's epochs).
-    `report_to` names where curves go besides metrics.csv (`reporting.TARGETS`; default TensorBoard in OUT/tb).
-    Under torchrun (WORLD_SIZE > 1) this joins the process group and trains with DDP.
+    `resume`: False starts a new run (refused when OUT holds one), True continues `out_dir/last.pt` (refused
+    when there is none; same recipe, `train.epochs` may grow), "auto" continues it when it exists and starts a
+    new run when not. A worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) continues the last.pt
+    its own job wrote even without `resume`. Every other refusal (another recipe, other data, another global
+    batch) holds in every mode. `max_steps` stops after that many optimizer steps in total (the LR schedule
+    still follows the recipe's epochs). `report_to` names where curves go besides metrics.csv
+    (`reporting.TARGETS`; default TensorBoard in OUT/tb).
+    Under torchrun (WORLD_SIZE > 1) this joins the process group and trains with DDP; the group is destroyed,
+    its threads with it, before this returns or raises (`distributed.release_group`).
+    SIGTERM, SIGUSR1 and a first SIGINT (in the main thread) save last.pt at the next step boundary on every
+    rank and raise `Stopped` (`status` 128 + the signal's number); a second SIGINT aborts (KeyboardInterrupt).
     """
+    if resume not in RESUME_MODES:
+        raise SubmitError(f"resume={resume!r}: expected False, True or 'auto'")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     info, dev = init_distributed(pick_device(device))
     threads = torch.get_num_threads()
+    error: BaseException | None = None
     try:
         cpu_threads(dev, recipe.data.workers)
-        with _run_lock(out_dir, info):
-            return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress, report_to)
+        with _run_lock(out_dir, info), StopSignals() as signals:
+            return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress, report_to, signals)
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         torch.set_num_threads(threads)
-        if info.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if info.owns_group:
+            release_group(error)
+        error = None
 
 
 @contextlib.contextmanager
@@ -367,26 +404,27 @@ def _run_lock(out_dir: Path, info: DistInfo) -> Iterator[None]:
         yield
 
 
-def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool, device: torch.device, info: DistInfo,
-           max_steps: int | None, progress: bool, report_to: Sequence[str] = reporting.DEFAULT) -> dict:
+def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool | str, device: torch.device,
+           info: DistInfo, max_steps: int | None, progress: bool, report_to: Sequence[str] = reporting.DEFAULT,
+           signals: StopSignals | None = None) -> dict:
     """`train` inside the run lock: build (or resume) the run, write recipe.yaml, run the loop, summarise."""
     report_to = reporting.parse_report_to(report_to)
     last = out_dir / "last.pt"
-    if last.exists() and not resume:
-        raise SubmitError(f"{out_dir}: already holds a run (last.pt); pass --resume or choose another --out")
-    if resume and not last.exists():
-        raise SubmitError(f"{last}: nothing to resume (no checkpoint)")
+    resuming = _on_main(lambda: _resuming(resume, last), info)  # rank 0 decides: every rank hears it
     trainer = _Trainer(recipe, data_dir, out_dir, device, info)
-    if resume:
+    if signals is not None:
+        trainer.signals = signals
+    if resuming:
         trainer.resume(last)
-    if info.main:
+
+    def start_run() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_recipe(out_dir, recipe)
-        _log(_start_text(trainer))
+        _log(_start_text(trainer) + (f"; resumed at step {trainer.state.step}" if resuming else ""))
         if note := precision_note(device, recipe.train.precision):
             _log(note)
-    if info.world_size > 1:
-        dist.barrier()
+
+    _on_main(start_run, info)  # (also the barrier: no rank starts before recipe.yaml is written)
     start = time.perf_counter()
     trainer.reporter = reporting.open_reporter(report_to, out_dir, main=info.main, start_step=trainer.state.step,
                                                name=recipe.name, recipe=config.to_mapping(recipe))
@@ -396,6 +434,42 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool, device: 
     finally:
         trainer.reporter.close()
     return _summary(trainer, out_dir, time.perf_counter() - start)
+
+
+def _resuming(resume: bool | str, last: Path) -> bool:
+    """Whether this launch continues `last` (RUN_DIR/last.pt) under `train`'s `resume` rules, or its refusal."""
+    exists = last.exists()
+    if resume == "auto":
+        return exists
+    if not resume and restart_count() > 0 and (not exists or _written_by_this_job(last)):
+        return exists  # torchrun restarted this job: continue its own checkpoint, or start afresh without one
+    if exists and not resume:
+        raise SubmitError(f"{last.parent}: already holds a run (last.pt); pass --resume (or --resume auto) "
+                          "or choose another --out")
+    if resume and not exists:
+        raise SubmitError(f"{last}: nothing to resume (no checkpoint); --resume auto starts a new run then")
+    return bool(resume)
+
+
+def _written_by_this_job(last: Path) -> bool:
+    """Whether `last` was saved by this torchrun job (before torchrun restarted it): its `launch` field."""
+    job = launch_id()
+    return job is not None and load_checkpoint(last, mmap=True).get("launch") == job
+
+
+def _on_main(work: Any, info: DistInfo) -> Any:
+    """`work()` on rank 0 only; every rank returns its result, or raises its SubmitError (so none waits at a
+    collective for a rank 0 that stopped)."""
+    result, refused = None, None
+    if info.main:
+        try:
+            result = work()
+        except SubmitError as exc:
+            refused = str(exc)
+    result, refused = gather_objects((result, refused), info)[0]
+    if refused:
+        raise SubmitError(refused)
+    return result
 
 
 def _start_text(trainer: _Trainer) -> str:
