@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -32,12 +32,34 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     if torch.is_grad_enabled() and x.requires_grad:
-        from torch.distributed.nn.functional import all_gather
+        return _GatherWithGradient.apply(x)
+    return _all_gather(x)
 
-        return torch.cat(all_gather(x), dim=0)
+
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """All-gather whose backward hands each rank the gradient of its own slice summed over every rank's loss.
+
+    Ours rather than `torch.distributed.nn.functional.all_gather`: that one is deprecated, and its default
+    `group=group.WORLD` is evaluated when the module is first imported, so an import after the process group
+    exists keeps that group alive for good (past `destroy_process_group`, until the interpreter exits: the
+    teardown abort of issue 24). Every collective here uses the default group as it is at the call."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return _all_gather(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # (world x B, D): not the engine's buffer
+        dist.all_reduce(grad)  # summed over the ranks' losses: d(sum of losses) / d(every rank's features)
+        size = grad.shape[0] // world_size()
+        return grad[dist.get_rank() * size:(dist.get_rank() + 1) * size]
 
 
 class LogitScale(nn.Module):
