@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Tuning on real images (issue 22): `reident-submit tune` chooses ensembles/cpu-real.yaml's post-processing,
 # fusion and member weights on held-out TRAIN identities (never the test or challenge split), then the tuned
-# spec and the hand-chosen one are scored on the test split over SEEDS, on the same trained runs (they differ
-# only in post-processing, fusion and weights, so each seed's members are trained once on all of TRAIN).
+# spec and the hand-chosen one are scored on the test split on the same trained runs (they differ only in
+# post-processing, fusion and weights): first on each fold's runs (TRAIN minus that fold's held-out identities,
+# already trained by tune: no extra training), then over SEEDS on members trained on all of TRAIN.
 #
 #   scripts/real_tune.sh PREPARED_DATA_DIR OUT_DIR [SEEDS] [FOLDS] [TRIALS] [SEARCH_SECONDS]
 #
-# Defaults: SEEDS "0 1 2", FOLDS 3, TRIALS 200, SEARCH_SECONDS 1800 (the search stops at whichever comes first;
+# Defaults: SEEDS "0 1 2" ("" for the fold runs only), FOLDS 3, TRIALS 200, SEARCH_SECONDS 1800 (the search stops at whichever comes first;
 # training the members on each fold comes before and is not counted). Writes OUT_DIR/tuned.yaml, OUT_DIR/tune/
 # (folds, runs, study.db, trials.csv, pictures), OUT_DIR/seedS/{hand,tuned}.yaml and their test scores, and
 # OUT_DIR/results.md (the machine, the date, the load, mean ± sd over seeds). Rerunning resumes every part.
@@ -32,6 +33,17 @@ reident-submit tune --ensemble "$SPEC" --data "$DATA" --holdout 60 --folds "$FOL
   --timeout "$SEARCH" --work "$OUT/tune" --out "$OUT/tuned.yaml"
 echo "tune: $(($(date +%s) - t0)) s (members trained on $FOLDS fold(s), then the search); load $(cut -d' ' -f1-3 /proc/loadavg)"
 DIRS=()
+for F in "$OUT"/tune/runs/*/; do  # the runs tune trained on each fold: scored on the real test split
+  D=$OUT/$(basename "$F")
+  DIRS+=("$D")
+  mkdir -p "$D"
+  for V in hand tuned; do
+    SRC=$SPEC; [[ $V == tuned ]] && SRC=$OUT/tuned.yaml
+    reident-submit predict --ensemble "$SRC" --runs-dir "$F" --data "$DATA" --split test \
+      --out "$D/$V-test.csv" > "$D/$V-test.txt"
+    reident-submit evaluate "$D/$V-test.csv" --data "$DATA" --json > "$D/$V-score.json"
+  done
+done
 for S in $SEEDS; do
   D=$OUT/seed$S
   DIRS+=("$D")
