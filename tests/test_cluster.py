@@ -74,18 +74,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(tmp: Path, data_dir: Path, out: Path, *extra: str, action: str = "", restarts: int = 0,
-              standalone: bool = True) -> subprocess.CompletedProcess:
-    """2 gloo workers running `train` through RANK_SCRIPT; records under `tmp`."""
+def _torchrun_command(tmp: Path, data_dir: Path, out: Path, launch: list[str], extra: tuple[str, ...]) -> list[str]:
+    """torchrun with `launch` options running `train` through RANK_SCRIPT (records under `tmp`)."""
     script = tmp / "rank.py"
     script.write_text(RANK_SCRIPT)
+    return [sys.executable, "-m", "torch.distributed.run", *launch, str(script), str(tmp),
+            "train", str(TINY), "--data", str(data_dir), "--out", str(out), "--device", "cpu",
+            "--set", "data.workers=0", "--set", "train.pairs_per_batch=4", "--set", "train.checkpoint_every=2",
+            "--max-steps", str(STEPS), *extra]
+
+
+def _torchrun(tmp: Path, data_dir: Path, out: Path, *extra: str, action: str = "", restarts: int = 0,
+              standalone: bool = True) -> subprocess.CompletedProcess:
+    """One launcher, 2 gloo workers running `train`."""
     launch = (["--standalone"] if standalone else  # the default static rendezvous: what a plain `torchrun` uses
               ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())])
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc-per-node", "2",
-           "--max-restarts", str(restarts), str(script), str(tmp),
-           "train", str(TINY), "--data", str(data_dir), "--out", str(out), "--device", "cpu",
-           "--set", "data.workers=0", "--set", "train.pairs_per_batch=4", "--set", "train.checkpoint_every=2",
-           "--max-steps", str(STEPS), *extra]
+    cmd = _torchrun_command(tmp, data_dir, out, [*launch, "--nproc-per-node", "2", "--max-restarts", str(restarts)],
+                            extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACTION": action}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
 
@@ -275,3 +280,22 @@ def test_a_restart_into_another_jobs_run_is_still_refused(data_dir, tmp_path, mo
     with pytest.raises(SubmitError, match="already holds a run"):
         training.train(tiny(), data_dir, out, max_steps=4, progress=False)
     assert training.train(tiny(), data_dir, tmp_path / "new", max_steps=1, progress=False)["steps"] == 1
+
+
+def test_two_launchers_of_one_process_each_end_like_one_launcher_with_two(data_dir, straight, tmp_path):
+    """Multi-node on one machine: two torchrun launchers (c10d rendezvous, 1 process each) train the same run as
+    one launcher with 2 processes; only global rank 0 writes the run folder."""
+    out = tmp_path / "run"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACTION": ""}
+    launchers = [subprocess.Popen(_torchrun_command(tmp_path, data_dir, out, [
+        "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes"], ()), env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    results = [launcher.communicate(timeout=400) for launcher in launchers]
+    for launcher, (_, stderr) in zip(launchers, results):
+        assert launcher.returncode == 0, stderr[-3000:]
+    assert sum("global batch 8 pairs (2 process(es))" in stderr for _, stderr in results) == 1  # rank 0 only
+    _assert_same_weights(out / "last.pt", straight)
+    assert len(list((out / "tb").iterdir())) == 1  # one event writer
+    assert _gloo_threads_left(tmp_path) == {}
