@@ -33,10 +33,11 @@ STEPS = 8  # the 2-process runs: 13 steps per epoch at 8 pairs, so every interru
 GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
 
 # Each rank runs the real CLI; ACTION "kind:rank:step" acts in the first attempt at that step (after the step's
-# checkpoint, if any): kill9 (the rank kills itself), term-launcher (SIGTERM to torchrun, its parent).
+# checkpoint, if any): kill9 (the rank kills itself), term-launcher (SIGTERM to torchrun, its parent, then the
+# rank polls until torchrun has passed the signal on, so all ranks stop at that step).
 # When the command ends, the rank records the names of its threads: no gloo thread may outlive `train`.
 RANK_SCRIPT = textwrap.dedent("""
-    import json, os, signal, sys
+    import json, os, signal, sys, time
     import torch
     torch.set_num_threads(1)
     from submit import training
@@ -51,8 +52,11 @@ RANK_SCRIPT = textwrap.dedent("""
         if attempt == 0 and rank == int(who) and step == int(at):
             if kind == "kill9":
                 os.kill(os.getpid(), signal.SIGKILL)
-            elif kind == "term-launcher":
+            elif kind == "term-launcher":  # and wait until torchrun has passed it on: every rank stops here
                 os.kill(os.getppid(), signal.SIGTERM)
+                deadline = time.monotonic() + 120
+                while not self.signals.received and time.monotonic() < deadline:
+                    time.sleep(0.01)
 
     training._Trainer.on_step = on_step
     try:
@@ -246,8 +250,7 @@ def test_sigterm_to_the_launcher_then_resume_auto_ends_like_an_uninterrupted_run
     lines = [line for line in stopped.stderr.splitlines() if line.startswith("stopped by")]
     assert len(lines) == 1, stopped.stderr[-3000:]  # one line, from rank 0
     step = torch.load(out / "last.pt", weights_only=True)["state"]["step"]
-    assert lines[0] == f"stopped by SIGTERM at step {step}; resume with --resume auto"
-    assert 3 <= step < STEPS
+    assert step == 3 and lines[0] == "stopped by SIGTERM at step 3; resume with --resume auto"
     assert _gloo_threads_left(tmp_path) == {}
 
     resumed = _torchrun(tmp_path, data_dir, out, "--resume", "auto")
