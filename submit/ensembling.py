@@ -214,8 +214,10 @@ def check_tune_keys(spec: EnsembleSpec, where: str) -> None:
                                   f"(allowed: {', '.join(allowed)})")
     for key, param in spec.tune.space.items():
         param.check(f"{where}: key 'tune.space.{key}'")
-        if key == "fusion" and param.choices is not None and not set(param.choices) <= set(FUSIONS):
+        if key == "fusion" and (param.choices is None or not set(param.choices) <= set(FUSIONS)):
             raise SubmitError(f"{where}: key 'tune.space.fusion': expected choices among {list(FUSIONS)}")
+        if key == "fusion" and spec.postprocess_on == "fused" and spec.postprocess and set(param.choices) != {"mean"}:
+            raise SubmitError(f"{where}: key 'tune.space.fusion': postprocess_on: fused needs fusion 'mean' only")
 
 
 def check_number_source(step: JerseySpec, where: str) -> None:

@@ -92,6 +92,8 @@ def test_a_new_step_brings_its_own_space_and_fixed_keys_are_not_searched(tmp_pat
     ("tune: {space: {'postprocess[0].alpha': {low: 0, high: 1, log: true}}}", r"log-scaled range needs low > 0"),
     ("tune: {fixed: ['members[3].weight']}", r"key 'tune.fixed': 'members\[3\].weight'"),
     ("tune: {spaces: {}}", r"unknown key 'tune.spaces'"),
+    ("tune: {space: {fusion: {low: 1, high: 2}}}", r"tune.space.fusion': expected choices among"),
+    ("postprocess_on: fused\ntune: {space: {fusion: {choices: [mean, rank]}}}", r"fused needs fusion 'mean' only"),
 ])
 def test_a_bad_tune_block_is_refused_at_load(tmp_path, block, message) -> None:
     path = _spec(tmp_path, f"{MEMBERS}postprocess: [{{op: query_expansion}}]\n{block}\n")
