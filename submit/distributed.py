@@ -28,6 +28,7 @@ from submit.device import usable_cores
 from submit.errors import SubmitError
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # what makes `train` save last.pt and stop at a step boundary
+_handling = 0  # how many StopSignals blocks hold the handlers now (forked children are shielded meanwhile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +166,9 @@ class StopSignals:
     """While entered (in the main thread), SIGTERM, SIGUSR1 and a first SIGINT only note a stop request; a
     second SIGINT raises KeyboardInterrupt (abort). The previous handlers come back on exit.
 
-    Handlers are copied into forked DataLoader workers, so a signal sent to a whole process group (torchrun's
-    killpg, a scheduler's) leaves the workers running until the loop that owns them stops.
+    A process forked meanwhile (a DataLoader worker: training's or validation's) blocks the stop signals
+    (`_shield_forked_child`), so a signal sent to the whole process group (torchrun's killpg, a terminal's
+    Ctrl-C) leaves it running until the loop that owns it stops it.
     """
 
     def __init__(self) -> None:
@@ -174,14 +176,19 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
+        global _handling
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 number = getattr(signal, name, None)
                 if number is not None:
                     self._previous[number] = signal.signal(number, self._note)
+            _handling += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
+        global _handling
+        if self._previous:
+            _handling -= 1
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
@@ -200,3 +207,30 @@ class StopSignals:
         flag = torch.tensor([self.received], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
+
+
+def _shield_forked_child() -> None:
+    """In a child forked while `StopSignals` holds the handlers (a DataLoader worker, training's or validation's):
+    the stop signals are blocked, and a thread ends the child on a SIGTERM from its parent only.
+
+    torch makes any other sender's SIGTERM fatal in a loader worker, and a worker ends on KeyboardInterrupt, so a
+    signal sent to the whole process group (torchrun's killpg, a terminal's Ctrl-C) or to every process of a job
+    (a scheduler's) would end the workers, and the loop would fail on its next batch instead of saving; the loop
+    shuts its workers down itself. The parent's SIGTERM (multiprocessing terminating its daemonic children,
+    at exit among others) still ends the child at once, as torch's own handler does. subprocess's fork-and-exec
+    runs no at-fork callback (unless given a preexec_fn), so programs started meanwhile keep the default mask."""
+    if not _handling:
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, name) for name in STOP_SIGNALS])
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="stop-signal-shield", daemon=True).start()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_shield_forked_child)

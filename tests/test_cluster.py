@@ -187,26 +187,33 @@ SIGNALLED_RUN = textwrap.dedent("""
     from submit import training
     from submit.cli import main
 
-    signals = [getattr(signal, name) for name in sys.argv[2].split(",")]
+    group = sys.argv[2].startswith("group:")  # to the whole process group: this process and its loader workers
+    signals = [getattr(signal, name) for name in sys.argv[2].removeprefix("group:").split(",")]
 
     def on_step(self, step):
         if step == int(sys.argv[1]):
             for number in signals:
-                os.kill(os.getpid(), number)
+                if group:
+                    os.killpg(os.getpgid(0), number)
+                else:
+                    os.kill(os.getpid(), number)
 
     training._Trainer.on_step = on_step
     main(sys.argv[3:])
 """)
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGINT"])
+@pytest.mark.parametrize("name,workers", [("SIGTERM", 0), ("SIGUSR1", 0), ("SIGINT", 0), ("group:SIGTERM", 1),
+                                          ("group:SIGINT", 1)])
 def test_a_stop_signal_saves_last_pt_at_the_step_boundary_and_exits_with_128_plus_its_number(
-        data_dir, tmp_path, name):
+        data_dir, tmp_path, name, workers):
+    """`group:` sends it to the process group, the loader worker too (as torchrun's killpg or a terminal does)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-c", SIGNALLED_RUN, "3", name, "train", str(TINY), "--data", str(data_dir), "--out",
-           str(out), "--device", "cpu", "--set", "data.workers=0", "--set", "train.checkpoint_every=0"]
+           str(out), "--device", "cpu", "--set", f"data.workers={workers}", "--set", "train.checkpoint_every=0"]
     run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, start_new_session=True)  # its own process group: pytest's is never hit
+    name = name.removeprefix("group:")
     number = getattr(signal, name)
     assert run.returncode == 128 + number, run.stderr[-2000:]
     lines = [line for line in run.stderr.splitlines() if line.startswith("stopped by")]
@@ -220,7 +227,7 @@ def test_a_second_sigint_aborts_without_saving(data_dir, tmp_path):
     cmd = [sys.executable, "-c", SIGNALLED_RUN, "3", "SIGINT,SIGINT", "train", str(TINY), "--data", str(data_dir),
            "--out", str(out), "--device", "cpu", "--set", "data.workers=0", "--set", "train.checkpoint_every=0"]
     run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, start_new_session=True)
     assert run.returncode == 130 and "error: interrupted" in run.stderr, run.stderr[-2000:]
     assert "stopped by" not in run.stderr and not (out / "last.pt").exists()
 
@@ -245,7 +252,8 @@ def test_stop_signals_are_restored_and_a_single_process_agrees_with_itself():
 
 def test_sigterm_to_the_launcher_then_resume_auto_ends_like_an_uninterrupted_run(data_dir, straight, tmp_path):
     out = tmp_path / "run"
-    stopped = _torchrun(tmp_path, data_dir, out, action="term-launcher:0:3")
+    # with a loader worker per rank: torchrun's SIGTERM reaches the workers' process groups too
+    stopped = _torchrun(tmp_path, data_dir, out, "--set", "data.workers=1", action="term-launcher:0:3")
     assert stopped.returncode != 0
     lines = [line for line in stopped.stderr.splitlines() if line.startswith("stopped by")]
     assert len(lines) == 1, stopped.stderr[-3000:]  # one line, from rank 0
