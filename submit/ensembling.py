@@ -217,7 +217,8 @@ def check_tune_keys(spec: EnsembleSpec, where: str) -> None:
         if key == "fusion" and (param.choices is None or not set(param.choices) <= set(FUSIONS)):
             raise SubmitError(f"{where}: key 'tune.space.fusion': expected choices among {list(FUSIONS)}")
         if key == "fusion" and spec.postprocess_on == "fused" and spec.postprocess and set(param.choices or ()) != {"mean"}:
-            raise SubmitError(f"{where}: key 'tune.space.fusion': postprocess_on: fused needs fusion 'mean' only")
+            raise SubmitError(f"{where}: key 'tune.space.fusion': postprocess_on: fused needs "
+                              "fusion 'mean' only")
 
 
 def check_number_source(step: JerseySpec, where: str) -> None:
