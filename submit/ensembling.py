@@ -216,9 +216,9 @@ def check_tune_keys(spec: EnsembleSpec, where: str) -> None:
         param.check(f"{where}: key 'tune.space.{key}'")
         if key == "fusion" and (param.choices is None or not set(param.choices) <= set(FUSIONS)):
             raise SubmitError(f"{where}: key 'tune.space.fusion': expected choices among {list(FUSIONS)}")
-        if key == "fusion" and spec.postprocess_on == "fused" and spec.postprocess and set(param.choices or ()) != {"mean"}:
-            raise SubmitError(f"{where}: key 'tune.space.fusion': postprocess_on: fused needs "
-                              "fusion 'mean' only")
+        fused_chain = spec.postprocess_on == "fused" and spec.postprocess
+        if key == "fusion" and fused_chain and set(param.choices or ()) != {"mean"}:
+            raise SubmitError(f"{where}: key 'tune.space.fusion': postprocess_on: fused needs fusion 'mean' only")
 
 
 def check_number_source(step: JerseySpec, where: str) -> None:
