@@ -37,7 +37,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from submit.errors import SubmitError, first_line
 from submit.metrics import METRIC_KEYS
@@ -152,9 +152,7 @@ class TensorBoardReporter:
         writer, self._writer = self._writer, None
         try:
             if writer is not None:
-                writer.close()
-        except Exception:  # noqa: BLE001 - the failure was reported once; what is left is released quietly
-            pass
+                _quietly(writer.close)
         finally:
             self._unquiet()
 
@@ -267,11 +265,16 @@ class WandbReporter:
     def abandon(self) -> None:
         """Let go of the W&B run after it failed, whatever else fails now."""
         run, self._run = self._run, None
-        try:
-            if run is not None:
-                run.finish()
-        except Exception:  # noqa: BLE001 - the failure was reported once; what is left is released quietly
-            pass
+        if run is not None:
+            _quietly(run.finish)
+
+
+def _quietly(release: Callable[[], Any]) -> None:
+    """Call `release` (close a failed writer) and ignore what it raises: the failure was reported once already."""
+    try:
+        release()
+    except Exception:  # noqa: BLE001 - what is left of a failed writer is released quietly
+        pass
 
 
 def _new_scores(row: Mapping[str, Any], start_step: int) -> bool:

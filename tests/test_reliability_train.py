@@ -30,6 +30,7 @@ import pytest
 import torch
 from cli_helpers import invoke, one_error_line
 from click.testing import CliRunner
+from test_reporting import FAST, read_events, tiny
 
 from submit import atomic, ranking_file, training
 from submit.cli import main
@@ -38,7 +39,6 @@ from submit.errors import SubmitError
 from submit.manifest import read_manifest, write_manifest
 from submit.optimisation import EXACT_EPOCHS, EpochLengths
 from submit.preflight import dry_run
-from submit.recipe import load_recipe
 from submit.sampler import PairBatchSampler
 from submit.synthetic import make_dataset
 from submit.train_data import make_splits
@@ -47,22 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-test.yaml"
-# 18 training identities, 8 pairs per batch: 13 steps per epoch, 26 in two epochs; last.pt every 2 steps.
-FAST = ["data.workers=0", "train.pairs_per_batch=8", "train.checkpoint_every=2", "train.epochs=2"]
 SAME_VALUES = ("train/loss", "train/lr", "train/temperature", "val/mAP", "val/rank1", "val/mINP")
-
-
-def tiny(*overrides: str):
-    return training.apply_overrides(load_recipe(TINY), [*FAST, *overrides])
-
-
-def read_events(log_dir: Path):
-    """tensorboard's own reader over every event file in `log_dir` (purges applied as TensorBoard does)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc
 
 
 def curves(run: Path) -> dict[str, list[tuple[int, float]]]:
