@@ -3,8 +3,9 @@
 RUN_DIR holds `recipe.yaml`, `best.pt` / `last.pt` (format `FORMAT`: model, EMA, optimiser, scaler, loop state,
 RNG state, history, recipe, manifest fingerprint), `metrics.csv`/`metrics.json` and `tb/`. Checkpoints are
 written atomically (`save_atomic`) and read with `weights_only=True` (`load_checkpoint`). `TrainState` is the
-loop's state as a checkpoint stores it, `check_resumable` what a resume must share with the run, `write_metrics`
-and `write_recipe` the plain files. It reads and writes files only: building the trained embedder from a run
+loop's state as a checkpoint stores it, `check_resumable` what a resume must share with the run (and the
+accumulation that keeps its global batch on another number of processes), `write_metrics` and `write_recipe` the
+plain files. It reads and writes files only: building the trained embedder from a run
 folder is `trained.load_trained`, a layer above the model factory.
 """
 
@@ -117,15 +118,35 @@ def check_same_backbone(recipe_file: Path, path: Path, recorded: Recipe) -> None
                               f"{own[key]!r}; the folder mixes two runs (retrain it, or use the checkpoint's own run)")
 
 
-def check_resumable(ckpt: dict, path: Path, recipe: Recipe, manifest: str, data_dir: Path, global_pairs: int) -> None:
-    """Refuse to continue `ckpt` with another recipe, other data or another global batch: one line naming it."""
+def check_resumable(ckpt: dict, path: Path, recipe: Recipe, manifest: str, data_dir: Path, world_size: int) -> int:
+    """Refuse to continue `ckpt` with another recipe, other data or another global batch (one line naming it);
+    returns the accumulation steps that keep the run's global batch on `world_size` processes.
+
+    A run of P processes x accumulation A resumes on P' processes with accumulation P x A / P' when that is a
+    whole number (the sampler's global batches depend only on their size, so the pairs of every step are the
+    same), and is refused otherwise. A is what the run last trained with (`resumed_layout`), not the recipe's."""
     _check_same_recipe(ckpt["recipe"], recipe, path)
     _check_same_manifest(ckpt.get("manifest"), manifest, path, data_dir)
     saved_pairs = ckpt["sampler"]["global_pairs"]
+    processes, accum = resumed_layout(ckpt)
+    if processes * accum % world_size:
+        raise SubmitError(f"{path}: trained with global batch {saved_pairs} pairs on {processes} processes x accum "
+                          f"{accum}; {world_size} processes cannot keep it ({processes} x {accum} / {world_size} is "
+                          "not a whole number)")
+    accum_now = processes * accum // world_size
+    global_pairs = recipe.train.pairs_per_batch * world_size * accum_now
     if saved_pairs != global_pairs:
         raise SubmitError(f"{path}: the run used a global batch of {saved_pairs} pairs, this launch gives "
                           f"{global_pairs} (pairs_per_batch x processes x accum_steps); resume "
                           "with the same number of processes")
+    return accum_now
+
+
+def resumed_layout(ckpt: dict) -> tuple[int, int]:
+    """(processes, accumulation steps) a checkpoint was saved with; before they were recorded, 1 process (or the
+    checkpoint's `world_size`) and the recipe's `train.accum_steps`."""
+    accum = ckpt["sampler"].get("accum_steps", ckpt["recipe"]["train"]["accum_steps"])
+    return int(ckpt.get("world_size", 1)), int(accum)
 
 
 def _check_same_recipe(saved: dict, recipe: Recipe, path: Path) -> None:

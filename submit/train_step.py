@@ -5,7 +5,8 @@ gradient scaler and the EMA: calling it on a batch is one step on one global bat
 `train.accum_steps` > 1 the batch is split into micro-batches whose features are first computed without
 gradients (BatchNorm buffers restored afterwards); each micro-batch is then recomputed with gradients while
 the cached features of the others stay in the loss, so every pair of the global batch is a negative, as in
-open_clip's accum_freq. The training loop (`training`) and the pre-flight (`preflight`) share it.
+open_clip's accum_freq (`accum_steps`: the recipe's, unless the run was resumed on another number of processes,
+`run_folder.check_resumable`). The training loop (`training`) and the pre-flight (`preflight`) share it.
 """
 
 from __future__ import annotations
@@ -51,13 +52,17 @@ class TrainStep:
 
     def __init__(self, model: ContrastiveModel, criterion: Callable[..., torch.Tensor],
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema: EMA | None,
-                 train: TrainSpec, device: torch.device, ddp: nn.Module | None = None) -> None:
+                 train: TrainSpec, device: torch.device, ddp: nn.Module | None = None,
+                 accum_steps: int | None = None) -> None:
         self.model, self.criterion, self.optimizer, self.scaler, self.ema = model, criterion, optimizer, scaler, ema
         self.train, self.device, self.ddp = train, device, ddp
+        self.accum_steps = train.accum_steps if accum_steps is None else accum_steps
 
     @classmethod
-    def build(cls, recipe: Recipe, embedder: nn.Module, device: torch.device, distributed: bool = False) -> TrainStep:
-        """The recipe's step for `embedder` on `device` (wrapped in DDP when `distributed`)."""
+    def build(cls, recipe: Recipe, embedder: nn.Module, device: torch.device, distributed: bool = False,
+              accum_steps: int | None = None) -> TrainStep:
+        """The recipe's step for `embedder` on `device` (wrapped in DDP when `distributed`); `accum_steps`
+        replaces the recipe's accumulation (a run resumed on another number of processes)."""
         t = recipe.train
         if t.grad_checkpointing:
             embedder.set_grad_checkpointing(True)
@@ -70,7 +75,7 @@ class TrainStep:
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.layer_decay), lr=t.lr)
         scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler(device, t.precision))
         ema = EMA(model, t.ema_decay) if t.ema_decay else None
-        return cls(model, criterion, optimizer, scaler, ema, t, device, ddp)
+        return cls(model, criterion, optimizer, scaler, ema, t, device, ddp, accum_steps)
 
     # -- what the loop reads and sets --
 
@@ -131,8 +136,8 @@ class TrainStep:
         then recomputed with gradients while the cached features of the others stay in the loss, so the
         negatives (and the gradient) are those of the whole effective batch, as in open_clip's accum_freq.
         """
-        micro = batch.to(self.device, non_blocking=True).chunk(self.train.accum_steps)
-        if self.train.accum_steps == 1:
+        micro = batch.to(self.device, non_blocking=True).chunk(self.accum_steps)
+        if self.accum_steps == 1:
             return self._micro_step(micro[0], None, 0, sync=True)
         cached = self.cached_features(micro)
         losses = [self._micro_step(pairs, cached, m, sync=m == len(micro) - 1) for m, pairs in enumerate(micro)]

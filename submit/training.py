@@ -24,7 +24,10 @@ Batches: `train.pairs_per_batch` pairs per process and micro-batch; the global (
 pairs_per_batch x world size x accum_steps pairs, every pair a distinct player, and the InfoNCE loss sees
 all of them as negatives (all-gather across ranks, cached features across accumulation micro-batches).
 `train.lr` is the learning rate of that global batch: it is NOT rescaled when the world size changes,
-so keep the global batch (or retune lr) when moving between 1 GPU and several.
+so keep the global batch (or retune lr) when moving between 1 GPU and several. A run resumed on another number
+of processes keeps its global batch by itself: P processes x accumulation A continue on P' processes with
+accumulation P x A / P' (refused when that is not a whole number; `run_folder.check_resumable`), on the same
+pairs in every step; last.pt records the accumulation the run last trained with.
 
 Distributed: launched by `torchrun`, `train` reads WORLD_SIZE/RANK/LOCAL_RANK, joins the process group
 (nccl on CUDA, gloo on CPU), wraps the model in DistributedDataParallel, shards the sampler by rank,
@@ -78,6 +81,7 @@ from submit.run_folder import (  # noqa: F401
     check_resumable,
     load_checkpoint,
     recorded_manifest,
+    resumed_layout,
     rng_state,
     save_atomic,
     set_rng_state,
@@ -122,14 +126,21 @@ def validate(embedder: nn.Module, root: str | Path, query: pd.DataFrame, gallery
 class _Trainer:
     """One training run: its data, its `TrainStep` and its `TrainState`; runs epochs, validates, saves (rank 0)."""
 
-    def __init__(self, recipe: Recipe, data_dir: Path, out_dir: Path, device: torch.device, info: DistInfo) -> None:
+    def __init__(self, recipe: Recipe, data_dir: Path, out_dir: Path, device: torch.device, info: DistInfo,
+                 resume_from: Path | None = None) -> None:
+        """A new run, or with `resume_from` the run its last.pt holds (checked first: same recipe, data and global
+        batch, whose accumulation on this world size the sampler and the step are built with)."""
         self.recipe, self.data_dir, self.out_dir, self.device, self.info = recipe, data_dir, out_dir, device, info
         manifest = read_manifest(data_dir)
         self.manifest = fingerprint(manifest)  # recorded in checkpoints and metrics.json
+        ckpt = None if resume_from is None else self._resumable(resume_from)
+        self.resumed_from: tuple[int, int] | None = None if ckpt is None else resumed_layout(ckpt)
+        self.accum_steps = recipe.train.accum_steps if ckpt is None else ckpt["accum_now"]
         self.splits = make_splits(manifest, recipe.data, recipe.seed)
         _seed_all(recipe.seed)
         embedder = build_embedder(recipe.backbone)
-        self.train_step = TrainStep.build(recipe, embedder, device, distributed=info.world_size > 1)
+        self.train_step = TrainStep.build(recipe, embedder, device, distributed=info.world_size > 1,
+                                          accum_steps=self.accum_steps)
         self.sampler = self._sampler()
         # drawn per epoch when needed: a run bounded by --max-steps draws only the epochs it reaches
         self.steps_per_epoch = EpochLengths(lambda e: len(self.sampler.global_batches(e)), recipe.train.epochs)
@@ -140,11 +151,13 @@ class _Trainer:
         self.signals = StopSignals()  # `train` sets the one holding the signal handlers
         self._epoch_start = time.perf_counter()
         _seed_all(recipe.seed + 1000 * info.rank)  # per-rank randomness (dropout) from here on
+        if ckpt is not None:
+            self._restore(ckpt)
 
     def _sampler(self) -> PairBatchSampler:
         """This rank's pair batches of the training rows (global batch: pairs x accumulation x world size)."""
         t = self.recipe.train
-        return PairBatchSampler(self.splits.train["pid"].tolist(), t.pairs_per_batch * t.accum_steps,
+        return PairBatchSampler(self.splits.train["pid"].tolist(), t.pairs_per_batch * self.accum_steps,
                                 self.info.world_size, self.info.rank, self.recipe.seed)
 
     def _schedule(self) -> LRSchedule:
@@ -171,9 +184,24 @@ class _Trainer:
     # -- checkpoints --
 
     def resume(self, path: Path) -> None:
-        """Restore the full training state from `last.pt` (same recipe, data and global batch)."""
+        """Restore the full training state from `last.pt` (same recipe, data and global batch, and the
+        accumulation this trainer was built with: a change of world size is resumed by `resume_from`)."""
+        ckpt = self._resumable(path)
+        if ckpt["accum_now"] != self.accum_steps:
+            raise SubmitError(f"{path}: keeping its global batch needs accumulation {ckpt['accum_now']} on "
+                              f"{self.info.world_size} process(es); this trainer was built with {self.accum_steps}")
+        self._restore(ckpt)
+
+    def _resumable(self, path: Path) -> dict:
+        """last.pt, checked against this launch (`check_resumable`), with `accum_now`: the accumulation steps
+        that keep its global batch on this world size."""
         ckpt = load_checkpoint(path)
-        check_resumable(ckpt, path, self.recipe, self.manifest, self.data_dir, self.sampler.global_pairs)
+        ckpt["accum_now"] = check_resumable(ckpt, path, self.recipe, self.manifest, self.data_dir,
+                                            self.info.world_size)
+        return ckpt
+
+    def _restore(self, ckpt: dict) -> None:
+        """Load the step's weights and optimiser, the loop state and (same world size) every rank's RNG."""
         self.train_step.load_state_dict(ckpt)
         self.state = TrainState.from_checkpoint(ckpt)
         rngs = ckpt["rng"]
@@ -191,7 +219,7 @@ class _Trainer:
             "format": FORMAT, "kind": "last", "recipe": config.to_mapping(self.recipe), "manifest": self.manifest,
             **self.train_step.state_dict(), "schedule": dataclasses.asdict(self.schedule), **s.to_checkpoint(),
             "sampler": {"seed": self.sampler.seed, "epoch": s.epoch, "position": s.batch_in_epoch,
-                        "global_pairs": self.sampler.global_pairs},
+                        "global_pairs": self.sampler.global_pairs, "accum_steps": self.accum_steps},
             "rng": rngs, "world_size": self.info.world_size,
             "launch": launch_id(),  # which torchrun job wrote it: a restart of that job resumes it (`_resuming`)
         }
@@ -302,6 +330,7 @@ class _Trainer:
             write_metrics(self.out_dir, s.history, {"recipe": self.recipe.name, "manifest": self.manifest,
                                                     "validation": self.splits.note,
                                                     "world_size": self.info.world_size,
+                                                    "accum_steps": self.accum_steps,
                                                     "global_batch_pairs": self.sampler.global_pairs})
             self.reporter.validation(row)
         self.save_last()
@@ -411,16 +440,18 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool | str, de
     report_to = reporting.parse_report_to(report_to)
     last = out_dir / "last.pt"
     resuming = _on_main(lambda: _resuming(resume, last), info)  # rank 0 decides: every rank hears it
-    trainer = _Trainer(recipe, data_dir, out_dir, device, info)
+    trainer = _Trainer(recipe, data_dir, out_dir, device, info, resume_from=last if resuming else None)
     if signals is not None:
         trainer.signals = signals
-    if resuming:
-        trainer.resume(last)
 
     def start_run() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_recipe(out_dir, recipe)
         _log(_start_text(trainer) + (f"; resumed at step {trainer.state.step}" if resuming else ""))
+        if trainer.resumed_from is not None and trainer.resumed_from[0] != info.world_size:
+            processes, accum = trainer.resumed_from
+            _log(f"resumed on {info.world_size} processes with accumulation {trainer.accum_steps} (global batch "
+                 f"kept: {trainer.sampler.global_pairs} pairs; the run had {processes} processes x accum {accum})")
         if note := precision_note(device, recipe.train.precision):
             _log(note)
 
@@ -490,7 +521,8 @@ def _summary(trainer: _Trainer, out_dir: Path, seconds: float) -> dict:
     best = max(scored, key=lambda r: r["mAP"]) if scored else None
     return {"run_dir": str(out_dir), "steps": s.step, "epochs": s.epoch, "seconds": seconds,
             "validation": trainer.splits.note, "best": best, "last": s.history[-1] if s.history else None,
-            "world_size": info.world_size, "main": info.main, "global_batch_pairs": trainer.sampler.global_pairs}
+            "world_size": info.world_size, "main": info.main, "accum_steps": trainer.accum_steps,
+            "global_batch_pairs": trainer.sampler.global_pairs}
 
 
 # ---- train --ensemble: every member of a spec ------------------------------------------------------

@@ -1,0 +1,164 @@
+"""Resuming a run on another number of processes (issue 24, point 3): P processes x accumulation A continue on P'
+processes with accumulation P x A / P' (the global batch kept, the same pairs in every step), and a world size
+that cannot keep it is refused in one line naming both. CPU, gloo, torchrun subprocesses, tiny recipe.
+
+The first run is stopped by `--max-steps` (a partial validation and last.pt at that step, nothing timed); every
+process records the batches its sampler hands out, so the pairs of each step are compared, not inferred."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from submit import training
+from submit.errors import SubmitError
+from submit.manifest import fingerprint, read_manifest
+from submit.run_folder import check_resumable, load_checkpoint, save_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "models" / "tiny-test.yaml"
+STEPS, STOP = 8, 3  # 13 steps per epoch at 8 pairs on this data: the stop and the end are both mid-epoch
+# max |w_resumed - w_straight|: the resumed steps sum the two halves of each global batch in .grad (accumulation
+# over cached features, each half forwarded alone as on its rank) where DDP all-reduces them: the same exact
+# gradient, in another float order where the kernels differ. Measured 0 (bitwise equal, 1 CPU thread); the bound
+# is tests/test_ddp.py's for 2 processes against 1 (the same blanked key bias: Adam turns its rounding into steps)
+TOLERANCE = 1e-5
+
+# Each process records the pair batches its sampler yields (in order), then runs the real CLI command.
+RANK_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from submit import training
+    from submit.cli import main
+
+    seen = []
+
+    class Recording(training.PairBatchSampler):
+        def __iter__(self):
+            for batch in super().__iter__():
+                seen.append([list(pair) for pair in batch])
+                yield batch
+
+    training.PairBatchSampler = Recording
+    try:
+        main(sys.argv[3:], standalone_mode=False)
+    finally:
+        with open(os.path.join(sys.argv[1], f"pairs-{sys.argv[2]}-{os.environ.get('RANK', '0')}.json"), "w") as fh:
+            json.dump(seen, fh)
+""")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, players) -> Path:
+    return players(tmp_path_factory.mktemp("data"), seed=3)
+
+
+def _train(tmp: Path, tag: str, data_dir: Path, out: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    """`train` on `processes` gloo workers under torchrun (1: a plain process, no torchrun), recording pairs."""
+    script = tmp / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    launch = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+              if processes > 1 else [])
+    cmd = [sys.executable, *launch, str(script), str(tmp), tag, "train", str(TINY), "--data", str(data_dir),
+           "--out", str(out), "--device", "cpu", "--set", "data.workers=0", "--set", "train.pairs_per_batch=4",
+           "--set", "train.checkpoint_every=0", *extra]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=400)
+
+
+def _global_batches(tmp: Path, tag: str, processes: int) -> list[list[tuple[int, ...]]]:
+    """Each step's global batch: the processes' shards side by side (rank order, as the sampler cuts them)."""
+    shards = [json.loads((tmp / f"pairs-{tag}-{rank}.json").read_text()) for rank in range(processes)]
+    assert len({len(s) for s in shards}) == 1, [len(s) for s in shards]
+    return [[tuple(pair) for shard in step for pair in shard] for step in zip(*shards)]
+
+
+def _comparable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Blank the attention key bias: its exact gradient is zero, so Adam turns rounding noise into steps."""
+    out = dict(state)
+    for key in [k for k in out if k.endswith("attn.in_proj_bias")]:
+        third = len(out[key]) // 3
+        out[key] = out[key].clone()
+        out[key][third:2 * third] = 0
+    return out
+
+
+def test_two_processes_resumed_on_one_with_accumulation_two_train_the_same_steps(data_dir, tmp_path):
+    straight = _train(tmp_path, "straight", data_dir, tmp_path / "straight", 2, "--max-steps", str(STEPS))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "run"
+    first = _train(tmp_path, "first", data_dir, out, 2, "--max-steps", str(STOP))
+    assert first.returncode == 0, first.stderr[-3000:]
+    stopped = load_checkpoint(out / "last.pt")
+    assert stopped["state"]["step"] == STOP and stopped["world_size"] == 2
+    assert stopped["sampler"]["global_pairs"] == 8 and stopped["sampler"]["accum_steps"] == 1
+
+    second = _train(tmp_path, "second", data_dir, out, 1, "--resume", "--max-steps", str(STEPS))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed at step {STOP}" in second.stderr
+    assert "resumed on 1 processes with accumulation 2 (global batch kept: 8 pairs; the run had 2 processes x " \
+           "accum 1)" in second.stderr
+    last = load_checkpoint(out / "last.pt")
+    assert last["state"]["step"] == STEPS and last["world_size"] == 1 and len(last["rng"]) == 1
+    assert last["sampler"]["global_pairs"] == 8 and last["sampler"]["accum_steps"] == 2  # the next resume's layout
+    assert last["recipe"]["train"]["accum_steps"] == 1  # the recipe is the run's: a resume on 2 checks against it
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["accum_steps"] == 2 and metrics["global_batch_pairs"] == 8
+
+    # the same pairs in every step: 3 global batches from 2 processes, then 5 from 1 (8 pairs each, not 4)
+    reference = _global_batches(tmp_path, "straight", 2)
+    resumed = _global_batches(tmp_path, "first", 2) + _global_batches(tmp_path, "second", 1)
+    assert len(reference) == len(resumed) == STEPS
+    assert all(len(batch) == 8 for batch in resumed)
+    assert resumed == reference
+
+    a = _comparable(last["model"])
+    b = _comparable(load_checkpoint(tmp_path / "straight" / "last.pt")["model"])
+    worst = max(float((a[k] - b[k]).abs().max()) for k in b)
+    ends = last["temperature"]["log_scale"], load_checkpoint(tmp_path / "straight" / "last.pt")["temperature"][
+        "log_scale"]
+    worst = max(worst, float((ends[0] - ends[1]).abs()))
+    assert worst < TOLERANCE, worst
+
+    # the recorded layout drives the next resume: 1 x 2 goes back to 2 processes x 1, not to 3 or 4 processes
+    recipe = training.apply_overrides(training.load_recipe(TINY), ["data.workers=0", "train.pairs_per_batch=4",
+                                                                  "train.checkpoint_every=0"])
+    manifest = fingerprint(read_manifest(data_dir))
+    assert check_resumable(last, out / "last.pt", recipe, manifest, data_dir, 2) == 1
+    assert check_resumable(last, out / "last.pt", recipe, manifest, data_dir, 1) == 2
+    for world, why in ((3, "1 x 2 / 3"), (4, "1 x 2 / 4")):
+        with pytest.raises(SubmitError) as refused:
+            check_resumable(last, out / "last.pt", recipe, manifest, data_dir, world)
+        assert str(refused.value) == (f"{out / 'last.pt'}: trained with global batch 8 pairs on 1 processes x accum 2;"
+                                      f" {world} processes cannot keep it ({why} is not a whole number)")
+
+
+def test_a_world_size_that_cannot_keep_the_global_batch_is_refused_in_one_line(data_dir, tmp_path):
+    """A run of 3 processes x accum 1 (a 1-process run's last.pt relabelled: 3 gloo processes are not needed to
+    write one) resumed on 2 processes: refused by every rank before any step, the line naming both numbers."""
+    out = tmp_path / "run"
+    first = _train(tmp_path, "first", data_dir, out, 1, "--max-steps", "1", "--set", "train.pairs_per_batch=12")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    ckpt["world_size"], ckpt["rng"] = 3, ckpt["rng"] * 3
+    ckpt["recipe"]["train"]["pairs_per_batch"] = 4  # 4 pairs x 3 processes: the same global batch of 12
+    save_atomic(ckpt, out / "last.pt")
+    before = (out / "last.pt").read_bytes()
+
+    run = _train(tmp_path, "second", data_dir, out, 2, "--resume", "--max-steps", "2")
+    assert run.returncode != 0
+    line = (f"error: {out / 'last.pt'}: trained with global batch 12 pairs on 3 processes x accum 1; 2 processes "
+            "cannot keep it (3 x 1 / 2 is not a whole number)")
+    errors = {text for text in run.stderr.splitlines() if text.startswith("error:")}
+    assert errors == {line}, run.stderr[-3000:]  # (each rank that got there first says it; torchrun adds its own)
+    assert "SubmitError" not in run.stderr  # the line, not a traceback of ours
+    assert (out / "last.pt").read_bytes() == before  # nothing trained, nothing written
+    assert json.loads((tmp_path / "pairs-second-0.json").read_text()) == []
