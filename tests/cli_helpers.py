@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 
@@ -60,3 +61,39 @@ def tiny_world(root: Path) -> tuple[Path, Path, Path]:
                                                           "train.epochs=1"])
     training.train(recipe, data, root / "runs" / "tiny", max_steps=1, progress=False)
     return src, data, root / "runs" / "tiny"
+
+
+# A torchrun rank (or a plain process) that records the pair batches its sampler yields, in order, into
+# DIR/pairs-TAG-RANK.json, then runs the real CLI: `python rank.py DIR TAG train ...`.
+RECORDING_RANK = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from submit import training
+    from submit.cli import main
+
+    seen = []
+
+    class Recording(training.PairBatchSampler):
+        def __iter__(self):
+            for batch in super().__iter__():
+                seen.append([list(pair) for pair in batch])
+                yield batch
+
+    training.PairBatchSampler = Recording
+    try:
+        main(sys.argv[3:], standalone_mode=False)
+    finally:
+        with open(os.path.join(sys.argv[1], f"pairs-{sys.argv[2]}-{os.environ.get('RANK', '0')}.json"), "w") as fh:
+            json.dump(seen, fh)
+""")
+
+
+def comparable(state: dict[str, Any]) -> dict[str, Any]:
+    """Blank the attention key bias: its exact gradient is zero, so Adam turns rounding noise into steps."""
+    out = dict(state)
+    for key in [k for k in out if k.endswith("attn.in_proj_bias")]:
+        third = len(out[key]) // 3
+        out[key] = out[key].clone()
+        out[key][third:2 * third] = 0
+    return out

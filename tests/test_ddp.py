@@ -7,11 +7,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import RECORDING_RANK, comparable
 
 from submit import training
 from submit.recipe import load_recipe
@@ -21,29 +21,6 @@ TINY = REPO / "models" / "tiny-test.yaml"
 STEPS = 6
 TOLERANCE = 1e-5  # max |w_ddp - w_single| after 6 AdamW steps (gradient all-reduce only reorders float sums)
 
-# Each rank records the pairs its sampler hands out, then runs the real CLI command.
-RANK_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    import torch
-    torch.set_num_threads(1)
-    from submit import training
-    from submit.cli import main
-
-    seen = []
-
-    class Recording(training.PairBatchSampler):
-        def __iter__(self):
-            for batch in super().__iter__():
-                seen.append([list(pair) for pair in batch])
-                yield batch
-
-    training.PairBatchSampler = Recording
-    try:
-        main(sys.argv[2:], standalone_mode=False)
-    finally:
-        with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as fh:
-            json.dump(seen, fh)
-""")
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +29,14 @@ def data_dir(tmp_path_factory, players) -> Path:
     return players(tmp_path_factory.mktemp("data"), seed=2)
 
 
-def _comparable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Blank the attention key bias: its exact gradient is zero, so Adam turns rounding noise into steps."""
-    out = dict(state)
-    for key in [k for k in out if k.endswith("attn.in_proj_bias")]:
-        third = len(out[key]) // 3
-        out[key] = out[key].clone()
-        out[key][third:2 * third] = 0
-    return out
-
-
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path):
     common = ["--set", "data.workers=0", "--set", "train.checkpoint_every=0"]
     script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
+    script.write_text(RECORDING_RANK)
     ddp_out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path), "train", str(TINY), "--data", str(data_dir), "--out", str(ddp_out), "--device", "cpu",
+           str(tmp_path), "ddp", "train", str(TINY), "--data", str(data_dir), "--out", str(ddp_out), "--device", "cpu",
            "--max-steps", str(STEPS), "--set", "train.pairs_per_batch=4", *common]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -84,8 +51,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_di
     finally:
         torch.set_num_threads(before)
 
-    a = _comparable(torch.load(ddp_out / "last.pt", weights_only=True)["model"])
-    b = _comparable(torch.load(tmp_path / "single" / "last.pt", weights_only=True)["model"])
+    a = comparable(torch.load(ddp_out / "last.pt", weights_only=True)["model"])
+    b = comparable(torch.load(tmp_path / "single" / "last.pt", weights_only=True)["model"])
     worst = max(float((a[k] - b[k]).abs().max()) for k in b)
     assert worst < TOLERANCE, worst
     ddp_last = torch.load(ddp_out / "last.pt", weights_only=True)
@@ -98,7 +65,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_di
     from submit.sampler import PairBatchSampler
 
     pids = read_manifest(data_dir).query("split == 'train'")["pid"].tolist()
-    shards = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    shards = [json.loads((tmp_path / f"pairs-ddp-{r}.json").read_text()) for r in range(2)]
     reference = PairBatchSampler(pids, 8, seed=recipe.seed).global_batches(0)
     assert len(shards[0]) == len(shards[1]) >= STEPS
     for step, (b0, b1) in enumerate(zip(*shards)):

@@ -11,11 +11,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-import torch
+from cli_helpers import RECORDING_RANK, comparable
 
 from submit import training
 from submit.errors import SubmitError
@@ -31,29 +30,6 @@ STEPS, STOP = 8, 3  # 13 steps per epoch at 8 pairs on this data: the stop and t
 # is tests/test_ddp.py's for 2 processes against 1 (the same blanked key bias: Adam turns its rounding into steps)
 TOLERANCE = 1e-5
 
-# Each process records the pair batches its sampler yields (in order), then runs the real CLI command.
-RANK_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    import torch
-    torch.set_num_threads(1)
-    from submit import training
-    from submit.cli import main
-
-    seen = []
-
-    class Recording(training.PairBatchSampler):
-        def __iter__(self):
-            for batch in super().__iter__():
-                seen.append([list(pair) for pair in batch])
-                yield batch
-
-    training.PairBatchSampler = Recording
-    try:
-        main(sys.argv[3:], standalone_mode=False)
-    finally:
-        with open(os.path.join(sys.argv[1], f"pairs-{sys.argv[2]}-{os.environ.get('RANK', '0')}.json"), "w") as fh:
-            json.dump(seen, fh)
-""")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +40,7 @@ def data_dir(tmp_path_factory, players) -> Path:
 def _train(tmp: Path, tag: str, data_dir: Path, out: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     """`train` on `processes` gloo workers under torchrun (1: a plain process, no torchrun), recording pairs."""
     script = tmp / "rank.py"
-    script.write_text(RANK_SCRIPT)
+    script.write_text(RECORDING_RANK)
     launch = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
               if processes > 1 else [])
     cmd = [sys.executable, *launch, str(script), str(tmp), tag, "train", str(TINY), "--data", str(data_dir),
@@ -79,16 +55,6 @@ def _global_batches(tmp: Path, tag: str, processes: int) -> list[list[tuple[int,
     shards = [json.loads((tmp / f"pairs-{tag}-{rank}.json").read_text()) for rank in range(processes)]
     assert len({len(s) for s in shards}) == 1, [len(s) for s in shards]
     return [[tuple(pair) for shard in step for pair in shard] for step in zip(*shards)]
-
-
-def _comparable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Blank the attention key bias: its exact gradient is zero, so Adam turns rounding noise into steps."""
-    out = dict(state)
-    for key in [k for k in out if k.endswith("attn.in_proj_bias")]:
-        third = len(out[key]) // 3
-        out[key] = out[key].clone()
-        out[key][third:2 * third] = 0
-    return out
 
 
 def test_two_processes_resumed_on_one_with_accumulation_two_train_the_same_steps(data_dir, tmp_path):
@@ -120,8 +86,8 @@ def test_two_processes_resumed_on_one_with_accumulation_two_train_the_same_steps
     assert all(len(batch) == 8 for batch in resumed)
     assert resumed == reference
 
-    a = _comparable(last["model"])
-    b = _comparable(load_checkpoint(tmp_path / "straight" / "last.pt")["model"])
+    a = comparable(last["model"])
+    b = comparable(load_checkpoint(tmp_path / "straight" / "last.pt")["model"])
     worst = max(float((a[k] - b[k]).abs().max()) for k in b)
     ends = last["temperature"]["log_scale"], load_checkpoint(tmp_path / "straight" / "last.pt")["temperature"][
         "log_scale"]
