@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -270,7 +269,7 @@ def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_i
     spec_file = resolve_spec_path(spec_path)
     base = load_spec(spec_file, runs_dir=".", require_runs=False)
     space = search_space(base)
-    if not space and not any(fusion_space(base, r) for r in FUSIONS if r == base.fusion):
+    if not space and not fusion_space(base, base.fusion):
         raise SubmitError(f"{spec_file}: nothing to tune (no post-processing steps, one member, every key fixed)")
     work = Path(work_dir) if work_dir is not None else out.parent / "tune"
     dirs = fold_dirs(data_dir, work, holdout_ids, folds, holdout_seed)
@@ -379,5 +378,4 @@ def rescore(spec_path: str | Path, data_dir: str | Path, runs_dir: str | Path, d
     manifest = read_manifest(data_dir)
     query, gallery = select(manifest, "test", "query"), select(manifest, "test", "gallery")
     dist = predict.fuse_members(spec, data_dir, query, gallery, device, workers, False, {}, False)
-    value = float(evaluate_distances(dist, query["pid"].to_numpy(), gallery["pid"].to_numpy())["mAP"])
-    return value if math.isfinite(value) else 0.0
+    return float(evaluate_distances(dist, query["pid"].to_numpy(), gallery["pid"].to_numpy())["mAP"])
