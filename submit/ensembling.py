@@ -159,6 +159,11 @@ class EnsembleSpec:
     jersey: JerseySpec | None = None  # shirt numbers: read by `submit.jersey`, applied by `reranking.number_agreement`
     tune: TuneSpec = field(default_factory=TuneSpec)  # what `tune` searches (see TuneSpec)
 
+    @property
+    def fused_chain(self) -> bool:
+        """Whether the chain runs once on the members' concatenated features, which needs fusion 'mean'."""
+        return self.postprocess_on == "fused" and bool(self.postprocess)
+
 
 def load_spec(path: str | Path, runs_dir: str | Path | None = None, require_runs: bool = True) -> EnsembleSpec:
     """Load, validate and resolve an ensemble spec: member paths become absolute and must exist.
@@ -173,7 +178,7 @@ def load_spec(path: str | Path, runs_dir: str | Path | None = None, require_runs
         raise SubmitError(f"{where}: key 'members': expected at least one member")
     if spec.reliability_k < 1:
         raise SubmitError(f"{where}: key 'reliability_k': expected >= 1, got {spec.reliability_k}")
-    if spec.postprocess_on == "fused" and spec.fusion != "mean" and spec.postprocess:
+    if spec.fused_chain and spec.fusion != "mean":
         raise SubmitError(f"{where}: key 'postprocess_on': 'fused' needs fusion 'mean' (got {spec.fusion!r})")
     check_steps(spec.postprocess, where)
     check_tune_keys(spec, where)
@@ -216,8 +221,7 @@ def check_tune_keys(spec: EnsembleSpec, where: str) -> None:
         param.check(f"{where}: key 'tune.space.{key}'")
         if key == "fusion" and (param.choices is None or not set(param.choices) <= set(FUSIONS)):
             raise SubmitError(f"{where}: key 'tune.space.fusion': expected choices among {list(FUSIONS)}")
-        fused_chain = spec.postprocess_on == "fused" and spec.postprocess
-        if key == "fusion" and fused_chain and set(param.choices or ()) != {"mean"}:
+        if key == "fusion" and spec.fused_chain and set(param.choices or ()) != {"mean"}:
             raise SubmitError(f"{where}: key 'tune.space.fusion': postprocess_on: fused needs fusion 'mean' only")
 
 

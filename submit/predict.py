@@ -91,7 +91,7 @@ def fit_weights(spec_path: str | Path, data_dir: str | Path, out: str | Path,
     atomic.check_file_target(Path(out))
     spec_file = resolve_spec_path(spec_path)
     spec = ensembling.load_spec(spec_file, runs_dir)
-    if spec.postprocess_on == "fused" and spec.postprocess:
+    if spec.fused_chain:
         raise SubmitError(f"{spec_file}: fitting weights needs postprocess_on: member "
                           "(fused re-runs the chain per try)")
     if not grid or any(w < 0 for w in grid) or max(grid) <= 0:

@@ -89,12 +89,12 @@ def search_space(spec: EnsembleSpec) -> dict[str, Param]:
         for name, param in reranking.STEPS[step.op].space.items():
             space[f"postprocess[{i}].{name}"] = param
     if len(spec.members) > 1:
-        fused_chain = spec.postprocess_on == "fused" and spec.postprocess
-        space["fusion"] = choice(["mean"] if fused_chain else list(FUSIONS))
+        space["fusion"] = choice(["mean"] if spec.fused_chain else list(FUSIONS))
         if spec.tune.weights:
             space.update({f"members[{i}].weight": WEIGHT_RANGE for i in range(1, len(spec.members))})
     space.update(spec.tune.space)
-    return {key: param for key, param in space.items() if key not in spec.tune.fixed}
+    conditional = {key for rule in FUSIONS.values() for key in getattr(rule, "space", {})}  # see fusion_space
+    return {key: param for key, param in space.items() if key not in spec.tune.fixed and key not in conditional}
 
 
 def fusion_space(spec: EnsembleSpec, rule: str) -> dict[str, Param]:

@@ -65,6 +65,10 @@ def test_default_space_comes_from_the_registered_steps_and_fusion_rules(tmp_path
     assert tune.fusion_space(spec, "reliability") == {"reliability_k": ensembling.FUSIONS["reliability"].space[
         "reliability_k"]}
     assert tune.fusion_space(spec, "mean") == {}
+    narrowed = load_spec(_spec(tmp_path, f"{MEMBERS}{CHAIN}    reliability_k: {{low: 5, high: 9, integer: true}}\n",
+                               "narrowed.yaml"), runs_dir=tmp_path, require_runs=False)
+    assert "reliability_k" not in tune.search_space(narrowed)  # a rule's own key stays conditional on the rule
+    assert tune.fusion_space(narrowed, "reliability") == {"reliability_k": Param(5.0, 9.0, integer=True)}
 
 
 def test_a_new_step_brings_its_own_space_and_fixed_keys_are_not_searched(tmp_path, monkeypatch) -> None:
