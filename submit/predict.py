@@ -27,7 +27,7 @@ from submit.backbones import build_embedder
 from submit.ensembling import EnsembleSpec, MemberSpec, StepSpec, resolve_spec_path
 from submit.errors import SubmitError
 from submit.export import OnnxEmbedder, member_tta, read_metadata
-from submit.jersey import spec_numbers
+from submit.jersey import apply_jersey
 from submit.manifest import fingerprint, read_manifest, select
 from submit.metrics import METRIC_KEYS, evaluate_distances
 from submit.ranking_file import read_ranking, write_ranking
@@ -59,11 +59,7 @@ def predict(spec_path: str | Path, data_dir: str | Path, split: str, out: str | 
     stages: dict[str, np.ndarray] = {}
     final = fuse_members(spec, data_dir, query, gallery, device, workers, progress, stages, score is not None)
     if spec.jersey is not None:  # resolved at load: its numbers CSV (absolute) or its model
-        step = spec.jersey
-        numbers, probs = spec_numbers(step, data_dir, [*query["path"], *gallery["path"]], device, progress)
-        nq = len(query)
-        final = reranking.number_agreement(final, numbers[:nq], probs[:nq], numbers[nq:], probs[nq:],
-                                           step.bonus, step.penalty, step.threshold)
+        final = apply_jersey(final, query, gallery, data_dir, spec.jersey, device=device, progress=progress)
         stages["+ shirt numbers"] = final
     q_ids, g_ids = query["image_id"].to_numpy(), gallery["image_id"].to_numpy()
     write_ranking(out, final, q_ids, g_ids)
