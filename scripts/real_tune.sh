@@ -37,6 +37,10 @@ for F in "$OUT"/tune/runs/*/; do  # the runs tune trained on each fold: scored o
   D=$OUT/$(basename "$F")
   DIRS+=("$D")
   mkdir -p "$D"
+  python -c "import sys; from submit.tune import rescore
+for name, spec in (('hand', sys.argv[1]), ('tuned', sys.argv[2])):
+    print(f'held-out mAP on {sys.argv[3]}, {name}: {100 * rescore(spec, sys.argv[3], sys.argv[4]):.2f}')" \
+    "$SPEC" "$OUT/tuned.yaml" "$OUT/tune/folds/$(basename "$F")" "$F" | tee "$D/held-out.txt"
   for V in hand tuned; do
     SRC=$SPEC; [[ $V == tuned ]] && SRC=$OUT/tuned.yaml
     reident-submit predict --ensemble "$SRC" --runs-dir "$F" --data "$DATA" --split test \
