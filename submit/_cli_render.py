@@ -196,6 +196,10 @@ def print_runs(table: RunsTable, sort: str) -> None:
     Console(width=max(Console().width, 140)).print(view)
 
 
+def _values_text(values: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
 def print_tune(result: TuneResult) -> None:
     """`tune`'s leading trials as a table, then the tuned spec, the folder and the held-out score."""
     from rich.console import Console
@@ -205,9 +209,14 @@ def print_tune(result: TuneResult) -> None:
     for column in ("trial", "held-out mAP", "spread", "values"):
         table.add_column(column, justify="right" if column != "values" else "left")
     for row in result.leaders:
-        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
-        table.add_row(str(row["number"]), f"{100 * row['value']:.2f}", f"{100 * row['spread']:.2f}", values)
+        table.add_row(str(row["number"]), f"{100 * row['value']:.2f}", f"{100 * row['spread']:.2f}",
+                      _values_text(row["params"]))
     console = Console()
+    if result.train is not None:
+        chosen = result.train
+        console.print(f"training study {chosen.study}: {chosen.finished} finished trials "
+                      f"({chosen.finished - chosen.complete} pruned); best #{chosen.number}: held-out mAP "
+                      f"{100 * chosen.value:.2f} with {_values_text(chosen.values)}", highlight=False, soft_wrap=True)
     console.print(table)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)

@@ -450,15 +450,19 @@ def evaluate(ranking: str, data_dir: str, split: str | None, as_json: bool) -> N
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Image-decoding worker processes.")
 @click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+@click.option("--train-space", is_flag=True, help="First search the members' epochs, learning rate and input size "
+              "(a training study; poor runs are pruned after their first validations).")
+@click.option("--train-trials", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Finished trials of the training study (with --train-space).")
 def tune(spec: str, data_dir: str, holdout_ids: int | None, folds: int, holdout_seed: int, trials: int,
          study: str | None, jobs: int, timeout: float | None, seed: int, work_dir: str | None, out: str,
-         workers: int, device: str | None) -> None:
+         workers: int, device: str | None, train_space: bool, train_trials: int) -> None:
     """Choose the spec's post-processing, fusion and member weights on held-out TRAIN identities (Optuna)."""
     from submit.tune import tune as run_tune
 
     render.print_tune(run_tune(spec, data_dir, out, holdout_ids=holdout_ids, folds=folds, holdout_seed=holdout_seed,
                                trials=trials, study=study, jobs=jobs, timeout=timeout, seed=seed, work_dir=work_dir,
-                               device=device, workers=workers))
+                               device=device, workers=workers, train_trials=train_trials if train_space else None))
 
 
 @main.command("fit-weights")

@@ -52,7 +52,7 @@ import numpy as np
 
 from submit import bundled, config, reranking
 from submit.errors import SubmitError
-from submit.recipe import TTASpec, load_recipe
+from submit.recipe import Recipe, TTASpec, apply_overrides, has_key, load_recipe
 from submit.space import Param, integers
 
 RUNS_PLACEHOLDER = "${RUNS}"
@@ -209,20 +209,47 @@ def tunable_keys(spec: EnsembleSpec) -> list[str]:
     return keys + ["fusion", "reliability_k"] + [f"members[{i}].weight" for i in range(len(spec.members))]
 
 
+def train_key(key: str) -> tuple[int, str] | None:
+    """(member index, recipe key) for a training key such as `members[0].train.lr` (searched by `tune
+    --train-space` in that member's recipe); None for any other key."""
+    head, _, rest = key.partition("].")
+    if not head.startswith("members[") or not head[8:].isdigit() or rest in ("", "weight"):
+        return None
+    return int(head[8:]), rest
+
+
 def check_tune_keys(spec: EnsembleSpec, where: str) -> None:
-    """The `tune:` block names only keys of this spec, each with a usable range or choice list."""
+    """The `tune:` block names only keys of this spec (post-processing, fusion and weight keys, or a recipe key
+    of a member with a `train` block), each with a usable range or choice list."""
     allowed = tunable_keys(spec)
     for kind, keys in (("space", list(spec.tune.space)), ("fixed", list(spec.tune.fixed))):
         for key in keys:
-            if key not in allowed:
-                raise SubmitError(f"{where}: key 'tune.{kind}': {key!r} is not a tunable key of this spec "
-                                  f"(allowed: {', '.join(allowed)})")
+            if key in allowed or _trainable(spec, key):
+                continue
+            raise SubmitError(f"{where}: key 'tune.{kind}': {key!r} is not a tunable key of this spec "
+                              f"(allowed: {', '.join(allowed)}, or members[i].<recipe key> of a member with "
+                              "a 'train' block)")
     for key, param in spec.tune.space.items():
         param.check(f"{where}: key 'tune.space.{key}'")
         if key == "fusion" and (param.choices is None or not set(param.choices) <= set(FUSIONS)):
             raise SubmitError(f"{where}: key 'tune.space.fusion': expected choices among {list(FUSIONS)}")
         if key == "fusion" and spec.fused_chain and set(param.choices or ()) != {"mean"}:
             raise SubmitError(f"{where}: key 'tune.space.fusion': postprocess_on: fused needs fusion 'mean' only")
+
+
+def _trainable(spec: EnsembleSpec, key: str) -> bool:
+    """Whether `key` is `members[i].<recipe key>` of a member that has a `train` block."""
+    found = train_key(key)
+    return (found is not None and found[0] < len(spec.members) and spec.members[found[0]].train is not None
+            and has_key(found[1]))
+
+
+def member_recipe(member: MemberSpec, where: str | Path) -> Recipe:
+    """The recipe a member with a `train` block trains: its recipe file, its seed, then its overrides."""
+    assert member.train is not None
+    seed = [] if member.train.seed is None else [f"seed={member.train.seed}"]
+    return apply_overrides(load_recipe(member.train.recipe), [*seed, *member.train.overrides],
+                           where=f"{where}: member {member.name} train.overrides")
 
 
 def check_number_source(step: JerseySpec, where: str) -> None:

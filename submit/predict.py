@@ -31,7 +31,7 @@ from submit.jersey import apply_jersey
 from submit.manifest import fingerprint, read_manifest, select
 from submit.metrics import METRIC_KEYS, evaluate_distances
 from submit.ranking_file import read_ranking, write_ranking
-from submit.recipe import BackboneSpec, load_recipe
+from submit.recipe import BackboneSpec, load_recipe, override
 from submit.reranking import cosine_distance
 from submit.run_folder import recorded_manifest
 
@@ -135,14 +135,19 @@ def weight_grid(members: int, grid: tuple[float, ...]) -> list[tuple[float, ...]
 
 def write_spec_values(spec_file: Path, out: str | Path, values: dict[str, Any], header: str) -> Path:
     """Copy `spec_file` to `out` with `values` (spec key -> value: `members[1].weight`, `postprocess[0].dim`,
-    `fusion`, `reliability_k`, as `ensembling.tunable_keys` names them) put in place, `header` (comment lines)
-    on top; relative paths are re-based on `out`'s folder."""
+    `fusion`, `reliability_k`, as `ensembling.tunable_keys` names them, or a training key `members[0].train.lr`,
+    written as that member's override) put in place, `header` (comment lines) on top; relative paths are
+    re-based on `out`'s folder."""
     out = Path(out)
     data = config.read_yaml(spec_file)
     for key, value in values.items():
         if key.startswith("postprocess["):
             step = data["postprocess"][key_index(key)]
             step["params"] = {**(step.get("params") or {}), key.split(".", 1)[1]: value}
+        elif found := ensembling.train_key(key):  # members[i].<recipe key>: one of the member's train.overrides
+            train = data["members"][found[0]]["train"]
+            kept = [o for o in train.get("overrides") or () if o.partition("=")[0].strip() != found[1]]
+            train["overrides"] = [*kept, override(found[1], value)]
         elif key.startswith("members["):
             data["members"][key_index(key)]["weight"] = float(value)
         else:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -13,6 +16,7 @@ import yaml
 from submit import config
 from submit.config import bounded, probability, registered
 from submit.errors import SubmitError
+from submit.space import Param, choice, floats, integers
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,36 @@ def apply_overrides(recipe: Recipe, overrides: Sequence[str], where: str = "--se
                 raise SubmitError(f"{where}: key {'.'.join(parts[:depth + 1])!r} is a value, not a section ({key!r})")
         node[parts[-1]] = _yaml_value(raw, where, key)
     return config.from_mapping(Recipe, data, where=where)
+
+
+def override(key: str, value: Any) -> str:
+    """The `KEY=VALUE` override (`apply_overrides`, a member's `train.overrides`) that sets `key` to `value`."""
+    return f"{key}={json.dumps(value)}"  # JSON text is YAML flow text: numbers, lists, strings, booleans
+
+
+def has_key(key: str) -> bool:
+    """Whether `key` (`train.lr`, `backbone.image_size`) names one value of a recipe, not a section."""
+    node: Any = Recipe
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            return False
+        node = hints[part]
+    return not dataclasses.is_dataclass(node)
+
+
+def train_space(recipe: Recipe) -> dict[str, Param]:
+    """What `tune --train-space` searches in a member's recipe by default: epochs (half to twice the recipe's),
+    the learning rate (a quarter to four times, log scale) and, where the recipe fixes the input size, that size
+    at 0.8x, 1x and 1.2x (multiples of 16)."""
+    epochs, lr = recipe.train.epochs, recipe.train.lr
+    space = {"train.epochs": integers(max(1, epochs // 2), max(2, 2 * epochs)),
+             "train.lr": floats(lr / 4, lr * 4, log=True)}
+    if recipe.backbone.image_size is not None:
+        sizes = [[max(16, round(side * scale / 16) * 16) for side in recipe.backbone.image_size]
+                 for scale in (0.8, 1.0, 1.2)]
+        space["backbone.image_size"] = choice([s for i, s in enumerate(sizes) if s not in sizes[:i]])
+    return space
 
 
 def _yaml_value(raw: str, where: str, key: str) -> Any:

@@ -6,6 +6,7 @@ spec stays torch-free and optuna is imported only by `tune` itself.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -36,12 +37,28 @@ class Param:
             raise SubmitError(f"{where}: an integer range needs whole bounds, got {self.low}..{self.high}")
         return self
 
+    def encoded_choices(self) -> tuple[Any, ...]:
+        """The choices as Optuna stores them: None, bool, int, float and str as they are, anything else (a list
+        such as an image size) as its JSON text."""
+        return tuple(c if _plain(c) else json.dumps(c) for c in self.choices or ())
+
+    def decode(self, value: Any) -> Any:
+        """A value Optuna drew or recorded for this parameter, back as the choice it stands for."""
+        for choice, encoded in zip(self.choices or (), self.encoded_choices()):
+            if not _plain(choice) and value == encoded:
+                return choice
+        return value
+
     def text(self) -> str:
         """How the parameter reads in a table: `{128, 256}` or `3..30 (int, log)`."""
         if self.choices is not None:
             return "{" + ", ".join(str(c) for c in self.choices) + "}"
         kind = ", ".join(k for k, on in (("int", self.integer), ("log", self.log)) if on)
         return f"{self.low:g}..{self.high:g}" + (f" ({kind})" if kind else "")
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def integers(low: int, high: int, log: bool = False) -> Param:

@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -67,13 +68,13 @@ from submit.distributed import (
     restart_count,
 )
 from submit.embedding import embed_views
-from submit.ensembling import load_spec
+from submit.ensembling import load_spec, member_recipe
 from submit.errors import SubmitError, loader_errors
 from submit.manifest import fingerprint, read_manifest
 from submit.metrics import METRIC_KEYS, evaluate_distances
 from submit.optimisation import EpochLengths, LRSchedule
 from submit.progress import progress_bar
-from submit.recipe import Recipe, apply_overrides, load_recipe
+from submit.recipe import Recipe, apply_overrides  # noqa: F401 - tests build recipes through training
 from submit.reranking import cosine_distance
 from submit.run_folder import (  # noqa: F401
     FORMAT,
@@ -149,6 +150,8 @@ class _Trainer:
         self.state = TrainState()
         self.reporter: reporting.Reporter = reporting.NullReporter()  # `train` sets the --report-to one
         self.signals = StopSignals()  # `train` sets the one holding the signal handlers
+        self.on_epoch: Callable[[dict], bool] | None = None  # `train`'s hook: True stops after this epoch
+        self.stopped_early = False
         self._epoch_start = time.perf_counter()
         _seed_all(recipe.seed + 1000 * info.rank)  # per-rank randomness (dropout) from here on
         if ckpt is not None:
@@ -248,7 +251,7 @@ class _Trainer:
         with bar:
             task = bar.add_task("train", total=min(self.steps_per_epoch.total, stop), completed=s.step,
                                 loss=float("nan"), lr=0.0, temp=self.train_step.temperature, ips=0.0)
-            while s.step < stop and s.epoch < self.recipe.train.epochs:
+            while s.step < stop and s.epoch < self.recipe.train.epochs and not self.stopped_early:
                 self._run_epoch(stop, bar, task)
         validated = bool(s.history) and s.history[-1]["step"] == s.step
         if s.batch_in_epoch and s.step >= stop and not validated:
@@ -336,6 +339,9 @@ class _Trainer:
         self.save_last()
         if self.info.main:
             _log(_row_text(row, partial))
+        if not partial and self.on_epoch is not None:
+            hook = self.on_epoch
+            self.stopped_early = bool(_on_main(lambda: hook(row), self.info))  # rank 0 asks; every rank hears
 
     def _epoch_row(self) -> dict[str, Any]:
         """The epoch's metrics row: mean loss, LR, temperature, images/s, seconds and the validation scores."""
@@ -381,7 +387,7 @@ RESUME_MODES = (False, True, "auto")  # train(resume=...): a new run, continue l
 
 def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bool | str = False,
           device: str | None = None, max_steps: int | None = None, progress: bool = True,
-          report_to: Sequence[str] = reporting.DEFAULT) -> dict:
+          report_to: Sequence[str] = reporting.DEFAULT, on_epoch: Callable[[dict], bool] | None = None) -> dict:
     """Fine-tune `recipe` on DATA_DIR's manifest into run dir `out_dir`; returns a summary dict.
 
     `resume`: False starts a new run (refused when OUT holds one), True continues `out_dir/last.pt` (refused
@@ -390,7 +396,9 @@ def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: boo
     its own job wrote even without `resume`. Every other refusal (another recipe, other data, another global
     batch) holds in every mode. `max_steps` stops after that many optimizer steps in total (the LR schedule
     still follows the recipe's epochs). `report_to` names where curves go besides metrics.csv
-    (`reporting.TARGETS`; default TensorBoard in OUT/tb).
+    (`reporting.TARGETS`; default TensorBoard in OUT/tb). `on_epoch(row)` is called (on rank 0) after each
+    whole epoch's checkpoint with its metrics row; True stops the run there (`stopped_early` in the summary):
+    `tune --train-space` prunes poor runs this way.
     Under torchrun (WORLD_SIZE > 1) this joins the process group and trains with DDP; the group is destroyed,
     its threads with it, before this returns or raises (`distributed.release_group`).
     SIGTERM, SIGUSR1 and a first SIGINT (in the main thread) save last.pt at the next step boundary on every
@@ -405,7 +413,8 @@ def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: boo
     try:
         cpu_threads(dev, recipe.data.workers)
         with _run_lock(out_dir, info), StopSignals() as signals:
-            return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress, report_to, signals)
+            return _train(recipe, data_dir, out_dir, resume, dev, info, max_steps, progress, report_to, signals,
+                          on_epoch)
     except BaseException as exc:
         error = exc
         raise
@@ -435,7 +444,7 @@ def _run_lock(out_dir: Path, info: DistInfo) -> Iterator[None]:
 
 def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool | str, device: torch.device,
            info: DistInfo, max_steps: int | None, progress: bool, report_to: Sequence[str] = reporting.DEFAULT,
-           signals: StopSignals | None = None) -> dict:
+           signals: StopSignals | None = None, on_epoch: Callable[[dict], bool] | None = None) -> dict:
     """`train` inside the run lock: build (or resume) the run, write recipe.yaml, run the loop, summarise."""
     report_to = reporting.parse_report_to(report_to)
     last = out_dir / "last.pt"
@@ -443,6 +452,7 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool | str, de
     trainer = _Trainer(recipe, data_dir, out_dir, device, info, resume_from=last if resuming else None)
     if signals is not None:
         trainer.signals = signals
+    trainer.on_epoch = on_epoch
 
     def start_run() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -522,33 +532,33 @@ def _summary(trainer: _Trainer, out_dir: Path, seconds: float) -> dict:
     return {"run_dir": str(out_dir), "steps": s.step, "epochs": s.epoch, "seconds": seconds,
             "validation": trainer.splits.note, "best": best, "last": s.history[-1] if s.history else None,
             "world_size": info.world_size, "main": info.main, "accum_steps": trainer.accum_steps,
-            "global_batch_pairs": trainer.sampler.global_pairs}
+            "global_batch_pairs": trainer.sampler.global_pairs, "stopped_early": trainer.stopped_early}
 
 
 # ---- train --ensemble: every member of a spec ------------------------------------------------------
 
 
 def train_members(spec_path: str | Path, data_dir: str | Path, runs_dir: str | Path | None = None,
-                  device: str | None = None, progress: bool = True, skip_finished: bool = False) -> list[dict]:
+                  device: str | None = None, progress: bool = True, skip_finished: bool = False,
+                  on_epoch: Callable[[str, dict], bool] | None = None) -> list[dict]:
     """Train every member that has a `train` block into its run dir; a run with `last.pt` is resumed.
 
     Resuming a finished run is a no-op, so re-running (the demo, a benchmark) retrains nothing; with
     `skip_finished` a finished run is not even opened (no lock taken), so several processes can share the runs.
+    `on_epoch(run_dir, row)` is each run's epoch hook (`train`); a run it stops ends the loop (no later member).
     """
     spec = load_spec(spec_path, runs_dir, require_runs=False)
-    results = []
+    results: list[dict] = []
     for member in spec.members:
-        if member.train is None:
+        if member.train is None or (results and results[-1]["stopped_early"]):
             continue
-        recipe = load_recipe(member.train.recipe)
-        seed = [] if member.train.seed is None else [f"seed={member.train.seed}"]
-        recipe = apply_overrides(recipe, [*seed, *member.train.overrides],
-                                 where=f"{spec_path}: member {member.name} train.overrides")
+        recipe = member_recipe(member, spec_path)
         run = Path(member.run or "")
         if skip_finished and finished(run, recipe):
             continue
+        hook = None if on_epoch is None else functools.partial(on_epoch, str(run))
         results.append(train(recipe, data_dir, run, resume=(run / "last.pt").is_file(),
-                             device=device, progress=progress))
+                             device=device, progress=progress, on_epoch=hook))
     if not any(member.train is not None for member in spec.members):
         raise SubmitError(f"{spec_path}: no member has a 'train' block, so there is nothing to train")
     return results

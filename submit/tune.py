@@ -13,6 +13,13 @@ several `tune` processes given the same `--study` URL share the work until the s
 trials. The result: the spec with the best values (`out`, paths rewritten for its folder, a comment block
 saying where the values come from), WORK/trials.csv and three pictures (optimisation history, parameter
 importances, slice plot).
+
+With `--train-space` a training study comes first (`search_training`): each trial writes the members' recipe
+values (epochs, learning rate, input size by default: `recipe.train_space`; `members[i].<recipe key>` in the
+`tune:` block) into its own spec, trains every member on every fold into WORK/train/trial-N/, reports each
+epoch's held-out validation to Optuna's median pruner (a poor run stops after its first validations) and
+scores the spec with its own post-processing. The post-processing search then runs on the best trial's runs.
+Optuna itself lives in `submit.study`.
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ import datetime
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,14 +36,33 @@ from typing import Any, Callable
 import numpy as np
 
 from submit import atomic, holdout, predict, reranking, training
-from submit.ensembling import FUSIONS, RUNS_PLACEHOLDER, EnsembleSpec, load_spec, resolve_spec_path
+from submit.ensembling import (
+    FUSIONS,
+    RUNS_PLACEHOLDER,
+    EnsembleSpec,
+    load_spec,
+    member_recipe,
+    resolve_spec_path,
+    train_key,
+)
 from submit.errors import SubmitError
 from submit.manifest import fingerprint, read_manifest, select
 from submit.metrics import evaluate_distances
+from submit.recipe import apply_overrides, override
+from submit.recipe import train_space as train_space_of
 from submit.space import Param, choice, floats
+from submit.study import (
+    complete_trials,
+    decode,
+    draw,
+    finished_trials,
+    open_study,
+    optimise,
+    save_pictures,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 30  # a trial whose process stops beating for 2 x this long is failed and not counted
 WEIGHT_RANGE = floats(0.0, 2.0)  # member weights (the first member keeps its own: fusion is scale-free)
 
 
@@ -75,6 +100,7 @@ class TuneResult:
     leaders: list[dict[str, Any]]  # the best trials: number, value, spread, params
     pictures: list[Path]
     notes: list[str]
+    train: TrainChoice | None = None  # the training study's outcome (`--train-space`)
 
 
 # ---- the search space ---------------------------------------------------------------------------------
@@ -92,7 +118,7 @@ def search_space(spec: EnsembleSpec) -> dict[str, Param]:
         space["fusion"] = choice(["mean"] if spec.fused_chain else list(FUSIONS))
         if spec.tune.weights:
             space.update({f"members[{i}].weight": WEIGHT_RANGE for i in range(1, len(spec.members))})
-    space.update(spec.tune.space)
+    space.update({key: param for key, param in spec.tune.space.items() if not train_key(key)})
     conditional = {key for rule in FUSIONS.values() for key in getattr(rule, "space", {})}  # see fusion_space
     return {key: param for key, param in space.items() if key not in spec.tune.fixed and key not in conditional}
 
@@ -106,19 +132,10 @@ def fusion_space(spec: EnsembleSpec, rule: str) -> dict[str, Param]:
 
 def suggest(trial: Any, spec: EnsembleSpec, space: dict[str, Param]) -> dict[str, Any]:
     """Draw a value for every key of `space` (and of the drawn fusion rule's own space) from an Optuna trial."""
-    values = {key: _draw(trial, key, param) for key, param in space.items()}
+    values = {key: draw(trial, key, param) for key, param in space.items()}
     rule = values.get("fusion", spec.fusion)
-    values.update({key: _draw(trial, key, param) for key, param in fusion_space(spec, rule).items()})
+    values.update({key: draw(trial, key, param) for key, param in fusion_space(spec, rule).items()})
     return values
-
-
-def _draw(trial: Any, key: str, param: Param) -> Any:
-    if param.choices is not None:
-        return trial.suggest_categorical(key, list(param.choices))
-    low, high = float(param.low or 0), float(param.high or 0)
-    if param.integer:
-        return trial.suggest_int(key, int(low), int(high), log=param.log)
-    return trial.suggest_float(key, low, high, log=param.log)
 
 
 def apply_values(spec: EnsembleSpec, values: dict[str, Any]) -> EnsembleSpec:
@@ -162,9 +179,10 @@ def fold_dirs(data_dir: str | Path, work_dir: Path, n_ids: int | None, folds: in
 
 
 def prepare_fold(spec_file: Path, data_dir: Path, runs_dir: Path, device: str | None, workers: int,
-                 progress: bool) -> Fold:
+                 progress: bool, on_epoch: Callable[[str, dict], bool] | None = None) -> Fold | None:
     """Train the spec's members with a `train` block on this fold (reusing finished runs), check that no other
-    member trained on a held-out identity, and embed the fold's held-out queries and gallery once."""
+    member trained on a held-out identity, and embed the fold's held-out queries and gallery once. None when
+    `on_epoch` (each run's epoch hook) stopped a run early."""
     record = holdout.check_tuning_dir(data_dir)
     loose = load_spec(spec_file, runs_dir, require_runs=False)
     for m in loose.members:
@@ -172,7 +190,10 @@ def prepare_fold(spec_file: Path, data_dir: Path, runs_dir: Path, device: str | 
             raise SubmitError(f"{spec_file}: member {m.name}: tune trains members into its own runs folder; write "
                               f"its run as '{RUNS_PLACEHOLDER}/{Path(m.run or '').name}'")
     if any(m.train is not None for m in loose.members):
-        training.train_members(spec_file, data_dir, runs_dir, device=device, progress=progress, skip_finished=True)
+        done = training.train_members(spec_file, data_dir, runs_dir, device=device, progress=progress,
+                                      skip_finished=True, on_epoch=on_epoch)
+        if any(result["stopped_early"] for result in done):
+            return None
     spec = load_spec(spec_file, runs_dir)
     manifest = read_manifest(data_dir)
     _refuse_foreign_members(spec, fingerprint(manifest), record, spec_file)
@@ -196,41 +217,6 @@ def _refuse_foreign_members(spec: EnsembleSpec, fold_manifest: str, record: hold
 # ---- the study -------------------------------------------------------------------------------------------
 
 
-def open_study(storage: str, name: str, setup: dict[str, Any], seed: int, fresh_seed: bool) -> Any:
-    """The Optuna study `name` in `storage`, created or loaded; a study made for another setup is refused."""
-    import optuna  # lazy for start-up: optuna imports sqlalchemy
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}  # writers wait their turn
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: experimental
-            store = optuna.storages.RDBStorage(storage, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                               grace_period=2 * HEARTBEAT_S)
-    except Exception as exc:  # sqlalchemy's errors for a bad URL, an unreadable or foreign file
-        raise SubmitError(f"--study {storage}: cannot open the study database ({str(exc).splitlines()[0]})") from None
-    sampler = optuna.samplers.TPESampler(seed=seed if fresh_seed else (seed * 1_000_003 + os.getpid()) % 2**32)
-    study = optuna.create_study(storage=store, study_name=name, direction="maximize", sampler=sampler,
-                                load_if_exists=True)
-    recorded = study.user_attrs.get("setup")
-    if recorded is None:
-        study.set_user_attr("setup", setup)
-    elif recorded != setup:
-        diff = sorted(k for k in set(recorded) | set(setup) if recorded.get(k) != setup.get(k))
-        raise SubmitError(f"--study {storage}: study {name!r} was made with another {', '.join(diff)}; "
-                          "pass the same options, or another --study")
-    return study
-
-
-def finished_trials(study: Any) -> tuple[int, int]:
-    """(complete + pruned, complete) trials of the study."""
-    from optuna.trial import TrialState  # lazy for start-up: optuna
-
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    complete = states.count(TrialState.COMPLETE)
-    return complete + states.count(TrialState.PRUNED), complete
-
-
 def objective(folds: list[Fold], space: dict[str, Param]) -> Callable[[Any], float]:
     """Optuna's objective: draw the settings, score them on every fold, return the mean held-out mAP (0..1).
 
@@ -251,122 +237,213 @@ def objective(folds: list[Fold], space: dict[str, Param]) -> Callable[[Any], flo
     return run
 
 
+# ---- --train-space: the training study ------------------------------------------------------------------
+
+PRUNE_STEP = 1000  # a trial's intermediate values: step = run index (fold, then member order) x this + epoch
+
+
+@dataclass(frozen=True)
+class TrainChoice:
+    """The training study's outcome: the best trial's recipe values, the spec and runs it trained."""
+
+    study: str
+    finished: int
+    complete: int
+    number: int
+    value: float  # mean held-out mAP (0..1) with the spec's own post-processing
+    fold_values: tuple[float, ...]
+    values: dict[str, Any]  # training key (members[i].<recipe key>) -> value
+    spec_file: Path  # the trial's spec: the original with `values` as member overrides
+    runs_dir: Path  # holds one runs folder per fold
+    pictures: list[Path]
+    notes: list[str]
+
+
+def train_space(spec: EnsembleSpec, where: str | Path) -> dict[str, Param]:
+    """Training keys searched by `--train-space`: for each member with a `train` block its recipe's default space
+    (`recipe.train_space`: epochs, learning rate, input size), then the spec's `tune.space` training keys, minus
+    `tune.fixed`. Each range's ends (or choices) are applied to the member's recipe first, so a value the recipe
+    refuses is one line now, not a failed trial later."""
+    space: dict[str, Param] = {}
+    recipes = {i: member_recipe(m, where) for i, m in enumerate(spec.members) if m.train is not None}
+    for i, recipe in recipes.items():
+        space.update({f"members[{i}].{key}": param for key, param in train_space_of(recipe).items()})
+    space.update({key: param for key, param in spec.tune.space.items() if train_key(key)})
+    space = {key: param for key, param in space.items() if key not in spec.tune.fixed}
+    for key, param in space.items():
+        index, name = train_key(key) or (0, "")
+        ends = param.choices if param.choices is not None else (param.low, param.high)
+        for value in ends:
+            value = int(value) if param.integer and value is not None else value
+            apply_overrides(recipes[index], [override(name, value)], where=f"{where}: key 'tune.space.{key}'")
+    return space
+
+
+class _Pruning:
+    """A training trial's epoch hook: reports each validation's held-out mAP to Optuna and stops the run (and the
+    trial) when the pruner says this trial is worse than the median of earlier trials at the same step."""
+
+    def __init__(self, trial: Any) -> None:
+        self.trial, self.pruned_at = trial, ""
+        self.runs: list[str] = []
+
+    def __call__(self, run: str, row: dict) -> bool:
+        if run not in self.runs:
+            self.runs.append(run)
+        if row.get("mAP") is None:
+            return False
+        self.trial.report(float(row["mAP"]), step=(len(self.runs) - 1) * PRUNE_STEP + int(row["epoch"]))
+        if self.trial.should_prune():
+            self.pruned_at = f"{Path(run).name} epoch {row['epoch']} (held-out mAP {100 * row['mAP']:.2f})"
+        return bool(self.pruned_at)
+
+
+def train_objective(spec_file: Path, dirs: list[Path], work: Path, space: dict[str, Param], device: str | None,
+                    workers: int, progress: bool) -> Callable[[Any], float]:
+    """The training study's objective: draw recipe values, write them into the trial's spec (member overrides),
+    train every member on every fold (stopped early when pruned), return the mean held-out mAP of the spec with
+    its own post-processing. A run the recipe or the loss refuses (divergence) prunes the trial with that line."""
+    import optuna  # lazy for start-up: optuna
+
+    def run(trial: Any) -> float:
+        values = {key: draw(trial, key, param) for key, param in space.items()}
+        trial.set_user_attr("pid", os.getpid())
+        folder = work / "train" / f"trial-{trial.number}"
+        trial_spec = predict.write_spec_values(spec_file, folder / "spec.yaml", values,
+                                               f"# tune --train-space: trial {trial.number}\n")
+        pruning, scores = _Pruning(trial), []
+        try:
+            for d in dirs:
+                fold = prepare_fold(trial_spec, d, folder / "runs" / d.name, device, workers, progress, pruning)
+                if fold is None:
+                    trial.set_user_attr("pruned_at", pruning.pruned_at)
+                    raise optuna.TrialPruned(f"pruned at {pruning.pruned_at}")
+                scores.append(fold.score(fold.spec))
+        except SubmitError as exc:
+            trial.set_user_attr("refused", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        trial.set_user_attr("fold_mAP", scores)
+        return float(np.mean(scores))
+    return run
+
+
+def search_training(spec_file: Path, space: dict[str, Param], dirs: list[Path], work: Path, storage: str,
+                    name: str, trials: int, seed: int, fresh_seed: bool, device: str | None, workers: int,
+                    progress: bool) -> TrainChoice:
+    """Run the training study over `space` (`trials` finished trials, Optuna's median pruner on per-epoch
+    validation) and return its best trial; its trials table and pictures go to WORK/train/."""
+    import optuna  # lazy for start-up: optuna
+
+    setup = {"spec": str(spec_file.resolve()), "folds": [str(d.resolve()) for d in dirs],
+             "train_space": {k: p.text() for k, p in space.items()}}
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)  # after each run's first validation
+    opened = open_study(storage, f"{name}-train", setup, seed, fresh_seed, pruner)
+    optimise(opened, train_objective(spec_file, dirs, work, space, device, workers, progress), trials, 1, None)
+    finished, complete = finished_trials(opened)
+    folder = work / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_table(opened, folder / "trials.csv")
+    if complete == 0:
+        raise SubmitError(f"study {name}-train: no training trial finished with a score (see {folder / 'trials.csv'})"
+                          "; widen the training ranges or raise --train-trials")
+    best = opened.best_trial
+    pictures, notes = save_pictures(opened, folder, prefix="train-")
+    trial_dir = folder / f"trial-{best.number}"
+    return TrainChoice(f"{name}-train", finished, complete, best.number, float(best.value),
+                       tuple(float(v) for v in best.user_attrs.get("fold_mAP", [best.value])),
+                       decode(dict(best.params), space), trial_dir / "spec.yaml", trial_dir / "runs", pictures, notes)
+
+
 # ---- the command -----------------------------------------------------------------------------------------
 
 
 def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_ids: int | None = 60,
          folds: int = 1, holdout_seed: int = 0, trials: int = 200, study: str | None = None, jobs: int = 1,
          timeout: float | None = None, seed: int = 0, work_dir: str | Path | None = None, device: str | None = None,
-         workers: int = 2, progress: bool = True) -> TuneResult:
+         workers: int = 2, progress: bool = True, train_trials: int | None = None) -> TuneResult:
     """Search the spec's settings on held-out TRAIN identities and write the tuned spec to `out` (module docstring).
 
     Resumes the study when it exists (same setup), and stops once it holds `trials` finished trials, after
-    `timeout` seconds, or both; `jobs` threads run trials in this process."""
+    `timeout` seconds, or both; `jobs` threads run trials in this process. `train_trials` (`--train-space`) first
+    runs a training study of that many trials over the members' recipes; the search then runs on its best trial's
+    runs, and the tuned spec holds both studies' values."""
     out = Path(out)
     atomic.check_file_target(out)
-    if trials < 1 or jobs < 1 or folds < 1:
-        raise SubmitError(f"--trials {trials} / --jobs {jobs} / --folds {folds}: expected whole numbers >= 1")
+    if trials < 1 or jobs < 1 or folds < 1 or (train_trials is not None and train_trials < 1):
+        raise SubmitError(f"--trials {trials} / --jobs {jobs} / --folds {folds} / --train-trials {train_trials}: "
+                          "expected whole numbers >= 1")
     spec_file = resolve_spec_path(spec_path)
     base = load_spec(spec_file, runs_dir=".", require_runs=False)
     space = search_space(base)
-    if not space and not fusion_space(base, base.fusion):
+    if not space and not fusion_space(base, base.fusion) and train_trials is None:
         raise SubmitError(f"{spec_file}: nothing to tune (no post-processing steps, one member, every key fixed)")
+    trained = train_space(base, spec_file) if train_trials is not None else {}
+    if train_trials is not None and not trained:
+        raise SubmitError(f"{spec_file}: --train-space: no member with a 'train' block, or every training key fixed")
     work = Path(work_dir) if work_dir is not None else out.parent / "tune"
     dirs = fold_dirs(data_dir, work, holdout_ids, folds, holdout_seed)
-    prepared = [prepare_fold(spec_file, d, work / "runs" / d.name, device, workers, progress) for d in dirs]
     storage = study or f"sqlite:///{(work / 'study.db').resolve()}"
     name = f"{spec_file.stem}-{'-'.join(d.name for d in dirs)}"[:200]
-    setup = {"spec": str(spec_file.resolve()), "folds": [str(d.resolve()) for d in dirs],
-             "space": {k: p.text() for k, p in space.items()}}
+    fresh_seed = study is None and jobs == 1
     work.mkdir(parents=True, exist_ok=True)
-    opened = open_study(storage, name, setup, seed, fresh_seed=study is None and jobs == 1)
-    _optimise(opened, objective(prepared, space), trials, jobs, timeout)
-    return _finish(opened, base, spec_file, out, work, storage, name, dirs)
+    chosen, searched, runs = None, spec_file, work / "runs"
+    if train_trials is not None:
+        chosen = search_training(spec_file, trained, dirs, work, storage, name, train_trials, seed, fresh_seed,
+                                 device, workers, progress)
+        searched, runs, name = chosen.spec_file, chosen.runs_dir, f"{name}-train{chosen.number}"
+    prepared = [f for d in dirs if (f := prepare_fold(searched, d, runs / d.name, device, workers, progress))]
+    setup = {"spec": str(searched.resolve()), "folds": [str(d.resolve()) for d in dirs],
+             "space": {k: p.text() for k, p in space.items()}}
+    opened = open_study(storage, name, setup, seed, fresh_seed)
+    if space or fusion_space(base, base.fusion):
+        optimise(opened, objective(prepared, space), trials, jobs, timeout)
+    else:  # --train-space on a spec with nothing else to tune: one trial records the spec's own score
+        optimise(opened, objective(prepared, space), 1, 1, None)
+    return _finish(opened, spec_file, out, work, storage, name, dirs, chosen)
 
 
-def _optimise(study: Any, run: Callable[[Any], float], trials: int, jobs: int, timeout: float | None) -> None:
-    """Run trials until the study holds `trials` finished ones (other processes' included) or `timeout` passes."""
-    from optuna.study import MaxTrialsCallback  # lazy for start-up: optuna
-    from optuna.trial import TrialState
-
-    left = trials - finished_trials(study)[0]
-    if left <= 0:
-        return
-    stop = MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    study.optimize(run, n_trials=left, timeout=timeout, n_jobs=jobs, callbacks=[stop], gc_after_trial=False,
-                   show_progress_bar=False)
-
-
-def _finish(study: Any, base: EnsembleSpec, spec_file: Path, out: Path, work: Path, storage: str, name: str,
-            dirs: list[Path]) -> TuneResult:
+def _finish(study: Any, spec_file: Path, out: Path, work: Path, storage: str, name: str, dirs: list[Path],
+            chosen: TrainChoice | None) -> TuneResult:
     """Write the tuned spec, the trials table and the pictures; the result for the CLI."""
     finished, complete = finished_trials(study)
     if complete == 0:
+        write_table(study, work / "trials.csv")
         raise SubmitError(f"study {name!r}: no trial finished with a score (see {work / 'trials.csv'}); widen the "
                           "`tune:` ranges or raise --trials")
     best = study.best_trial
     fold_values = tuple(float(v) for v in best.user_attrs.get("fold_mAP", [best.value]))
     records = [holdout.holdout_record(d) for d in dirs]
-    header = _header(spec_file, study, storage, name, finished, best, fold_values, records)
-    predict.write_spec_values(spec_file, out, best.params, header)
-    table = study.trials_dataframe()
-    with atomic.atomic_file(work / "trials.csv", "w", newline="") as fh:
-        table.to_csv(fh, index=False)
+    values = {**(chosen.values if chosen else {}), **dict(best.params)}
+    header = _header(spec_file, storage, name, finished, best, fold_values, records, chosen)
+    predict.write_spec_values(spec_file, out, values, header)
+    write_table(study, work / "trials.csv")
     pictures, notes = save_pictures(study, work)
+    if chosen is not None:
+        pictures, notes = chosen.pictures + pictures, chosen.notes + notes
     leaders = [{"number": t.number, "value": float(t.value), "spread": float(np.std(t.user_attrs.get("fold_mAP", [0]))),
-                "params": dict(t.params)} for t in sorted(_complete(study), key=lambda t: -float(t.value))[:5]]
+                "params": dict(t.params)} for t in sorted(complete_trials(study), key=lambda t: -float(t.value))[:5]]
     return TuneResult(out, work, name, storage, finished, complete, best.number, float(best.value), fold_values,
-                      dict(best.params), leaders, pictures, notes)
+                      values, leaders, pictures, notes, chosen)
 
 
-def _complete(study: Any) -> list[Any]:
-    from optuna.trial import TrialState  # lazy for start-up: optuna
-
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def _header(spec_file: Path, study: Any, storage: str, name: str, finished: int, best: Any,
-            fold_values: tuple[float, ...], records: list[Any]) -> str:
+def _header(spec_file: Path, storage: str, name: str, finished: int, best: Any, fold_values: tuple[float, ...],
+            records: list[Any], chosen: TrainChoice | None) -> str:
     """The comment block at the top of the tuned spec: where its values come from."""
     rec = records[0]
     spread = f" ± {100 * float(np.std(fold_values)):.2f}" if len(fold_values) > 1 else ""
     today = datetime.date.today().isoformat()
-    lines = [f"Tuned by `reident-submit tune` on {today} from {spec_file}",
-             f"study {name!r} in {storage}: {finished} finished trials, best #{best.number}",
-             f"held-out mAP {100 * float(best.value):.2f}{spread} (mean over {len(fold_values)} fold(s) of "
-             f"{rec.n_ids if rec else '?'} TRAIN identities, --holdout-seed {rec.seed if rec else '?'})",
-             "chosen on held-out TRAIN identities only: never scored on the test or challenge split",
-             "best values: " + json.dumps(best.params, sort_keys=True)]
+    lines = [f"Tuned by `reident-submit tune` on {today} from {spec_file}"]
+    if chosen is not None:
+        lines += [f"training study {chosen.study!r}: {chosen.finished} finished trials "
+                  f"({chosen.finished - chosen.complete} pruned), best #{chosen.number}: held-out mAP "
+                  f"{100 * chosen.value:.2f} with the spec's own post-processing",
+                  "training values: " + json.dumps(chosen.values, sort_keys=True)]
+    lines += [f"study {name!r} in {storage}: {finished} finished trials, best #{best.number}",
+              f"held-out mAP {100 * float(best.value):.2f}{spread} (mean over {len(fold_values)} fold(s) of "
+              f"{rec.n_ids if rec else '?'} TRAIN identities, --holdout-seed {rec.seed if rec else '?'})",
+              "chosen on held-out TRAIN identities only: never scored on the test or challenge split",
+              "best values: " + json.dumps(best.params, sort_keys=True)]
     return "".join(f"# {line}\n" for line in lines)
-
-
-def save_pictures(study: Any, work: Path) -> tuple[list[Path], list[str]]:
-    """Optimisation history, parameter importances and a slice plot as PNGs (Optuna's matplotlib backend); a plot
-    the study cannot give yet (too few trials) is a note instead."""
-    import matplotlib  # lazy for start-up: matplotlib and optuna's plotting
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as plots
-
-    made, notes = [], []
-    for name, plot in (("history", plots.plot_optimization_history), ("importances", plots.plot_param_importances),
-                       ("slice", plots.plot_slice)):
-        path = work / f"{name}.png"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
-                drawn = plot(study)
-            axes = drawn.flat[0] if isinstance(drawn, np.ndarray) else drawn
-            figure: Any = axes.get_figure(root=True)
-            with atomic.atomic_file(path, "wb") as fh:
-                figure.savefig(fh, format="png", dpi=90, bbox_inches="tight")
-            made.append(path)
-        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-            notes.append(f"{name} plot skipped: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-        finally:
-            plt.close("all")
-    return made, notes
 
 
 def rescore(spec_path: str | Path, data_dir: str | Path, runs_dir: str | Path, device: str | None = None,

@@ -1,0 +1,230 @@
+"""`tune --train-space`: training keys in the `tune:` block, the default training space, training values written
+as member overrides, `train`'s per-epoch hook, the pruning reporter, and a whole training study on synthetic
+data in which one trial is pruned mid-way and the post-processing search runs on the best trial's runs."""
+
+from __future__ import annotations
+
+import csv
+import textwrap
+from pathlib import Path
+
+import optuna
+import pytest
+from cli_helpers import invoke, one_error_line
+
+from submit import predict, training, tune
+from submit.ensembling import load_spec, member_recipe
+from submit.errors import SubmitError
+from submit.recipe import has_key, load_recipe, override, train_space
+from submit.space import Param, choice, integers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "models" / "tiny-test.yaml"
+MEMBERS = f"""\
+members:
+  - {{run: '${{RUNS}}/a', checkpoint: last, train: {{recipe: {TINY}, seed: 0, overrides: ['train.epochs=1']}}}}
+  - {{run: '${{RUNS}}/b', checkpoint: last, train: {{recipe: {TINY}, seed: 1, overrides: ['train.epochs=1']}}}}
+postprocess:
+  - {{op: query_expansion, params: {{k: 1}}}}
+"""
+EPOCHS = "    'members[0].train.epochs': {low: 1, high: 2, integer: true}\n"
+
+
+def _spec(folder: Path, body: str, name: str = "spec.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+# ---- keys, defaults, overrides --------------------------------------------------------------------------
+
+
+def test_recipe_keys_and_the_default_training_space() -> None:
+    assert has_key("train.lr") and has_key("backbone.image_size") and has_key("train.augment.hflip")
+    assert not has_key("train") and not has_key("train.nope") and not has_key("train.lr.x") and not has_key("")
+    recipe = training.apply_overrides(load_recipe(REPO / "models" / "cpu-pretrained.yaml"),
+                                      ["train.epochs=6", "train.lr=0.001", "backbone.image_size=[192, 96]"])
+    space = train_space(recipe)
+    assert space["train.epochs"] == integers(3, 12)
+    assert space["train.lr"] == Param(0.00025, 0.004, log=True)
+    assert space["backbone.image_size"] == choice([[160, 80], [192, 96], [224, 112]])
+    native = training.apply_overrides(recipe, ["backbone.image_size=null"])
+    assert "backbone.image_size" not in train_space(native)  # the model's own size: not searched
+    assert override("backbone.image_size", [160, 80]) == "backbone.image_size=[160, 80]"
+
+
+@pytest.mark.parametrize("key, message", [
+    ("'members[0].train.nope'", r"'members\[0\].train.nope' is not a tunable key"),
+    ("'members[0].train'", r"'members\[0\].train' is not a tunable key"),
+    ("'members[7].train.lr'", r"'members\[7\].train.lr' is not a tunable key"),
+    ("'members[2].train.lr'", r"'members\[2\].train.lr' is not a tunable key"),  # member without a train block
+])
+def test_a_training_key_must_name_a_recipe_value_of_a_trained_member(tmp_path, key, message) -> None:
+    extra = f"  - {{recipe: {TINY}}}\n"
+    path = _spec(tmp_path, MEMBERS.replace("postprocess:", extra + "postprocess:")
+                 + f"tune: {{space: {{{key}: {{low: 1, high: 2}}}}}}\n")
+    with pytest.raises(SubmitError, match=message):
+        load_spec(path, runs_dir=tmp_path, require_runs=False)
+
+
+def test_training_space_from_defaults_and_the_tune_block(tmp_path) -> None:
+    spec = load_spec(_spec(tmp_path, f"{MEMBERS}tune:\n  space:\n{EPOCHS}  fixed: ['members[1].train.lr']\n"),
+                     runs_dir=tmp_path, require_runs=False)
+    space = tune.train_space(spec, "spec.yaml")
+    assert space["members[0].train.epochs"] == integers(1, 2)  # the tune block replaces the default
+    assert space["members[1].train.epochs"] == integers(1, 2)  # default from the member's recipe (1 epoch)
+    assert space["members[0].train.lr"] == Param(2.5e-4, 4e-3, log=True) and "members[1].train.lr" not in space
+    assert not any(tune.train_key(k) for k in tune.search_space(spec))  # the post-processing search: none of them
+    bad = load_spec(_spec(tmp_path, f"{MEMBERS}tune:\n  space:\n"
+                                    "    'members[0].train.epochs': {low: 0, high: 2, integer: true}\n", "bad.yaml"),
+                    runs_dir=tmp_path, require_runs=False)
+    with pytest.raises(SubmitError, match=r"bad.yaml: key 'tune.space.members\[0\].train.epochs'.*train.epochs"):
+        tune.train_space(bad, "bad.yaml")
+
+
+def test_training_values_are_written_as_member_overrides(tmp_path) -> None:
+    spec_file = _spec(tmp_path, MEMBERS)
+    out = predict.write_spec_values(spec_file, tmp_path / "sub" / "t.yaml",
+                                    {"members[0].train.epochs": 2, "members[1].backbone.image_size": [48, 32],
+                                     "members[1].train.lr": 2e-05, "members[1].weight": 0.5}, "# h\n")
+    spec = load_spec(out, runs_dir=tmp_path, require_runs=False)
+    assert spec.members[0].train.overrides == ("train.epochs=2",)  # replaced, not added twice
+    assert spec.members[1].train.overrides == ("train.epochs=1", "backbone.image_size=[48, 32]", "train.lr=2e-05")
+    recipe = member_recipe(spec.members[1], out)
+    assert recipe.backbone.image_size == (48, 32) and recipe.train.lr == 2e-05 and recipe.seed == 1
+    assert spec.members[1].weight == 0.5
+
+
+# ---- the epoch hook and the pruning reporter -------------------------------------------------------------
+
+
+def test_on_epoch_sees_each_validation_and_true_stops_the_run(data_dir, tmp_path) -> None:
+    seen: list[dict] = []
+
+    def hook(row: dict) -> bool:
+        seen.append(row)
+        return row["epoch"] == 2
+
+    recipe = training.apply_overrides(load_recipe(TINY), ["train.epochs=4", "train.checkpoint_every=0"])
+    summary = training.train(recipe, data_dir, tmp_path / "run", device="cpu", progress=False, on_epoch=hook)
+    assert summary["stopped_early"] and summary["epochs"] == 2 and [r["epoch"] for r in seen] == [1, 2]
+    assert all(0 <= r["mAP"] <= 1 for r in seen)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and not training.finished(tmp_path / "run", recipe)
+    whole = training.train(recipe, data_dir, tmp_path / "whole", device="cpu", progress=False,
+                           on_epoch=lambda row: False)
+    assert not whole["stopped_early"] and whole["epochs"] == 4
+
+
+def test_a_stopped_member_ends_train_members(data_dir, tmp_path) -> None:
+    calls: list[tuple[str, int]] = []
+
+    def hook(run: str, row: dict) -> bool:
+        calls.append((Path(run).name, row["epoch"]))
+        return True
+
+    results = training.train_members(_spec(tmp_path, MEMBERS), data_dir, tmp_path / "runs", device="cpu",
+                                     progress=False, on_epoch=hook)
+    assert len(results) == 1 and results[0]["stopped_early"] and calls == [("a", 1)]
+    assert not (tmp_path / "runs" / "b").exists()
+
+
+class _Trial:
+    """The two calls of an Optuna trial the reporter uses; prunes at the step it is told to."""
+
+    def __init__(self, prune_at: int) -> None:
+        self.reports: list[tuple[int, float]] = []
+        self.prune_at = prune_at
+
+    def report(self, value: float, step: int) -> None:
+        self.reports.append((step, value))
+
+    def should_prune(self) -> bool:
+        return self.reports[-1][0] == self.prune_at
+
+
+def test_pruning_reports_each_run_at_its_own_steps() -> None:
+    trial = _Trial(prune_at=1002)
+    pruning = tune._Pruning(trial)
+    assert not pruning("f0/a", {"epoch": 1, "mAP": 0.5}) and not pruning("f0/a", {"epoch": 2, "mAP": 0.6})
+    assert not pruning("f0/b", {"epoch": 1, "mAP": None})  # no validation: nothing reported
+    assert not pruning("f0/b", {"epoch": 1, "mAP": 0.4})
+    assert pruning("f0/b", {"epoch": 2, "mAP": 0.45}) and "b epoch 2" in pruning.pruned_at
+    assert trial.reports == [(1, 0.5), (2, 0.6), (1001, 0.4), (1002, 0.45)]
+
+
+# ---- a whole training study -----------------------------------------------------------------------------
+
+
+class _PruneTrialTwo(optuna.pruners.BasePruner):
+    """Prunes trial 2 at its first report: a pruned trial, for certain, in a 3-trial study."""
+
+    def prune(self, study, trial) -> bool:
+        return trial.number == 2
+
+
+@pytest.fixture(scope="module")
+def trained_study(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune-train")
+    spec = _spec(root, f"{MEMBERS}tune:\n  space:\n{EPOCHS}    'members[1].train.epochs': "
+                       "{low: 1, high: 2, integer: true}\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(optuna.pruners, "MedianPruner", lambda **kw: _PruneTrialTwo())
+        result = tune.tune(spec, data_dir, root / "out" / "tuned.yaml", holdout_ids=4, folds=2, trials=4,
+                           work_dir=root / "work", device="cpu", workers=0, progress=False, train_trials=3)
+    return root, spec, result
+
+
+def test_the_training_study_prunes_and_the_search_uses_the_best_trials_runs(trained_study) -> None:
+    root, _, result = trained_study
+    chosen = result.train
+    assert chosen is not None and chosen.finished == 3 and chosen.complete == 2 and chosen.number in (0, 1)
+    rows = {int(r["number"]): r for r in csv.DictReader((root / "work" / "train" / "trials.csv").open())}
+    assert rows[2]["state"] == "PRUNED" and "epoch 1" in rows[2]["user_attrs_pruned_at"]
+    pruned_runs = root / "work" / "train" / "trial-2" / "runs"
+    assert [p.name for p in pruned_runs.iterdir()] == [sorted((root / "work" / "folds").iterdir())[0].name]
+    assert not any((p / "b").exists() for p in pruned_runs.iterdir())  # stopped: the next member never started
+    assert set(chosen.values) == {"members[0].train.epochs", "members[0].train.lr", "members[1].train.epochs",
+                                  "members[1].train.lr", "members[0].backbone.image_size",
+                                  "members[1].backbone.image_size"}
+    assert chosen.values["members[0].backbone.image_size"] == [32, 32]  # a list choice comes back a list
+    for fold in sorted((root / "work" / "folds").iterdir()):  # the chosen epochs are what the runs trained
+        for i, member in enumerate("ab"):
+            rows = list(csv.DictReader((chosen.runs_dir / fold.name / member / "metrics.csv").open()))
+            assert len(rows) == chosen.values[f"members[{i}].train.epochs"]
+
+
+def test_the_tuned_spec_holds_both_studies_values_and_rescores_to_the_best(trained_study) -> None:
+    root, _, result = trained_study
+    chosen = result.train
+    text = result.out.read_text()
+    assert f"training study {chosen.study!r}" in text and "training values:" in text
+    spec = load_spec(result.out, runs_dir=root, require_runs=False)
+    for i in range(2):
+        recipe = member_recipe(spec.members[i], result.out)
+        assert recipe.train.epochs == chosen.values[f"members[{i}].train.epochs"]
+        assert recipe.train.lr == pytest.approx(chosen.values[f"members[{i}].train.lr"])
+    assert spec.postprocess[0].params["k"] == result.best_params["postprocess[0].k"]
+    folds = sorted((root / "work" / "folds").iterdir())
+    scores = [tune.rescore(result.out, fold, chosen.runs_dir / fold.name, device="cpu", workers=0) for fold in folds]
+    assert scores == pytest.approx(list(result.fold_values), abs=1e-6)
+    assert {p.name for p in result.pictures} >= {"train-history.png", "history.png"}
+
+
+def test_train_space_refusals_are_one_line(trained_study, data_dir, tmp_path) -> None:
+    root, _, _ = trained_study
+    base = ["--data", data_dir, "--holdout", "4", "--train-space", "--device", "cpu", "--workers", "0"]
+    plain = _spec(tmp_path, f"members: [{{recipe: {REPO / 'models' / 'cpu-pretrained.yaml'}}}]\n")
+    code, err = invoke(["tune", "--ensemble", plain, *base, "--work", tmp_path / "w", "--out", tmp_path / "t.yaml"])
+    assert code == 2 and "--train-space: no member with a 'train' block" in one_error_line(err)
+    fixed = _spec(tmp_path, MEMBERS + "tune: {fixed: [" + ", ".join(
+        f"'members[{i}].{k}'" for i in range(2) for k in ("train.epochs", "train.lr", "backbone.image_size")) + "]}\n",
+        "fixed.yaml")
+    code, err = invoke(["tune", "--ensemble", fixed, *base, "--work", tmp_path / "w2", "--out", tmp_path / "t.yaml"])
+    assert code == 2 and "every training key fixed" in one_error_line(err)
+    bad = _spec(tmp_path, MEMBERS + "tune: {space: {'members[0].train.lr': {low: -1, high: 1}}}\n", "bad.yaml")
+    code, err = invoke(["tune", "--ensemble", bad, *base, "--work", tmp_path / "w3", "--out", tmp_path / "t.yaml"])
+    assert code == 2 and "key 'tune.space.members[0].train.lr'" in one_error_line(err)
+    assert not (tmp_path / "t.yaml").exists() and not any((tmp_path / w).exists() for w in ("w", "w2", "w3"))
