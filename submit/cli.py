@@ -342,16 +342,17 @@ def train(recipe: str | None, data_dir: str | None, out_dir: str | None, spec: s
 
 
 @contextlib.contextmanager
-def _stop_status() -> Iterator[None]:
-    """A training stopped by a signal (last.pt saved, `distributed.Stopped`): its one line on rank 0, and the
-    exit status 128 + the signal's number (143 SIGTERM, 138 SIGUSR1, 130 SIGINT) on every rank."""
+def _stop_status(advice: str | None = None) -> Iterator[None]:
+    """A training stopped by a signal (last.pt saved, `distributed.Stopped`): its one line on rank 0 (with
+    `advice` instead of the resume hint when given), and the exit status 128 + the signal's number (143 SIGTERM,
+    138 SIGUSR1, 130 SIGINT) on every rank."""
     from submit.distributed import Stopped
 
     try:
         yield
     except Stopped as exc:
         if exc.main:
-            click.echo(str(exc), err=True)
+            click.echo(str(exc) if advice is None else f"{str(exc).split(';')[0]}; {advice}", err=True)
         sys.exit(exc.status)
 
 
@@ -460,9 +461,11 @@ def tune(spec: str, data_dir: str, holdout_ids: int | None, folds: int, holdout_
     """Choose the spec's post-processing, fusion and member weights on held-out TRAIN identities (Optuna)."""
     from submit.tune import tune as run_tune
 
-    render.print_tune(run_tune(spec, data_dir, out, holdout_ids=holdout_ids, folds=folds, holdout_seed=holdout_seed,
-                               trials=trials, study=study, jobs=jobs, timeout=timeout, seed=seed, work_dir=work_dir,
-                               device=device, workers=workers, train_trials=train_trials if train_space else None))
+    with _stop_status("rerun the same command to continue (the study and finished runs are kept)"):
+        result = run_tune(spec, data_dir, out, holdout_ids=holdout_ids, folds=folds, holdout_seed=holdout_seed,
+                          trials=trials, study=study, jobs=jobs, timeout=timeout, seed=seed, work_dir=work_dir,
+                          device=device, workers=workers, train_trials=train_trials if train_space else None)
+    render.print_tune(result)
 
 
 @main.command("fit-weights")

@@ -28,7 +28,7 @@ def open_study(storage: str, name: str, setup: dict[str, Any], seed: int, fresh_
     the process id, so several processes on one study do not draw the same values."""
     import optuna  # lazy for start-up: optuna imports sqlalchemy
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's traceback: tune reports it in one line
     try:
         engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}  # writers wait their turn
         with warnings.catch_warnings():

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from submit import atomic, holdout, predict, reranking, training
+from submit.distributed import Stopped
 from submit.ensembling import (
     FUSIONS,
     RUNS_PLACEHOLDER,
@@ -319,6 +320,8 @@ def train_objective(spec_file: Path, dirs: list[Path], work: Path, space: dict[s
                     trial.set_user_attr("pruned_at", pruning.pruned_at)
                     raise optuna.TrialPruned(f"pruned at {pruning.pruned_at}")
                 scores.append(fold.score(fold.spec))
+        except Stopped:
+            raise  # a stop signal: the trial fails (not counted) and tune ends with the signal's status
         except SubmitError as exc:
             trial.set_user_attr("refused", str(exc))
             raise optuna.TrialPruned(str(exc)) from None

@@ -5,6 +5,9 @@ data in which one trial is pruned mid-way and the post-processing search runs on
 from __future__ import annotations
 
 import csv
+import os
+import re
+import signal
 import textwrap
 from pathlib import Path
 
@@ -228,3 +231,31 @@ def test_train_space_refusals_are_one_line(trained_study, data_dir, tmp_path) ->
     code, err = invoke(["tune", "--ensemble", bad, *base, "--work", tmp_path / "w3", "--out", tmp_path / "t.yaml"])
     assert code == 2 and "key 'tune.space.members[0].train.lr'" in one_error_line(err)
     assert not (tmp_path / "t.yaml").exists() and not any((tmp_path / w).exists() for w in ("w", "w2", "w3"))
+
+
+def test_a_stop_signal_during_a_training_trial_ends_tune_with_its_status_and_a_rerun_continues(
+        data_dir, tmp_path, monkeypatch) -> None:
+    spec = _spec(tmp_path, MEMBERS + "tune:\n  space:\n" + "".join(
+        f"    'members[{i}].train.epochs': {{low: 2, high: 2, integer: true}}\n" for i in range(2)))
+    args = ["tune", "--ensemble", spec, "--data", data_dir, "--holdout", "4", "--train-space", "--train-trials", "1",
+            "--trials", "2", "--work", tmp_path / "w", "--out", tmp_path / "t.yaml", "--device", "cpu",
+            "--workers", "0"]
+    report = tune._Pruning.__call__
+
+    def term_once(self, run: str, row: dict) -> bool:  # SIGTERM arrives after the first epoch of the first run
+        if not self.runs:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return report(self, run, row)
+
+    monkeypatch.setattr(tune._Pruning, "__call__", term_once)
+    code, err = invoke(args)
+    assert code == 143 and "Traceback" not in err and re.fullmatch(
+        r"stopped by SIGTERM at step \d+; rerun the same command to continue \(the study and finished runs are "
+        r"kept\)", err.strip().splitlines()[-1]), err
+    assert not (tmp_path / "t.yaml").exists()
+    monkeypatch.setattr(tune._Pruning, "__call__", report)
+    code, err = invoke(args)
+    assert code == 0, err
+    rows = list(csv.DictReader((tmp_path / "w" / "train" / "trials.csv").open()))
+    assert [(r["number"], r["state"]) for r in rows] == [("0", "FAIL"), ("1", "COMPLETE")]
+    assert "best #1" in (tmp_path / "t.yaml").read_text()
