@@ -74,6 +74,12 @@ def finished_trials(study: Any) -> tuple[int, int]:
     return complete + states.count(TrialState.PRUNED), complete
 
 
+def refusal_note(study: Any) -> str:
+    """Why the latest refused trial was refused (its `refused` attribute), as a clause for an error line."""
+    refused = [t.user_attrs["refused"] for t in study.get_trials(deepcopy=False) if "refused" in t.user_attrs]
+    return f" ({len(refused)} refused, the last: {refused[-1]})" if refused else ""
+
+
 def complete_trials(study: Any) -> list[Any]:
     """The study's trials that finished with a value."""
     from optuna.trial import TrialState  # lazy for start-up: optuna

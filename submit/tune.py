@@ -59,6 +59,7 @@ from submit.study import (
     finished_trials,
     open_study,
     optimise,
+    refusal_note,
     save_pictures,
     write_table,
 )
@@ -347,8 +348,8 @@ def search_training(spec_file: Path, space: dict[str, Param], dirs: list[Path], 
     folder.mkdir(parents=True, exist_ok=True)
     write_table(opened, folder / "trials.csv")
     if complete == 0:
-        raise SubmitError(f"study {name}-train: no training trial finished with a score (see {folder / 'trials.csv'})"
-                          "; widen the training ranges or raise --train-trials")
+        raise SubmitError(f"study {name}-train: no training trial finished with a score{refusal_note(opened)}; see "
+                          f"{folder / 'trials.csv'}, widen the training ranges or raise --train-trials")
     best = opened.best_trial
     pictures, notes = save_pictures(opened, folder, prefix="train-")
     trial_dir = folder / f"trial-{best.number}"
@@ -411,8 +412,8 @@ def _finish(study: Any, spec_file: Path, out: Path, work: Path, storage: str, na
     finished, complete = finished_trials(study)
     if complete == 0:
         write_table(study, work / "trials.csv")
-        raise SubmitError(f"study {name!r}: no trial finished with a score (see {work / 'trials.csv'}); widen the "
-                          "`tune:` ranges or raise --trials")
+        raise SubmitError(f"study {name!r}: no trial finished with a score{refusal_note(study)}; see "
+                          f"{work / 'trials.csv'}, widen the `tune:` ranges or raise --trials")
     best = study.best_trial
     fold_values = tuple(float(v) for v in best.user_attrs.get("fold_mAP", [best.value]))
     records = [holdout.holdout_record(d) for d in dirs]

@@ -231,6 +231,12 @@ def test_train_space_refusals_are_one_line(trained_study, data_dir, tmp_path) ->
     code, err = invoke(["tune", "--ensemble", bad, *base, "--work", tmp_path / "w3", "--out", tmp_path / "t.yaml"])
     assert code == 2 and "key 'tune.space.members[0].train.lr'" in one_error_line(err)
     assert not (tmp_path / "t.yaml").exists() and not any((tmp_path / w).exists() for w in ("w", "w2", "w3"))
+    big = _spec(tmp_path, MEMBERS.replace("'train.epochs=1'", "'train.epochs=1', 'train.pairs_per_batch=64'"), "big.yaml")
+    code, err = invoke(["tune", "--ensemble", big, *base, "--train-trials", "2", "--work", tmp_path / "w4", "--out",
+                        tmp_path / "t.yaml"])
+    line = one_error_line(err)
+    assert code == 2 and "no training trial finished with a score (2 refused, the last: " in line
+    assert "train.pairs_per_batch" in line and not (tmp_path / "t.yaml").exists()
 
 
 def test_a_stop_signal_during_a_training_trial_ends_tune_with_its_status_and_a_rerun_continues(
