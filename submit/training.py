@@ -150,7 +150,7 @@ class _Trainer:
         self.state = TrainState()
         self.reporter: reporting.Reporter = reporting.NullReporter()  # `train` sets the --report-to one
         self.signals = StopSignals()  # `train` sets the one holding the signal handlers
-        self.on_epoch: Callable[[dict], bool] | None = None  # `train`'s hook: True stops after this epoch
+        self.on_epoch: Callable[[dict, int], bool] | None = None  # `train`'s hook: True stops after this epoch
         self.stopped_early = False
         self._epoch_start = time.perf_counter()
         _seed_all(recipe.seed + 1000 * info.rank)  # per-rank randomness (dropout) from here on
@@ -341,7 +341,8 @@ class _Trainer:
             _log(_row_text(row, partial))
         if not partial and self.on_epoch is not None:
             hook = self.on_epoch
-            self.stopped_early = bool(_on_main(lambda: hook(row), self.info))  # rank 0 asks; every rank hears
+            epochs = self.recipe.train.epochs
+            self.stopped_early = bool(_on_main(lambda: hook(row, epochs), self.info))  # rank 0 asks; all hear
 
     def _epoch_row(self) -> dict[str, Any]:
         """The epoch's metrics row: mean loss, LR, temperature, images/s, seconds and the validation scores."""
@@ -387,7 +388,7 @@ RESUME_MODES = (False, True, "auto")  # train(resume=...): a new run, continue l
 
 def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bool | str = False,
           device: str | None = None, max_steps: int | None = None, progress: bool = True,
-          report_to: Sequence[str] = reporting.DEFAULT, on_epoch: Callable[[dict], bool] | None = None) -> dict:
+          report_to: Sequence[str] = reporting.DEFAULT, on_epoch: Callable[[dict, int], bool] | None = None) -> dict:
     """Fine-tune `recipe` on DATA_DIR's manifest into run dir `out_dir`; returns a summary dict.
 
     `resume`: False starts a new run (refused when OUT holds one), True continues `out_dir/last.pt` (refused
@@ -396,9 +397,9 @@ def train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: boo
     its own job wrote even without `resume`. Every other refusal (another recipe, other data, another global
     batch) holds in every mode. `max_steps` stops after that many optimizer steps in total (the LR schedule
     still follows the recipe's epochs). `report_to` names where curves go besides metrics.csv
-    (`reporting.TARGETS`; default TensorBoard in OUT/tb). `on_epoch(row)` is called (on rank 0) after each
-    whole epoch's checkpoint with its metrics row; True stops the run there (`stopped_early` in the summary):
-    `tune --train-space` prunes poor runs this way.
+    (`reporting.TARGETS`; default TensorBoard in OUT/tb). `on_epoch(row, epochs)` is called (on rank 0) after
+    each whole epoch's checkpoint with its metrics row and the run's number of epochs; True stops the run there
+    (`stopped_early` in the summary): `tune --train-space` prunes poor runs this way.
     Under torchrun (WORLD_SIZE > 1) this joins the process group and trains with DDP; the group is destroyed,
     its threads with it, before this returns or raises (`distributed.release_group`).
     SIGTERM, SIGUSR1 and a first SIGINT (in the main thread) save last.pt at the next step boundary on every
@@ -444,7 +445,7 @@ def _run_lock(out_dir: Path, info: DistInfo) -> Iterator[None]:
 
 def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool | str, device: torch.device,
            info: DistInfo, max_steps: int | None, progress: bool, report_to: Sequence[str] = reporting.DEFAULT,
-           signals: StopSignals | None = None, on_epoch: Callable[[dict], bool] | None = None) -> dict:
+           signals: StopSignals | None = None, on_epoch: Callable[[dict, int], bool] | None = None) -> dict:
     """`train` inside the run lock: build (or resume) the run, write recipe.yaml, run the loop, summarise."""
     report_to = reporting.parse_report_to(report_to)
     last = out_dir / "last.pt"
@@ -540,12 +541,12 @@ def _summary(trainer: _Trainer, out_dir: Path, seconds: float) -> dict:
 
 def train_members(spec_path: str | Path, data_dir: str | Path, runs_dir: str | Path | None = None,
                   device: str | None = None, progress: bool = True, skip_finished: bool = False,
-                  on_epoch: Callable[[str, dict], bool] | None = None) -> list[dict]:
+                  on_epoch: Callable[[str, dict, int], bool] | None = None) -> list[dict]:
     """Train every member that has a `train` block into its run dir; a run with `last.pt` is resumed.
 
     Resuming a finished run is a no-op, so re-running (the demo, a benchmark) retrains nothing; with
     `skip_finished` a finished run is not even opened (no lock taken), so several processes can share the runs.
-    `on_epoch(run_dir, row)` is each run's epoch hook (`train`); a run it stops ends the loop (no later member).
+    `on_epoch(run_dir, row, epochs)` is each run's epoch hook (`train`); a run it stops ends the loop (no later member).
     """
     spec = load_spec(spec_path, runs_dir, require_runs=False)
     results: list[dict] = []

@@ -181,7 +181,7 @@ def fold_dirs(data_dir: str | Path, work_dir: Path, n_ids: int | None, folds: in
 
 
 def prepare_fold(spec_file: Path, data_dir: Path, runs_dir: Path, device: str | None, workers: int,
-                 progress: bool, on_epoch: Callable[[str, dict], bool] | None = None) -> Fold | None:
+                 progress: bool, on_epoch: Callable[[str, dict, int], bool] | None = None) -> Fold | None:
     """Train the spec's members with a `train` block on this fold (reusing finished runs), check that no other
     member trained on a held-out identity, and embed the fold's held-out queries and gallery once. None when
     `on_epoch` (each run's epoch hook) stopped a run early."""
@@ -241,7 +241,8 @@ def objective(folds: list[Fold], space: dict[str, Param]) -> Callable[[Any], flo
 
 # ---- --train-space: the training study ------------------------------------------------------------------
 
-PRUNE_STEP = 1000  # a trial's intermediate values: step = run index (fold, then member order) x this + epoch
+PRUNE_STEP = 1000  # a trial's intermediate values: step = run index (fold, then member order) x this + the
+# permille of the run's schedule done (1..999), so runs of other lengths are compared at the same fraction
 
 
 @dataclass(frozen=True)
@@ -282,21 +283,24 @@ def train_space(spec: EnsembleSpec, where: str | Path) -> dict[str, Param]:
 
 
 class _Pruning:
-    """A training trial's epoch hook: reports each validation's held-out mAP to Optuna and stops the run (and the
-    trial) when the pruner says this trial is worse than the median of earlier trials at the same step."""
+    """A training trial's epoch hook: reports each validation's held-out mAP to Optuna and, from a run's second
+    validation on, stops the run (and the trial) when the pruner says this trial is below the median of earlier
+    trials at the same step: the same run of the trial at the same fraction of its schedule (a 3-epoch run's
+    first epoch is compared with a 6-epoch run's second, not its first, whose learning rate is still high)."""
 
     def __init__(self, trial: Any) -> None:
         self.trial, self.pruned_at = trial, ""
         self.runs: list[str] = []
 
-    def __call__(self, run: str, row: dict) -> bool:
+    def __call__(self, run: str, row: dict, epochs: int) -> bool:
         if run not in self.runs:
             self.runs.append(run)
         if row.get("mAP") is None:
             return False
-        self.trial.report(float(row["mAP"]), step=(len(self.runs) - 1) * PRUNE_STEP + int(row["epoch"]))
-        if self.trial.should_prune():
-            self.pruned_at = f"{Path(run).name} epoch {row['epoch']} (held-out mAP {100 * row['mAP']:.2f})"
+        done = max(1, min(PRUNE_STEP - 1, round((PRUNE_STEP - 1) * int(row["epoch"]) / epochs)))
+        self.trial.report(float(row["mAP"]), step=(len(self.runs) - 1) * PRUNE_STEP + done)
+        if int(row["epoch"]) > 1 and self.trial.should_prune():
+            self.pruned_at = f"{Path(run).name} epoch {row['epoch']} of {epochs} (held-out mAP {100 * row['mAP']:.2f})"
         return bool(self.pruned_at)
 
 
@@ -340,7 +344,7 @@ def search_training(spec_file: Path, space: dict[str, Param], dirs: list[Path], 
 
     setup = {"spec": str(spec_file.resolve()), "folds": [str(d.resolve()) for d in dirs],
              "train_space": {k: p.text() for k, p in space.items()}}
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)  # after each run's first validation
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2)  # (_Pruning asks from a run's second validation on)
     opened = open_study(storage, f"{name}-train", setup, seed, fresh_seed, pruner)
     optimise(opened, train_objective(spec_file, dirs, work, space, device, workers, progress), trials, 1, None)
     finished, complete = finished_trials(opened)

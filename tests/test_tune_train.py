@@ -106,8 +106,9 @@ def test_training_values_are_written_as_member_overrides(tmp_path) -> None:
 def test_on_epoch_sees_each_validation_and_true_stops_the_run(data_dir, tmp_path) -> None:
     seen: list[dict] = []
 
-    def hook(row: dict) -> bool:
+    def hook(row: dict, epochs: int) -> bool:
         seen.append(row)
+        assert epochs == 4
         return row["epoch"] == 2
 
     recipe = training.apply_overrides(load_recipe(TINY), ["train.epochs=4", "train.checkpoint_every=0"])
@@ -117,14 +118,14 @@ def test_on_epoch_sees_each_validation_and_true_stops_the_run(data_dir, tmp_path
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2] and not training.finished(tmp_path / "run", recipe)
     whole = training.train(recipe, data_dir, tmp_path / "whole", device="cpu", progress=False,
-                           on_epoch=lambda row: False)
+                           on_epoch=lambda row, epochs: False)
     assert not whole["stopped_early"] and whole["epochs"] == 4
 
 
 def test_a_stopped_member_ends_train_members(data_dir, tmp_path) -> None:
     calls: list[tuple[str, int]] = []
 
-    def hook(run: str, row: dict) -> bool:
+    def hook(run: str, row: dict, epochs: int) -> bool:
         calls.append((Path(run).name, row["epoch"]))
         return True
 
@@ -135,34 +136,37 @@ def test_a_stopped_member_ends_train_members(data_dir, tmp_path) -> None:
 
 
 class _Trial:
-    """The two calls of an Optuna trial the reporter uses; prunes at the step it is told to."""
+    """The two calls of an Optuna trial the reporter uses; says prune at the steps it is told to."""
 
-    def __init__(self, prune_at: int) -> None:
+    def __init__(self, prune_at: set[int]) -> None:
         self.reports: list[tuple[int, float]] = []
+        self.asked: list[int] = []
         self.prune_at = prune_at
 
     def report(self, value: float, step: int) -> None:
         self.reports.append((step, value))
 
     def should_prune(self) -> bool:
-        return self.reports[-1][0] == self.prune_at
+        self.asked.append(self.reports[-1][0])
+        return self.reports[-1][0] in self.prune_at
 
 
-def test_pruning_reports_each_run_at_its_own_steps() -> None:
-    trial = _Trial(prune_at=1002)
+def test_pruning_reports_each_run_at_the_fraction_of_its_schedule_and_asks_from_its_second_validation() -> None:
+    trial = _Trial(prune_at={333, 1666})
     pruning = tune._Pruning(trial)
-    assert not pruning("f0/a", {"epoch": 1, "mAP": 0.5}) and not pruning("f0/a", {"epoch": 2, "mAP": 0.6})
-    assert not pruning("f0/b", {"epoch": 1, "mAP": None})  # no validation: nothing reported
-    assert not pruning("f0/b", {"epoch": 1, "mAP": 0.4})
-    assert pruning("f0/b", {"epoch": 2, "mAP": 0.45}) and "b epoch 2" in pruning.pruned_at
-    assert trial.reports == [(1, 0.5), (2, 0.6), (1001, 0.4), (1002, 0.45)]
+    assert not pruning("f0/a", {"epoch": 1, "mAP": 0.5}, 3)  # 1/3 done: step 333; a first validation: not asked
+    assert not pruning("f0/a", {"epoch": 2, "mAP": 0.6}, 3)
+    assert not pruning("f0/b", {"epoch": 1, "mAP": None}, 6)  # no validation: nothing reported
+    assert not pruning("f0/b", {"epoch": 1, "mAP": 0.4}, 6)
+    assert pruning("f0/b", {"epoch": 4, "mAP": 0.45}, 6) and pruning.pruned_at.startswith("b epoch 4 of 6")
+    assert trial.reports == [(333, 0.5), (666, 0.6), (1166, 0.4), (1666, 0.45)] and trial.asked == [666, 1666]
 
 
 # ---- a whole training study -----------------------------------------------------------------------------
 
 
 class _PruneTrialTwo(optuna.pruners.BasePruner):
-    """Prunes trial 2 at its first report: a pruned trial, for certain, in a 3-trial study."""
+    """Prunes trial 2 when first asked (its first run's second epoch): a pruned trial, for certain, in 3."""
 
     def prune(self, study, trial) -> bool:
         return trial.number == 2
@@ -171,8 +175,8 @@ class _PruneTrialTwo(optuna.pruners.BasePruner):
 @pytest.fixture(scope="module")
 def trained_study(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune-train")
-    spec = _spec(root, f"{MEMBERS}tune:\n  space:\n{EPOCHS}    'members[1].train.epochs': "
-                       "{low: 1, high: 2, integer: true}\n")
+    spec = _spec(root, f"{MEMBERS}tune:\n  space:\n" + "".join(
+        f"    'members[{i}].train.epochs': {{low: 2, high: 3, integer: true}}\n" for i in range(2)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(optuna.pruners, "MedianPruner", lambda **kw: _PruneTrialTwo())
         result = tune.tune(spec, data_dir, root / "out" / "tuned.yaml", holdout_ids=4, folds=2, trials=4,
@@ -185,7 +189,7 @@ def test_the_training_study_prunes_and_the_search_uses_the_best_trials_runs(trai
     chosen = result.train
     assert chosen is not None and chosen.finished == 3 and chosen.complete == 2 and chosen.number in (0, 1)
     rows = {int(r["number"]): r for r in csv.DictReader((root / "work" / "train" / "trials.csv").open())}
-    assert rows[2]["state"] == "PRUNED" and "epoch 1" in rows[2]["user_attrs_pruned_at"]
+    assert rows[2]["state"] == "PRUNED" and rows[2]["user_attrs_pruned_at"].startswith("a epoch 2 of ")
     pruned_runs = root / "work" / "train" / "trial-2" / "runs"
     assert [p.name for p in pruned_runs.iterdir()] == [sorted((root / "work" / "folds").iterdir())[0].name]
     assert not any((p / "b").exists() for p in pruned_runs.iterdir())  # stopped: the next member never started
@@ -248,10 +252,10 @@ def test_a_stop_signal_during_a_training_trial_ends_tune_with_its_status_and_a_r
             "--workers", "0"]
     report = tune._Pruning.__call__
 
-    def term_once(self, run: str, row: dict) -> bool:  # SIGTERM arrives after the first epoch of the first run
+    def term_once(self, run: str, row: dict, epochs: int) -> bool:  # SIGTERM comes after the first run's epoch 1
         if not self.runs:
             os.kill(os.getpid(), signal.SIGTERM)
-        return report(self, run, row)
+        return report(self, run, row, epochs)
 
     monkeypatch.setattr(tune._Pruning, "__call__", term_once)
     code, err = invoke(args)
