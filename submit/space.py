@@ -40,7 +40,7 @@ class Param:
     def encoded_choices(self) -> tuple[Any, ...]:
         """The choices as Optuna stores them: None, bool, int, float and str as they are, anything else (a list
         such as an image size) as its JSON text."""
-        return tuple(c if _plain(c) else json.dumps(c) for c in self.choices or ())
+        return tuple(self.encode(c) for c in self.choices or ())
 
     def decode(self, value: Any) -> Any:
         """A value Optuna drew or recorded for this parameter, back as the choice it stands for."""
@@ -48,6 +48,19 @@ class Param:
             if not _plain(choice) and value == encoded:
                 return choice
         return value
+
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one of the choices or lies in the range (a whole number for an integer range)."""
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        whole = not self.integer or float(value) == int(value)
+        return whole and float(self.low or 0) <= float(value) <= float(self.high or 0)
+
+    def encode(self, value: Any) -> Any:
+        """`value` as Optuna stores it for this parameter (see `encoded_choices`)."""
+        return value if _plain(value) else json.dumps(value)
 
     def text(self) -> str:
         """How the parameter reads in a table: `{128, 256}` or `3..30 (int, log)`."""

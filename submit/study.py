@@ -50,6 +50,23 @@ def open_study(storage: str, name: str, setup: dict[str, Any], seed: int, fresh_
     return study
 
 
+def enqueue_first(study: Any, values: dict[str, Any], space: dict[str, Param]) -> None:
+    """Make `values` (those inside `space`) the study's first trial, marked `spec_values`: the spec as written is
+    scored beside the sampler's trials, so the best is never below it on the same folds. Only a new study."""
+    inside = {key: space[key].encode(value) for key, value in values.items() if key in space and
+              space[key].contains(value)}
+    if inside and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(inside, user_attrs={"spec_values": True}, skip_if_exists=True)
+
+
+def spec_value(study: Any) -> tuple[int, float] | None:
+    """(number, value) of the study's finished `spec_values` trial (`enqueue_first`), if any."""
+    for trial in complete_trials(study):
+        if trial.user_attrs.get("spec_values"):
+            return trial.number, float(trial.value)
+    return None
+
+
 def draw(trial: Any, key: str, param: Param) -> Any:
     """A value of `param` drawn by an Optuna trial under the name `key` (a list choice comes back as a list)."""
     if param.choices is not None:

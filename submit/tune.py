@@ -56,11 +56,13 @@ from submit.study import (
     complete_trials,
     decode,
     draw,
+    enqueue_first,
     finished_trials,
     open_study,
     optimise,
     refusal_note,
     save_pictures,
+    spec_value,
     write_table,
 )
 
@@ -103,6 +105,7 @@ class TuneResult:
     pictures: list[Path]
     notes: list[str]
     train: TrainChoice | None = None  # the training study's outcome (`--train-space`)
+    own: tuple[int, float] | None = None  # (trial, held-out mAP) of the spec's own values, scored first
 
 
 # ---- the search space ---------------------------------------------------------------------------------
@@ -137,6 +140,16 @@ def suggest(trial: Any, spec: EnsembleSpec, space: dict[str, Param]) -> dict[str
     values = {key: draw(trial, key, param) for key, param in space.items()}
     rule = values.get("fusion", spec.fusion)
     values.update({key: draw(trial, key, param) for key, param in fusion_space(spec, rule).items()})
+    return values
+
+
+def spec_values(spec: EnsembleSpec) -> dict[str, Any]:
+    """The spec's own value of every key `search_space` and `fusion_space` may name: what it scores as written."""
+    values: dict[str, Any] = {"fusion": spec.fusion, "reliability_k": spec.reliability_k}
+    for i, step in enumerate(spec.postprocess):
+        own = {**reranking.STEPS[step.op].defaults(), **step.params}
+        values.update({f"postprocess[{i}].{name}": value for name, value in own.items()})
+    values.update({f"members[{i}].weight": m.weight for i, m in enumerate(spec.members)})
     return values
 
 
@@ -260,6 +273,7 @@ class TrainChoice:
     runs_dir: Path  # holds one runs folder per fold
     pictures: list[Path]
     notes: list[str]
+    own: tuple[int, float] | None = None  # (trial, held-out mAP) of the recipes as the spec writes them
 
 
 def train_space(spec: EnsembleSpec, where: str | Path) -> dict[str, Param]:
@@ -280,6 +294,18 @@ def train_space(spec: EnsembleSpec, where: str | Path) -> dict[str, Param]:
             value = int(value) if param.integer and value is not None else value
             apply_overrides(recipes[index], [override(name, value)], where=f"{where}: key 'tune.space.{key}'")
     return space
+
+
+def recipe_values(spec: EnsembleSpec, space: dict[str, Param], where: str | Path) -> dict[str, Any]:
+    """Each training key's value in its member's recipe as the spec writes it (a tuple as a list)."""
+    values = {}
+    for key in space:
+        index, name = train_key(key) or (0, "")
+        value: Any = member_recipe(spec.members[index], where)
+        for part in name.split("."):
+            value = getattr(value, part)
+        values[key] = list(value) if isinstance(value, tuple) else value
+    return values
 
 
 class _Pruning:
@@ -346,6 +372,8 @@ def search_training(spec_file: Path, space: dict[str, Param], dirs: list[Path], 
              "train_space": {k: p.text() for k, p in space.items()}}
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2)  # (_Pruning asks from a run's second validation on)
     opened = open_study(storage, f"{name}-train", setup, seed, fresh_seed, pruner)
+    enqueue_first(opened, recipe_values(load_spec(spec_file, runs_dir=".", require_runs=False), space, spec_file),
+                  space)
     optimise(opened, train_objective(spec_file, dirs, work, space, device, workers, progress), trials, 1, None)
     finished, complete = finished_trials(opened)
     folder = work / "train"
@@ -359,7 +387,8 @@ def search_training(spec_file: Path, space: dict[str, Param], dirs: list[Path], 
     trial_dir = folder / f"trial-{best.number}"
     return TrainChoice(f"{name}-train", finished, complete, best.number, float(best.value),
                        tuple(float(v) for v in best.user_attrs.get("fold_mAP", [best.value])),
-                       decode(dict(best.params), space), trial_dir / "spec.yaml", trial_dir / "runs", pictures, notes)
+                       decode(dict(best.params), space), trial_dir / "spec.yaml", trial_dir / "runs", pictures, notes,
+                       spec_value(opened))
 
 
 # ---- the command -----------------------------------------------------------------------------------------
@@ -403,6 +432,7 @@ def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_i
     setup = {"spec": str(searched.resolve()), "folds": [str(d.resolve()) for d in dirs],
              "space": {k: p.text() for k, p in space.items()}}
     opened = open_study(storage, name, setup, seed, fresh_seed)
+    enqueue_first(opened, spec_values(base), {**space, **fusion_space(base, base.fusion)})
     if space or fusion_space(base, base.fusion):
         optimise(opened, objective(prepared, space), trials, jobs, timeout)
     else:  # --train-space on a spec with nothing else to tune: one trial records the spec's own score
@@ -422,7 +452,7 @@ def _finish(study: Any, spec_file: Path, out: Path, work: Path, storage: str, na
     fold_values = tuple(float(v) for v in best.user_attrs.get("fold_mAP", [best.value]))
     records = [holdout.holdout_record(d) for d in dirs]
     values = {**(chosen.values if chosen else {}), **dict(best.params)}
-    header = _header(spec_file, storage, name, finished, best, fold_values, records, chosen)
+    header = _header(spec_file, storage, name, finished, best, fold_values, records, chosen, spec_value(study))
     predict.write_spec_values(spec_file, out, values, header)
     write_table(study, work / "trials.csv")
     pictures, notes = save_pictures(study, work)
@@ -431,11 +461,11 @@ def _finish(study: Any, spec_file: Path, out: Path, work: Path, storage: str, na
     leaders = [{"number": t.number, "value": float(t.value), "spread": float(np.std(t.user_attrs.get("fold_mAP", [0]))),
                 "params": dict(t.params)} for t in sorted(complete_trials(study), key=lambda t: -float(t.value))[:5]]
     return TuneResult(out, work, name, storage, finished, complete, best.number, float(best.value), fold_values,
-                      values, leaders, pictures, notes, chosen)
+                      values, leaders, pictures, notes, chosen, spec_value(study))
 
 
 def _header(spec_file: Path, storage: str, name: str, finished: int, best: Any, fold_values: tuple[float, ...],
-            records: list[Any], chosen: TrainChoice | None) -> str:
+            records: list[Any], chosen: TrainChoice | None, own: tuple[int, float] | None) -> str:
     """The comment block at the top of the tuned spec: where its values come from."""
     rec = records[0]
     spread = f" ± {100 * float(np.std(fold_values)):.2f}" if len(fold_values) > 1 else ""
@@ -444,11 +474,13 @@ def _header(spec_file: Path, storage: str, name: str, finished: int, best: Any, 
     if chosen is not None:
         lines += [f"training study {chosen.study!r}: {chosen.finished} finished trials "
                   f"({chosen.finished - chosen.complete} pruned), best #{chosen.number}: held-out mAP "
-                  f"{100 * chosen.value:.2f} with the spec's own post-processing",
+                  f"{100 * chosen.value:.2f} with the spec's own post-processing"
+                  + (f" (its recipes as written: {100 * chosen.own[1]:.2f}, #{chosen.own[0]})" if chosen.own else ""),
                   "training values: " + json.dumps(chosen.values, sort_keys=True)]
     lines += [f"study {name!r} in {storage}: {finished} finished trials, best #{best.number}",
               f"held-out mAP {100 * float(best.value):.2f}{spread} (mean over {len(fold_values)} fold(s) of "
-              f"{rec.n_ids if rec else '?'} TRAIN identities, --holdout-seed {rec.seed if rec else '?'})",
+              f"{rec.n_ids if rec else '?'} TRAIN identities, --holdout-seed {rec.seed if rec else '?'})"
+              + (f"; the spec's own values: {100 * own[1]:.2f} (#{own[0]})" if own else ""),
               "chosen on held-out TRAIN identities only: never scored on the test or challenge split",
               "best values: " + json.dumps(best.params, sort_keys=True)]
     return "".join(f"# {line}\n" for line in lines)

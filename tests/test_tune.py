@@ -3,6 +3,7 @@ value against a re-score, resume after kill -9, and two processes sharing one st
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import sqlite3
@@ -143,6 +144,23 @@ def test_tune_writes_the_tuned_spec_table_and_pictures(study) -> None:
     assert any(p.name == "history.png" for p in result.pictures)
     held = [tune.holdout.held_out_ids(d) for d in sorted((root / "work" / "folds").iterdir())]
     assert len(held) == 2 and not held[0] & held[1]
+
+
+def test_the_spec_as_written_is_the_first_trial_and_the_best_is_not_below_it(study) -> None:
+    root, spec, result = study
+    rows = {int(r["number"]): r for r in csv.DictReader((root / "work" / "trials.csv").open())}
+    first = rows[0]
+    assert first["user_attrs_spec_values"] == "True" and not any(
+        r.get("user_attrs_spec_values") == "True" for n, r in rows.items() if n)
+    assert int(first["params_postprocess[0].k"]) == 1 and int(first["params_postprocess[1].k1"]) == 4
+    assert int(first["params_postprocess[1].k2"]) == 2 and float(first["params_postprocess[1].lambda_value"]) == 0.3
+    assert float(first["params_postprocess[0].alpha"]) == 3.0  # the step function's own default
+    assert first["params_fusion"] == "mean" and float(first["params_members[1].weight"]) == 1.0
+    assert result.own is not None and result.own[0] == 0 and result.best_value >= result.own[1]
+    assert result.own[1] == pytest.approx(float(first["value"])) and "the spec's own values: " in result.out.read_text()
+    rescored = [tune.rescore(spec, fold, root / "work" / "runs" / fold.name, device="cpu", workers=0)
+                for fold in sorted((root / "work" / "folds").iterdir())]
+    assert np.mean(rescored) == pytest.approx(result.own[1], abs=1e-6)  # trial 0 is the spec exactly as written
 
 
 def test_best_value_equals_rescoring_the_tuned_spec(study) -> None:

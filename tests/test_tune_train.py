@@ -190,6 +190,10 @@ def test_the_training_study_prunes_and_the_search_uses_the_best_trials_runs(trai
     assert chosen is not None and chosen.finished == 3 and chosen.complete == 2 and chosen.number in (0, 1)
     rows = {int(r["number"]): r for r in csv.DictReader((root / "work" / "train" / "trials.csv").open())}
     assert rows[2]["state"] == "PRUNED" and rows[2]["user_attrs_pruned_at"].startswith("a epoch 2 of ")
+    assert rows[0]["user_attrs_spec_values"] == "True" and float(rows[0]["params_members[0].train.lr"]) == 1e-3
+    assert rows[0]["params_members[0].backbone.image_size"] == "[32, 32]"  # the recipes as the spec writes them,
+    assert rows[0]["params_members[0].train.epochs"] in ("2", "3")  # except epochs=1, outside the tune: range
+    assert chosen.own is not None and chosen.own[0] == 0 and chosen.value >= chosen.own[1]
     pruned_runs = root / "work" / "train" / "trial-2" / "runs"
     assert [p.name for p in pruned_runs.iterdir()] == [sorted((root / "work" / "folds").iterdir())[0].name]
     assert not any((p / "b").exists() for p in pruned_runs.iterdir())  # stopped: the next member never started

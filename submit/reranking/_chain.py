@@ -38,6 +38,12 @@ class Step:
         """The parameters a chain may set: the function's keyword parameters after the two feature matrices."""
         return [name for name in list(inspect.signature(self.fn).parameters)[2:] if name not in RUNTIME]
 
+    def defaults(self) -> dict[str, Any]:
+        """The function's own default of each parameter a chain may set (where it has one)."""
+        params = inspect.signature(self.fn).parameters
+        return {name: params[name].default for name in self.parameters()
+                if params[name].default is not inspect.Parameter.empty}
+
     def takes(self, argument: str) -> bool:
         """Whether the function accepts the runtime argument `argument` (e.g. `train_feats`)."""
         return argument in inspect.signature(self.fn).parameters
