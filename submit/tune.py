@@ -237,19 +237,28 @@ def objective(folds: list[Fold], space: dict[str, Param]) -> Callable[[Any], flo
 
     Settings a step refuses (a whitening dimension above the features' rank, a k above the gallery) prune the
     trial with the step's one-line reason, so the sampler learns to avoid them."""
-    import optuna  # lazy for start-up: optuna
 
     def run(trial: Any) -> float:
         values = suggest(trial, folds[0].spec, space)
-        trial.set_user_attr("pid", os.getpid())  # which process ran it (several may share a study)
-        try:
-            scores = [fold.score(apply_values(fold.spec, values)) for fold in folds]
-        except SubmitError as exc:
-            trial.set_user_attr("refused", str(exc))
-            raise optuna.TrialPruned(str(exc)) from None
-        trial.set_user_attr("fold_mAP", scores)
-        return float(np.mean(scores))
+        return scored(trial, lambda: [fold.score(apply_values(fold.spec, values)) for fold in folds])
     return run
+
+
+def scored(trial: Any, fold_scores: Callable[[], list[float]]) -> float:
+    """A trial's value: the mean of `fold_scores()` (held-out mAP per fold, recorded with the process id), or a
+    pruned trial carrying the one-line reason of a refusal. A stop signal passes through: the trial fails."""
+    import optuna  # lazy for start-up: optuna
+
+    trial.set_user_attr("pid", os.getpid())  # which process ran it (several may share a study)
+    try:
+        scores = fold_scores()
+    except Stopped:
+        raise  # the trial fails (not counted) and tune ends with the signal's status
+    except SubmitError as exc:
+        trial.set_user_attr("refused", str(exc))
+        raise optuna.TrialPruned(str(exc)) from None
+    trial.set_user_attr("fold_mAP", scores)
+    return float(np.mean(scores))
 
 
 # ---- --train-space: the training study ------------------------------------------------------------------
@@ -339,25 +348,21 @@ def train_objective(spec_file: Path, dirs: list[Path], work: Path, space: dict[s
 
     def run(trial: Any) -> float:
         values = {key: draw(trial, key, param) for key, param in space.items()}
-        trial.set_user_attr("pid", os.getpid())
         folder = work / "train" / f"trial-{trial.number}"
         trial_spec = predict.write_spec_values(spec_file, folder / "spec.yaml", values,
                                                f"# tune --train-space: trial {trial.number}\n")
-        pruning, scores = _Pruning(trial), []
-        try:
+        pruning = _Pruning(trial)
+
+        def fold_scores() -> list[float]:
+            scores = []
             for d in dirs:
                 fold = prepare_fold(trial_spec, d, folder / "runs" / d.name, device, workers, progress, pruning)
                 if fold is None:
                     trial.set_user_attr("pruned_at", pruning.pruned_at)
                     raise optuna.TrialPruned(f"pruned at {pruning.pruned_at}")
                 scores.append(fold.score(fold.spec))
-        except Stopped:
-            raise  # a stop signal: the trial fails (not counted) and tune ends with the signal's status
-        except SubmitError as exc:
-            trial.set_user_attr("refused", str(exc))
-            raise optuna.TrialPruned(str(exc)) from None
-        trial.set_user_attr("fold_mAP", scores)
-        return float(np.mean(scores))
+            return scores
+        return scored(trial, fold_scores)
     return run
 
 
