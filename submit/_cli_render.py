@@ -217,13 +217,13 @@ def print_tune(result: TuneResult) -> None:
         console.print(f"training study {chosen.study}: {chosen.finished} finished trials "
                       f"({chosen.finished - chosen.complete} pruned); best #{chosen.number}: held-out mAP "
                       f"{100 * chosen.value:.2f} with {_values_text(chosen.values)}"
-                      + (f"; the recipes as written: {100 * chosen.own[1]:.2f}" if chosen.own else ""),
+                      + (f"; the recipes as written: {chosen.own.text()}" if chosen.own else ""),
                       highlight=False, soft_wrap=True)
     console.print(table)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
     folds = len(result.fold_values)
-    own = f" (the spec as written: {100 * result.own[1]:.2f}, trial #{result.own[0]})" if result.own else ""
+    own = f" (the spec as written: {result.own.text()})" if result.own else ""
     console.print(f"best trial #{result.best_trial}: held-out mAP {100 * result.best_value:.2f} over {folds} fold(s)"
                   f"{own}; "
                   f"wrote {result.out} and {result.work_dir} (trials.csv, {len(result.pictures)} pictures)",

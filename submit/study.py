@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,20 +52,44 @@ def open_study(storage: str, name: str, setup: dict[str, Any], seed: int, fresh_
 
 
 def enqueue_first(study: Any, values: dict[str, Any], space: dict[str, Param]) -> None:
-    """Make `values` (those inside `space`) the study's first trial, marked `spec_values`: the spec as written is
-    scored beside the sampler's trials, so the best is never below it on the same folds. Only a new study."""
+    """Queue `values` (those inside `space`; the others, listed in `drawn`, are left to the sampler) as a trial
+    marked `spec_values`, unless the study holds one finished, waiting or running: the spec as written is scored
+    beside the sampler's trials, so the best is never below it on the same folds. A killed one is queued again."""
+    import optuna  # lazy for start-up: optuna
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a killed process's trial: failed now, so it does not count here
     inside = {key: space[key].encode(value) for key, value in values.items() if key in space and
               space[key].contains(value)}
-    if inside and not study.get_trials(deepcopy=False):
-        study.enqueue_trial(inside, user_attrs={"spec_values": True}, skip_if_exists=True)
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
+    if not inside or any(t.user_attrs.get("spec_values") for t in study.get_trials(deepcopy=False, states=states)):
+        return
+    study.enqueue_trial(inside, user_attrs={"spec_values": True, "drawn": sorted(set(space) - set(inside))})
 
 
-def spec_value(study: Any) -> tuple[int, float] | None:
-    """(number, value) of the study's finished `spec_values` trial (`enqueue_first`), if any."""
+def spec_value(study: Any) -> SpecTrial | None:
+    """The study's finished `spec_values` trial (`enqueue_first`), if any."""
     for trial in complete_trials(study):
         if trial.user_attrs.get("spec_values"):
-            return trial.number, float(trial.value)
+            return SpecTrial(trial.number, float(trial.value), tuple(trial.user_attrs.get("drawn", ())))
     return None
+
+
+@dataclass(frozen=True)
+class SpecTrial:
+    """The trial that scored the spec as written: its number, its value, and the keys the sampler drew because the
+    spec's value lay outside the searched range."""
+
+    number: int
+    value: float
+    drawn: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        """`56.80 (trial #0)`, or with `, k1 drawn` when some keys were outside the ranges."""
+        return f"{100 * self.value:.2f} (trial #{self.number}" + (
+            f", {', '.join(self.drawn)} drawn: outside the ranges)" if self.drawn else ")")
 
 
 def draw(trial: Any, key: str, param: Param) -> Any:

@@ -29,6 +29,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,6 +54,7 @@ from submit.recipe import apply_overrides, override
 from submit.recipe import train_space as train_space_of
 from submit.space import Param, choice, floats
 from submit.study import (
+    SpecTrial,
     complete_trials,
     decode,
     draw,
@@ -105,7 +107,7 @@ class TuneResult:
     pictures: list[Path]
     notes: list[str]
     train: TrainChoice | None = None  # the training study's outcome (`--train-space`)
-    own: tuple[int, float] | None = None  # (trial, held-out mAP) of the spec's own values, scored first
+    own: SpecTrial | None = None  # the trial of the spec's own values, scored first
 
 
 # ---- the search space ---------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ class TrainChoice:
     runs_dir: Path  # holds one runs folder per fold
     pictures: list[Path]
     notes: list[str]
-    own: tuple[int, float] | None = None  # (trial, held-out mAP) of the recipes as the spec writes them
+    own: SpecTrial | None = None  # the trial of the recipes as the spec writes them
 
 
 def train_space(spec: EnsembleSpec, where: str | Path) -> dict[str, Param]:
@@ -317,26 +319,45 @@ def recipe_values(spec: EnsembleSpec, space: dict[str, Param], where: str | Path
     return values
 
 
+def below_median(value: float, step: int, finished: list[dict[int, float]], startup: int = 2) -> bool:
+    """Whether `value`, reported at `step` (run index x PRUNE_STEP + permille of that run's schedule), is below the
+    median of finished trials' values for the same run at the latest step they had reached by the same fraction
+    of their schedule (a 6-epoch run's epoch 2 against a 3-epoch run's epoch 1, a 5-epoch run's epoch 2 against a
+    3-epoch run's epoch 1: never against a run further on). Needs `startup` finished trials with such a value."""
+    run, done = divmod(step, PRUNE_STEP)
+    reached = []
+    for values in finished:
+        earlier = [s for s in values if s // PRUNE_STEP == run and s % PRUNE_STEP <= done]
+        if earlier:
+            reached.append(values[max(earlier)])
+    return len(reached) >= startup and value < float(np.median(reached))
+
+
 class _Pruning:
-    """A training trial's epoch hook: reports each validation's held-out mAP to Optuna and, from a run's second
-    validation on, stops the run (and the trial) when the pruner says this trial is below the median of earlier
-    trials at the same step: the same run of the trial at the same fraction of its schedule (a 3-epoch run's
-    first epoch is compared with a 6-epoch run's second, not its first, whose learning rate is still high)."""
+    """A training trial's epoch hook: reports each validation's held-out mAP to Optuna (step: the run, then the
+    fraction of its schedule done) and, from a run's second validation on, stops the run and the trial when this
+    value is `below_median` of the finished trials' (Optuna's own pruners compare a trial's best value so far, which
+    a good first run would carry through the later ones, and only at identical steps)."""
 
     def __init__(self, trial: Any) -> None:
         self.trial, self.pruned_at = trial, ""
-        self.runs: list[str] = []
+        self.runs: dict[str, int] = {}  # run dir -> validations seen
 
     def __call__(self, run: str, row: dict, epochs: int) -> bool:
-        if run not in self.runs:
-            self.runs.append(run)
         if row.get("mAP") is None:
+            self.runs.setdefault(run, 0)
             return False
+        self.runs[run] = self.runs.get(run, 0) + 1
         done = max(1, min(PRUNE_STEP - 1, round((PRUNE_STEP - 1) * int(row["epoch"]) / epochs)))
-        self.trial.report(float(row["mAP"]), step=(len(self.runs) - 1) * PRUNE_STEP + done)
-        if int(row["epoch"]) > 1 and self.trial.should_prune():
+        step = list(self.runs).index(run) * PRUNE_STEP + done
+        self.trial.report(float(row["mAP"]), step=step)
+        if self.runs[run] > 1 and below_median(float(row["mAP"]), step, self._finished()):
             self.pruned_at = f"{Path(run).name} epoch {row['epoch']} of {epochs} (held-out mAP {100 * row['mAP']:.2f})"
         return bool(self.pruned_at)
+
+    def _finished(self) -> list[dict[int, float]]:
+        """The intermediate values of the study's finished (complete) trials."""
+        return [dict(t.intermediate_values) for t in complete_trials(self.trial.study)]
 
 
 def train_objective(spec_file: Path, dirs: list[Path], work: Path, space: dict[str, Param], device: str | None,
@@ -349,6 +370,8 @@ def train_objective(spec_file: Path, dirs: list[Path], work: Path, space: dict[s
     def run(trial: Any) -> float:
         values = {key: draw(trial, key, param) for key, param in space.items()}
         folder = work / "train" / f"trial-{trial.number}"
+        if folder.exists():  # a trial number comes once per study: this is a deleted study's (or another spec's)
+            shutil.rmtree(folder)
         trial_spec = predict.write_spec_values(spec_file, folder / "spec.yaml", values,
                                                f"# tune --train-space: trial {trial.number}\n")
         pruning = _Pruning(trial)
@@ -369,14 +392,14 @@ def train_objective(spec_file: Path, dirs: list[Path], work: Path, space: dict[s
 def search_training(spec_file: Path, space: dict[str, Param], dirs: list[Path], work: Path, storage: str,
                     name: str, trials: int, seed: int, fresh_seed: bool, device: str | None, workers: int,
                     progress: bool) -> TrainChoice:
-    """Run the training study over `space` (`trials` finished trials, Optuna's median pruner on per-epoch
-    validation) and return its best trial; its trials table and pictures go to WORK/train/."""
+    """Run the training study over `space` until it holds `trials` finished trials (no timeout: a run is not
+    stopped half-way; runs below the median are pruned by `_Pruning`) and return its best trial; its trials table
+    and pictures go to WORK/train/."""
     import optuna  # lazy for start-up: optuna
 
     setup = {"spec": str(spec_file.resolve()), "folds": [str(d.resolve()) for d in dirs],
              "train_space": {k: p.text() for k, p in space.items()}}
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2)  # (_Pruning asks from a run's second validation on)
-    opened = open_study(storage, f"{name}-train", setup, seed, fresh_seed, pruner)
+    opened = open_study(storage, f"{name}-train", setup, seed, fresh_seed, optuna.pruners.NopPruner())  # _Pruning
     enqueue_first(opened, recipe_values(load_spec(spec_file, runs_dir=".", require_runs=False), space, spec_file),
                   space)
     optimise(opened, train_objective(spec_file, dirs, work, space, device, workers, progress), trials, 1, None)
@@ -433,7 +456,7 @@ def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_i
         chosen = search_training(spec_file, trained, dirs, work, storage, name, train_trials, seed, fresh_seed,
                                  device, workers, progress)
         searched, runs, name = chosen.spec_file, chosen.runs_dir, f"{name}-train{chosen.number}"
-    prepared = [f for d in dirs if (f := prepare_fold(searched, d, runs / d.name, device, workers, progress))]
+    prepared = [_fold(prepare_fold(searched, d, runs / d.name, device, workers, progress)) for d in dirs]
     setup = {"spec": str(searched.resolve()), "folds": [str(d.resolve()) for d in dirs],
              "space": {k: p.text() for k, p in space.items()}}
     opened = open_study(storage, name, setup, seed, fresh_seed)
@@ -442,12 +465,21 @@ def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_i
         optimise(opened, objective(prepared, space), trials, jobs, timeout)
     else:  # --train-space on a spec with nothing else to tune: one trial records the spec's own score
         optimise(opened, objective(prepared, space), 1, 1, None)
-    return _finish(opened, spec_file, out, work, storage, name, dirs, chosen)
+    every = {**space, **{key: param for rule in FUSIONS for key, param in fusion_space(base, rule).items()}}
+    return _finish(opened, spec_file, out, work, storage, name, dirs, chosen, every)
+
+
+def _fold(fold: Fold | None) -> Fold:
+    """A fold prepared without an epoch hook (which alone can stop its training early)."""
+    if fold is None:
+        raise SubmitError("internal: a fold's training stopped early without an epoch hook")
+    return fold
 
 
 def _finish(study: Any, spec_file: Path, out: Path, work: Path, storage: str, name: str, dirs: list[Path],
-            chosen: TrainChoice | None) -> TuneResult:
-    """Write the tuned spec, the trials table and the pictures; the result for the CLI."""
+            chosen: TrainChoice | None, space: dict[str, Param]) -> TuneResult:
+    """Write the tuned spec, the trials table and the pictures; the result for the CLI (values as `space` draws
+    them: a list choice as a list)."""
     finished, complete = finished_trials(study)
     if complete == 0:
         write_table(study, work / "trials.csv")
@@ -456,21 +488,23 @@ def _finish(study: Any, spec_file: Path, out: Path, work: Path, storage: str, na
     best = study.best_trial
     fold_values = tuple(float(v) for v in best.user_attrs.get("fold_mAP", [best.value]))
     records = [holdout.holdout_record(d) for d in dirs]
-    values = {**(chosen.values if chosen else {}), **dict(best.params)}
-    header = _header(spec_file, storage, name, finished, best, fold_values, records, chosen, spec_value(study))
+    values = {**(chosen.values if chosen else {}), **decode(best.params, space)}
+    header = _header(spec_file, storage, name, finished, best, fold_values, records, chosen, spec_value(study),
+                     space)
     predict.write_spec_values(spec_file, out, values, header)
     write_table(study, work / "trials.csv")
     pictures, notes = save_pictures(study, work)
     if chosen is not None:
         pictures, notes = chosen.pictures + pictures, chosen.notes + notes
     leaders = [{"number": t.number, "value": float(t.value), "spread": float(np.std(t.user_attrs.get("fold_mAP", [0]))),
-                "params": dict(t.params)} for t in sorted(complete_trials(study), key=lambda t: -float(t.value))[:5]]
+                "params": decode(t.params, space)}
+               for t in sorted(complete_trials(study), key=lambda t: -float(t.value))[:5]]
     return TuneResult(out, work, name, storage, finished, complete, best.number, float(best.value), fold_values,
                       values, leaders, pictures, notes, chosen, spec_value(study))
 
 
 def _header(spec_file: Path, storage: str, name: str, finished: int, best: Any, fold_values: tuple[float, ...],
-            records: list[Any], chosen: TrainChoice | None, own: tuple[int, float] | None) -> str:
+            records: list[Any], chosen: TrainChoice | None, own: SpecTrial | None, space: dict[str, Param]) -> str:
     """The comment block at the top of the tuned spec: where its values come from."""
     rec = records[0]
     spread = f" ± {100 * float(np.std(fold_values)):.2f}" if len(fold_values) > 1 else ""
@@ -480,14 +514,14 @@ def _header(spec_file: Path, storage: str, name: str, finished: int, best: Any, 
         lines += [f"training study {chosen.study!r}: {chosen.finished} finished trials "
                   f"({chosen.finished - chosen.complete} pruned), best #{chosen.number}: held-out mAP "
                   f"{100 * chosen.value:.2f} with the spec's own post-processing"
-                  + (f" (its recipes as written: {100 * chosen.own[1]:.2f}, #{chosen.own[0]})" if chosen.own else ""),
+                  + (f"; its recipes as written: {chosen.own.text()}" if chosen.own else ""),
                   "training values: " + json.dumps(chosen.values, sort_keys=True)]
     lines += [f"study {name!r} in {storage}: {finished} finished trials, best #{best.number}",
               f"held-out mAP {100 * float(best.value):.2f}{spread} (mean over {len(fold_values)} fold(s) of "
               f"{rec.n_ids if rec else '?'} TRAIN identities, --holdout-seed {rec.seed if rec else '?'})"
-              + (f"; the spec's own values: {100 * own[1]:.2f} (#{own[0]})" if own else ""),
+              + (f"; the spec's own values: {own.text()}" if own else ""),
               "chosen on held-out TRAIN identities only: never scored on the test or challenge split",
-              "best values: " + json.dumps(best.params, sort_keys=True)]
+              "best values: " + json.dumps(decode(best.params, space), sort_keys=True)]
     return "".join(f"# {line}\n" for line in lines)
 
 

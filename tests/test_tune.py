@@ -156,11 +156,12 @@ def test_the_spec_as_written_is_the_first_trial_and_the_best_is_not_below_it(stu
     assert int(first["params_postprocess[1].k2"]) == 2 and float(first["params_postprocess[1].lambda_value"]) == 0.3
     assert float(first["params_postprocess[0].alpha"]) == 3.0  # the step function's own default
     assert first["params_fusion"] == "mean" and float(first["params_members[1].weight"]) == 1.0
-    assert result.own is not None and result.own[0] == 0 and result.best_value >= result.own[1]
-    assert result.own[1] == pytest.approx(float(first["value"])) and "the spec's own values: " in result.out.read_text()
+    assert result.own is not None and result.own.number == 0 and result.best_value >= result.own.value
+    assert result.own.drawn == () and "the spec's own values: " in result.out.read_text()
+    assert result.own.value == pytest.approx(float(first["value"]))
     rescored = [tune.rescore(spec, fold, root / "work" / "runs" / fold.name, device="cpu", workers=0)
                 for fold in sorted((root / "work" / "folds").iterdir())]
-    assert np.mean(rescored) == pytest.approx(result.own[1], abs=1e-6)  # trial 0 is the spec exactly as written
+    assert np.mean(rescored) == pytest.approx(result.own.value, abs=1e-6)  # trial 0 is the spec exactly as written
 
 
 def test_best_value_equals_rescoring_the_tuned_spec(study) -> None:

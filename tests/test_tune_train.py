@@ -135,41 +135,37 @@ def test_a_stopped_member_ends_train_members(data_dir, tmp_path) -> None:
     assert not (tmp_path / "runs" / "b").exists()
 
 
-class _Trial:
-    """The two calls of an Optuna trial the reporter uses; says prune at the steps it is told to."""
-
-    def __init__(self, prune_at: set[int]) -> None:
-        self.reports: list[tuple[int, float]] = []
-        self.asked: list[int] = []
-        self.prune_at = prune_at
-
-    def report(self, value: float, step: int) -> None:
-        self.reports.append((step, value))
-
-    def should_prune(self) -> bool:
-        self.asked.append(self.reports[-1][0])
-        return self.reports[-1][0] in self.prune_at
-
-
-def test_pruning_reports_each_run_at_the_fraction_of_its_schedule_and_asks_from_its_second_validation() -> None:
-    trial = _Trial(prune_at={333, 1666})
+def _finished_trial(study, runs: list[list[float]]) -> None:
+    """A finished trial of `study` that reported each run's validations over its whole schedule."""
+    trial = study.ask()
     pruning = tune._Pruning(trial)
-    assert not pruning("f0/a", {"epoch": 1, "mAP": 0.5}, 3)  # 1/3 done: step 333; a first validation: not asked
-    assert not pruning("f0/a", {"epoch": 2, "mAP": 0.6}, 3)
-    assert not pruning("f0/b", {"epoch": 1, "mAP": None}, 6)  # no validation: nothing reported
-    assert not pruning("f0/b", {"epoch": 1, "mAP": 0.4}, 6)
-    assert pruning("f0/b", {"epoch": 4, "mAP": 0.45}, 6) and pruning.pruned_at.startswith("b epoch 4 of 6")
-    assert trial.reports == [(333, 0.5), (666, 0.6), (1166, 0.4), (1666, 0.45)] and trial.asked == [666, 1666]
+    for r, values in enumerate(runs):
+        for epoch, value in enumerate(values, start=1):
+            assert not pruning(f"f0/run{r}", {"epoch": epoch, "mAP": value}, len(values))
+    study.tell(trial, values[-1])
+
+
+def test_pruning_compares_each_run_at_the_fraction_of_its_schedule_from_its_second_validation_on() -> None:
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    _finished_trial(study, [[0.3, 0.5, 0.6], [0.3, 0.4, 0.5]])  # 3 epochs a run: steps 333, 666, 999 (+1000)
+    _finished_trial(study, [[0.2, 0.35, 0.45, 0.5, 0.55, 0.65], [0.2, 0.3, 0.35, 0.4, 0.45, 0.5]])  # 6 epochs
+    poor = tune._Pruning(study.ask())
+    assert not poor("f0/run0", {"epoch": 1, "mAP": 0.01}, 5)  # a run's first validation: never pruned
+    assert not poor("f0/run0", {"epoch": 1, "mAP": None}, 5)  # no validation: nothing reported
+    # epoch 2 of 5 (step 400): against what the others had by 400 (both at 333: 0.3 and 0.35, median 0.325)
+    assert not poor("f0/run0", {"epoch": 2, "mAP": 0.33}, 5)
+    assert poor("f0/run0", {"epoch": 3, "mAP": 0.37}, 5)  # step 599: 0.3 (333) and 0.45 (500), median 0.375
+    assert poor.pruned_at == "run0 epoch 3 of 5 (held-out mAP 37.00)"
+    assert study.trials[-1].intermediate_values == {200: 0.01, 400: 0.33, 599: 0.37}
+    late = tune._Pruning(study.ask())  # an excellent first run does not carry a poor second one
+    for epoch, value in enumerate([0.9, 0.95, 0.99], start=1):
+        assert not late("f0/run0", {"epoch": epoch, "mAP": value}, 3)
+    assert not late("f0/run1", {"epoch": 1, "mAP": 0.05}, 3)
+    assert late("f0/run1", {"epoch": 2, "mAP": 0.05}, 3)  # step 1666: 0.4 and 0.4 (1666), median 0.4
+    assert not tune.below_median(0.0, 333, [{333: 0.5}])  # one finished trial: too few to judge
 
 
 # ---- a whole training study -----------------------------------------------------------------------------
-
-
-class _PruneTrialTwo(optuna.pruners.BasePruner):
-    """Prunes trial 2 when first asked (its first run's second epoch): a pruned trial, for certain, in 3."""
-
-    def prune(self, study, trial) -> bool:
-        return trial.number == 2
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +173,8 @@ def trained_study(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune-train")
     spec = _spec(root, f"{MEMBERS}tune:\n  space:\n" + "".join(
         f"    'members[{i}].train.epochs': {{low: 2, high: 3, integer: true}}\n" for i in range(2)))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(optuna.pruners, "MedianPruner", lambda **kw: _PruneTrialTwo())
+    with pytest.MonkeyPatch.context() as mp:  # trial 2 is pruned when first asked (its first run's epoch 2)
+        mp.setattr(tune, "below_median", lambda value, step, finished, startup=2: len(finished) == 2)
         result = tune.tune(spec, data_dir, root / "out" / "tuned.yaml", holdout_ids=4, folds=2, trials=4,
                            work_dir=root / "work", device="cpu", workers=0, progress=False, train_trials=3)
     return root, spec, result
@@ -193,7 +189,9 @@ def test_the_training_study_prunes_and_the_search_uses_the_best_trials_runs(trai
     assert rows[0]["user_attrs_spec_values"] == "True" and float(rows[0]["params_members[0].train.lr"]) == 1e-3
     assert rows[0]["params_members[0].backbone.image_size"] == "[32, 32]"  # the recipes as the spec writes them,
     assert rows[0]["params_members[0].train.epochs"] in ("2", "3")  # except epochs=1, outside the tune: range
-    assert chosen.own is not None and chosen.own[0] == 0 and chosen.value >= chosen.own[1]
+    assert chosen.own is not None and chosen.own.number == 0 and chosen.value >= chosen.own.value
+    assert chosen.own.drawn == ("members[0].train.epochs", "members[1].train.epochs")
+    assert "drawn: outside the ranges" in chosen.own.text()
     pruned_runs = root / "work" / "train" / "trial-2" / "runs"
     assert [p.name for p in pruned_runs.iterdir()] == [sorted((root / "work" / "folds").iterdir())[0].name]
     assert not any((p / "b").exists() for p in pruned_runs.iterdir())  # stopped: the next member never started
@@ -262,7 +260,11 @@ def test_a_stop_signal_during_a_training_trial_ends_tune_with_its_status_and_a_r
         return report(self, run, row, epochs)
 
     monkeypatch.setattr(tune._Pruning, "__call__", term_once)
+    stale = tmp_path / "w" / "train" / "trial-0" / "runs" / "stale.txt"  # a deleted study's trial 0
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")
     code, err = invoke(args)
+    assert not stale.exists()
     assert code == 143 and "Traceback" not in err and re.fullmatch(
         r"stopped by SIGTERM at step \d+; rerun the same command to continue \(the study and finished runs are "
         r"kept\)", err.strip().splitlines()[-1]), err
@@ -271,5 +273,6 @@ def test_a_stop_signal_during_a_training_trial_ends_tune_with_its_status_and_a_r
     code, err = invoke(args)
     assert code == 0, err
     rows = list(csv.DictReader((tmp_path / "w" / "train" / "trials.csv").open()))
-    assert [(r["number"], r["state"]) for r in rows] == [("0", "FAIL"), ("1", "COMPLETE")]
+    assert [(r["number"], r["state"], r["user_attrs_spec_values"]) for r in rows] == [
+        ("0", "FAIL", "True"), ("1", "COMPLETE", "True")]  # the spec as written, stopped, is queued again
     assert "best #1" in (tmp_path / "t.yaml").read_text()
