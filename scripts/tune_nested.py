@@ -8,7 +8,8 @@ one that does not is the search fitting its own queries.
 
 WORK_DIR is the `tune --work` folder (folds/, runs/ with each fold's members trained); TRIALS per search
 (default 100). Writes WORK_DIR/nested.db (one study per left-out fold; a rerun continues them) and prints a
-markdown table with the machine, the date and the load.
+markdown table with the machine, the date and the load. `reident-submit tune --nested` runs the same check
+(`tune.nested_check`) with the main search's --trials, right after it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from submit import study, tune
-from submit.ensembling import FUSIONS, load_spec, resolve_spec_path
+from submit import tune
+from submit.ensembling import load_spec, resolve_spec_path
 
 
 def main(argv: list[str]) -> int:
@@ -35,28 +34,18 @@ def main(argv: list[str]) -> int:
     folds = [tune.prepare_fold(spec_file, d, work / "runs" / d.name, "cpu", 2, False) for d in dirs]
     base = load_spec(spec_file, runs_dir=".", require_runs=False)
     space = tune.search_space(base)
-    every = {**space, **{key: p for rule in FUSIONS for key, p in tune.fusion_space(base, rule).items()}}
     print(f"machine: {os.uname().nodename}, {os.cpu_count()} cores; {datetime.datetime.now().isoformat()}; "
           f"load {os.getloadavg()[0]:.2f}; {trials} trials a search")
+    started = time.perf_counter()
+    rows = tune.nested_check([f for f in folds if f is not None], dirs, base, space,
+                             f"sqlite:///{(work / 'nested.db').resolve()}", "without", {"spec": str(spec_file)},
+                             trials, 1, None, 0, True)
     print("\n| left-out fold | chosen on the others (their mean) | spec as written, left-out | chosen, left-out | "
-          "gain | search |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-    gains = []
-    for k, (left, path) in enumerate(zip(folds, dirs)):
-        assert left is not None
-        others = [f for i, f in enumerate(folds) if i != k and f is not None]
-        started = time.perf_counter()
-        opened = study.open_study(f"sqlite:///{(work / 'nested.db').resolve()}", f"without-{path.name}",
-                                  {"spec": str(spec_file.resolve()), "left_out": path.name}, 0, True)
-        study.enqueue_first(opened, tune.spec_values(base), {**space, **tune.fusion_space(base, base.fusion)})
-        study.optimise(opened, tune.objective(others, space), trials, 1, None)
-        best = opened.best_trial
-        hand = left.score(left.spec)
-        chosen = left.score(tune.apply_values(left.spec, study.decode(best.params, every)))
-        gains.append(chosen - hand)
-        print(f"| {path.name} | {100 * best.value:.2f} | {100 * hand:.2f} | {100 * chosen:.2f} | "
-              f"{100 * (chosen - hand):+.2f} | {time.perf_counter() - started:.0f} s |", flush=True)
-    print(f"\nmean gain on the left-out folds: {100 * np.mean(gains):+.2f} ± {100 * np.std(gains):.2f} "
-          f"(load {os.getloadavg()[0]:.2f})")
+          "gain |\n| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(f"| {row.fold} | {100 * row.on_others:.2f} | {100 * row.spec:.2f} | {100 * row.chosen:.2f} | "
+              f"{100 * (row.chosen - row.spec):+.2f} |")
+    print(f"\n{tune.nested_text(rows)}\n{time.perf_counter() - started:.0f} s, load {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -222,6 +222,8 @@ def print_tune(result: TuneResult) -> None:
     console.print(table)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
+    if result.nested:
+        console.print(result.nested_summary(), highlight=False, soft_wrap=True)
     folds = len(result.fold_values)
     own = f" (the spec as written: {result.own.text()})" if result.own else ""
     console.print(f"best trial #{result.best_trial}: held-out mAP {100 * result.best_value:.2f} over {folds} fold(s)"

@@ -455,16 +455,19 @@ def evaluate(ranking: str, data_dir: str, split: str | None, as_json: bool) -> N
               "(a training study; poor runs are pruned after their first validations).")
 @click.option("--train-trials", type=click.IntRange(min=1), default=12, show_default=True,
               help="Finished trials of the training study (with --train-space).")
+@click.option("--nested", is_flag=True, help="Also search on all folds but one and score the choice on the one left "
+              "out, for each fold: the gain to trust (one more search per fold; needs --folds 2 or more).")
 def tune(spec: str, data_dir: str, holdout_ids: int | None, folds: int, holdout_seed: int, trials: int,
          study: str | None, jobs: int, timeout: float | None, seed: int, work_dir: str | None, out: str,
-         workers: int, device: str | None, train_space: bool, train_trials: int) -> None:
+         workers: int, device: str | None, train_space: bool, train_trials: int, nested: bool) -> None:
     """Choose the spec's post-processing, fusion and member weights on held-out TRAIN identities (Optuna)."""
     from submit.tune import tune as run_tune
 
     with _stop_status("rerun the same command to continue (the study and finished runs are kept)"):
         result = run_tune(spec, data_dir, out, holdout_ids=holdout_ids, folds=folds, holdout_seed=holdout_seed,
                           trials=trials, study=study, jobs=jobs, timeout=timeout, seed=seed, work_dir=work_dir,
-                          device=device, workers=workers, train_trials=train_trials if train_space else None)
+                          device=device, workers=workers, train_trials=train_trials if train_space else None,
+                          nested=nested)
     render.print_tune(result)
 
 

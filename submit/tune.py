@@ -108,6 +108,11 @@ class TuneResult:
     notes: list[str]
     train: TrainChoice | None = None  # the training study's outcome (`--train-space`)
     own: SpecTrial | None = None  # the trial of the spec's own values, scored first
+    nested: tuple[NestedRow, ...] = ()  # `--nested`: each fold scored with the values chosen on the others
+
+    def nested_summary(self) -> str:
+        """The nested check in one line (`nested_text`)."""
+        return nested_text(self.nested)
 
 
 # ---- the search space ---------------------------------------------------------------------------------
@@ -425,13 +430,13 @@ def search_training(spec_file: Path, space: dict[str, Param], dirs: list[Path], 
 def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_ids: int | None = 60,
          folds: int = 1, holdout_seed: int = 0, trials: int = 200, study: str | None = None, jobs: int = 1,
          timeout: float | None = None, seed: int = 0, work_dir: str | Path | None = None, device: str | None = None,
-         workers: int = 2, progress: bool = True, train_trials: int | None = None) -> TuneResult:
+         workers: int = 2, progress: bool = True, train_trials: int | None = None, nested: bool = False) -> TuneResult:
     """Search the spec's settings on held-out TRAIN identities and write the tuned spec to `out` (module docstring).
 
     Resumes the study when it exists (same setup), and stops once it holds `trials` finished trials, after
     `timeout` seconds, or both; `jobs` threads run trials in this process. `train_trials` (`--train-space`) first
     runs a training study of that many trials over the members' recipes; the search then runs on its best trial's
-    runs, and the tuned spec holds both studies' values."""
+    runs, and the tuned spec holds both studies' values. `nested` adds `nested_check` (one more search per fold)."""
     out = Path(out)
     atomic.check_file_target(out)
     if trials < 1 or jobs < 1 or folds < 1 or (train_trials is not None and train_trials < 1):
@@ -445,6 +450,8 @@ def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_i
     trained = train_space(base, spec_file) if train_trials is not None else {}
     if train_trials is not None and not trained:
         raise SubmitError(f"{spec_file}: --train-space: no member with a 'train' block, or every training key fixed")
+    if nested and folds < 2:
+        raise SubmitError("--nested needs 2 or more folds (--folds K)")
     work = Path(work_dir) if work_dir is not None else out.parent / "tune"
     dirs = fold_dirs(data_dir, work, holdout_ids, folds, holdout_seed)
     storage = study or f"sqlite:///{(work / 'study.db').resolve()}"
@@ -459,14 +466,68 @@ def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_i
     prepared = [_fold(prepare_fold(searched, d, runs / d.name, device, workers, progress)) for d in dirs]
     setup = {"spec": str(searched.resolve()), "folds": [str(d.resolve()) for d in dirs],
              "space": {k: p.text() for k, p in space.items()}}
+    opened = search(prepared, base, space, storage, name, setup, trials, jobs, timeout, seed, fresh_seed)
+    checked = nested_check(prepared, dirs, base, space, storage, name, setup, trials, jobs, timeout, seed,
+                           fresh_seed) if nested else ()
+    return _finish(opened, spec_file, out, work, storage, name, dirs, chosen, every_key(base, space), checked)
+
+
+def every_key(spec: EnsembleSpec, space: dict[str, Param]) -> dict[str, Param]:
+    """`space` and every fusion rule's own keys: all a trial of the post-processing study may hold."""
+    return {**space, **{key: param for rule in FUSIONS for key, param in fusion_space(spec, rule).items()}}
+
+
+def search(folds: list[Fold], base: EnsembleSpec, space: dict[str, Param], storage: str, name: str,
+           setup: dict[str, Any], trials: int, jobs: int, timeout: float | None, seed: int, fresh_seed: bool) -> Any:
+    """The post-processing study `name` over `folds`: opened (or resumed), the spec as written queued first, then
+    run until it holds `trials` finished trials (one, when only `--train-space` had anything to search)."""
     opened = open_study(storage, name, setup, seed, fresh_seed)
     enqueue_first(opened, spec_values(base), {**space, **fusion_space(base, base.fusion)})
     if space or fusion_space(base, base.fusion):
-        optimise(opened, objective(prepared, space), trials, jobs, timeout)
-    else:  # --train-space on a spec with nothing else to tune: one trial records the spec's own score
-        optimise(opened, objective(prepared, space), 1, 1, None)
-    every = {**space, **{key: param for rule in FUSIONS for key, param in fusion_space(base, rule).items()}}
-    return _finish(opened, spec_file, out, work, storage, name, dirs, chosen, every)
+        optimise(opened, objective(folds, space), trials, jobs, timeout)
+    else:  # nothing but the spec as written to score
+        optimise(opened, objective(folds, space), 1, 1, None)
+    return opened
+
+
+@dataclass(frozen=True)
+class NestedRow:
+    """One fold of the nested check: the search ran on the other folds; its choice and the spec on this one."""
+
+    fold: str
+    on_others: float  # held-out mAP (0..1) of the values chosen there, on the folds they were chosen on
+    spec: float  # the spec as written, on this fold
+    chosen: float  # the values chosen on the other folds, on this fold
+
+
+def nested_check(folds: list[Fold], dirs: list[Path], base: EnsembleSpec, space: dict[str, Param], storage: str,
+                 name: str, setup: dict[str, Any], trials: int, jobs: int, timeout: float | None, seed: int,
+                 fresh_seed: bool) -> tuple[NestedRow, ...]:
+    """For each fold, the same search on the other folds only (study `<name>-without-<fold>`, resumable), its best
+    values scored on the left-out fold beside the spec as written: what the search's gain is worth on identities
+    it did not see (the main study's best is measured on the queries it was chosen on)."""
+    if len(folds) < 2:
+        raise SubmitError("--nested needs 2 or more folds (--folds K)")
+    rows = []
+    for k, (left, path) in enumerate(zip(folds, dirs)):
+        others = [fold for i, fold in enumerate(folds) if i != k]
+        opened = search(others, base, space, storage, f"{name}-without-{path.name}", {**setup, "left_out": path.name},
+                        trials, jobs, timeout, seed, fresh_seed)
+        if not complete_trials(opened):
+            raise SubmitError(f"--nested: no trial without {path.name} finished with a score{refusal_note(opened)}")
+        best = opened.best_trial
+        values = decode(best.params, every_key(base, space))
+        rows.append(NestedRow(path.name, float(best.value), left.score(left.spec),
+                              left.score(apply_values(left.spec, values))))
+    return tuple(rows)
+
+
+def nested_text(rows: tuple[NestedRow, ...]) -> str:
+    """The nested check in one line: the mean gain ± spread on the left-out folds, then each fold's two scores."""
+    gains = [100 * (row.chosen - row.spec) for row in rows]
+    folds = ", ".join(f"{row.fold}: {100 * row.spec:.2f} -> {100 * row.chosen:.2f}" for row in rows)
+    return (f"nested check: values chosen on the other folds gain {np.mean(gains):+.2f} ± {np.std(gains):.2f} "
+            f"mAP points over the spec as written on the left-out fold ({folds})")
 
 
 def _fold(fold: Fold | None) -> Fold:
@@ -477,7 +538,7 @@ def _fold(fold: Fold | None) -> Fold:
 
 
 def _finish(study: Any, spec_file: Path, out: Path, work: Path, storage: str, name: str, dirs: list[Path],
-            chosen: TrainChoice | None, space: dict[str, Param]) -> TuneResult:
+            chosen: TrainChoice | None, space: dict[str, Param], checked: tuple[NestedRow, ...]) -> TuneResult:
     """Write the tuned spec, the trials table and the pictures; the result for the CLI (values as `space` draws
     them: a list choice as a list)."""
     finished, complete = finished_trials(study)
@@ -490,7 +551,7 @@ def _finish(study: Any, spec_file: Path, out: Path, work: Path, storage: str, na
     records = [holdout.holdout_record(d) for d in dirs]
     values = {**(chosen.values if chosen else {}), **decode(best.params, space)}
     header = _header(spec_file, storage, name, finished, best, fold_values, records, chosen, spec_value(study),
-                     space)
+                     space, checked)
     predict.write_spec_values(spec_file, out, values, header)
     write_table(study, work / "trials.csv")
     pictures, notes = save_pictures(study, work)
@@ -500,11 +561,12 @@ def _finish(study: Any, spec_file: Path, out: Path, work: Path, storage: str, na
                 "params": decode(t.params, space)}
                for t in sorted(complete_trials(study), key=lambda t: -float(t.value))[:5]]
     return TuneResult(out, work, name, storage, finished, complete, best.number, float(best.value), fold_values,
-                      values, leaders, pictures, notes, chosen, spec_value(study))
+                      values, leaders, pictures, notes, chosen, spec_value(study), checked)
 
 
 def _header(spec_file: Path, storage: str, name: str, finished: int, best: Any, fold_values: tuple[float, ...],
-            records: list[Any], chosen: TrainChoice | None, own: SpecTrial | None, space: dict[str, Param]) -> str:
+            records: list[Any], chosen: TrainChoice | None, own: SpecTrial | None, space: dict[str, Param],
+            checked: tuple[NestedRow, ...]) -> str:
     """The comment block at the top of the tuned spec: where its values come from."""
     rec = records[0]
     spread = f" ± {100 * float(np.std(fold_values)):.2f}" if len(fold_values) > 1 else ""
@@ -520,6 +582,7 @@ def _header(spec_file: Path, storage: str, name: str, finished: int, best: Any, 
               f"held-out mAP {100 * float(best.value):.2f}{spread} (mean over {len(fold_values)} fold(s) of "
               f"{rec.n_ids if rec else '?'} TRAIN identities, --holdout-seed {rec.seed if rec else '?'})"
               + (f"; the spec's own values: {own.text()}" if own else ""),
+              *([nested_text(checked)] if checked else []),
               "chosen on held-out TRAIN identities only: never scored on the test or challenge split",
               "best values: " + json.dumps(decode(best.params, space), sort_keys=True)]
     return "".join(f"# {line}\n" for line in lines)

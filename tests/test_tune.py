@@ -120,10 +120,11 @@ def study(data_dir, tmp_path_factory):
 
 
 def _finished(db: Path) -> list[tuple[int, str]]:
-    """(number, state) of every trial in the study database (none while optuna is still creating its tables)."""
+    """(number, state) of every trial of the database's first study (none while optuna creates its tables)."""
     with sqlite3.connect(db) as con:
         try:
-            return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+            return con.execute("SELECT number, state FROM trials WHERE study_id = (SELECT MIN(study_id) FROM studies) "
+                               "ORDER BY number").fetchall()  # the main study (--nested adds one per fold)
         except sqlite3.OperationalError:
             return []
 
@@ -162,6 +163,40 @@ def test_the_spec_as_written_is_the_first_trial_and_the_best_is_not_below_it(stu
     rescored = [tune.rescore(spec, fold, root / "work" / "runs" / fold.name, device="cpu", workers=0)
                 for fold in sorted((root / "work" / "folds").iterdir())]
     assert np.mean(rescored) == pytest.approx(result.own.value, abs=1e-6)  # trial 0 is the spec exactly as written
+
+
+def test_nested_check_scores_each_fold_with_the_values_chosen_on_the_others(study, data_dir, tmp_path) -> None:
+    import optuna
+
+    root, spec, first = study
+    result = tune.tune(spec, data_dir, tmp_path / "nested.yaml", holdout_ids=4, folds=2, trials=first.finished,
+                       work_dir=root / "work", device="cpu", workers=0, progress=False, nested=True)
+    assert result.best_value == first.best_value  # the main study was finished: nothing added
+    folds = sorted((root / "work" / "folds").iterdir())
+    assert [row.fold for row in result.nested] == [f.name for f in folds]
+    for row, left, other in zip(result.nested, folds, folds[::-1]):  # the oracle: predict's own re-score
+        runs = root / "work" / "runs" / left.name
+        assert row.spec == pytest.approx(tune.rescore(spec, left, runs, device="cpu", workers=0), abs=1e-6)
+        chosen = optuna.load_study(study_name=f"{result.study}-without-{left.name}",
+                                   storage=f"sqlite:///{root / 'work' / 'study.db'}").best_trial
+        assert row.on_others == pytest.approx(chosen.value) and chosen.user_attrs["fold_mAP"] == [
+            pytest.approx(tune.rescore(ensembling_copy(spec, chosen.params, tmp_path), other,
+                                       root / "work" / "runs" / other.name, device="cpu", workers=0), abs=1e-6)]
+        assert row.chosen == pytest.approx(tune.rescore(ensembling_copy(spec, chosen.params, tmp_path), left, runs,
+                                                        device="cpu", workers=0), abs=1e-6)
+    assert "nested check: values chosen on the other folds gain " in result.out.read_text()
+    assert result.nested_summary().startswith("nested check:")
+    code, err = invoke(["tune", "--ensemble", spec, "--data", folds[0], "--nested", "--out", tmp_path / "n.yaml",
+                        "--device", "cpu", "--workers", "0"])
+    assert code == 2 and "--nested needs 2 or more folds" in one_error_line(err)
+
+
+def ensembling_copy(spec: Path, params: dict, folder: Path) -> Path:
+    """The spec with `params` (a trial's values) in place, as a file beside the others."""
+    from submit import predict
+
+    return predict.write_spec_values(spec, folder / f"trial-{abs(hash(str(sorted(params.items()))))}.yaml",
+                                     params, "# a trial's values\n")
 
 
 def test_best_value_equals_rescoring_the_tuned_spec(study) -> None:
