@@ -442,16 +442,11 @@ def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_i
     if trials < 1 or jobs < 1 or folds < 1 or (train_trials is not None and train_trials < 1):
         raise SubmitError(f"--trials {trials} / --jobs {jobs} / --folds {folds} / --train-trials {train_trials}: "
                           "expected whole numbers >= 1")
-    spec_file = resolve_spec_path(spec_path)
-    base = load_spec(spec_file, runs_dir=".", require_runs=False)
-    space = search_space(base)
-    if not space and not fusion_space(base, base.fusion) and train_trials is None:
-        raise SubmitError(f"{spec_file}: nothing to tune (no post-processing steps, one member, every key fixed)")
-    trained = train_space(base, spec_file) if train_trials is not None else {}
-    if train_trials is not None and not trained:
-        raise SubmitError(f"{spec_file}: --train-space: no member with a 'train' block, or every training key fixed")
     if nested and folds < 2:
         raise SubmitError("--nested needs 2 or more folds (--folds K)")
+    spec_file = resolve_spec_path(spec_path)
+    base = load_spec(spec_file, runs_dir=".", require_runs=False)
+    space, trained = _spaces(base, spec_file, train_trials is not None)
     work = Path(work_dir) if work_dir is not None else out.parent / "tune"
     dirs = fold_dirs(data_dir, work, holdout_ids, folds, holdout_seed)
     storage = study or f"sqlite:///{(work / 'study.db').resolve()}"
@@ -470,6 +465,18 @@ def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_i
     checked = nested_check(prepared, dirs, base, space, storage, name, setup, trials, jobs, timeout, seed,
                            fresh_seed) if nested else ()
     return _finish(opened, spec_file, out, work, storage, name, dirs, chosen, every_key(base, space), checked)
+
+
+def _spaces(base: EnsembleSpec, spec_file: Path, train: bool) -> tuple[dict[str, Param], dict[str, Param]]:
+    """The post-processing search space and (with `--train-space`) the training one; refused in one line when
+    there is nothing to search."""
+    space = search_space(base)
+    if not space and not fusion_space(base, base.fusion) and not train:
+        raise SubmitError(f"{spec_file}: nothing to tune (no post-processing steps, one member, every key fixed)")
+    trained = train_space(base, spec_file) if train else {}
+    if train and not trained:
+        raise SubmitError(f"{spec_file}: --train-space: no member with a 'train' block, or every training key fixed")
+    return space, trained
 
 
 def every_key(spec: EnsembleSpec, space: dict[str, Param]) -> dict[str, Param]:
