@@ -74,7 +74,7 @@ from submit.manifest import fingerprint, read_manifest
 from submit.metrics import METRIC_KEYS, evaluate_distances
 from submit.optimisation import EpochLengths, LRSchedule
 from submit.progress import progress_bar
-from submit.recipe import Recipe, apply_overrides  # noqa: F401 - tests build recipes through training
+from submit.recipe import Recipe, apply_overrides, load_recipe  # noqa: F401 - tests build recipes through training
 from submit.reranking import cosine_distance
 from submit.run_folder import (  # noqa: F401
     FORMAT,
