@@ -315,9 +315,10 @@ def train_space(spec: EnsembleSpec, where: str | Path) -> dict[str, Param]:
 def recipe_values(spec: EnsembleSpec, space: dict[str, Param], where: str | Path) -> dict[str, Any]:
     """Each training key's value in its member's recipe as the spec writes it (a tuple as a list)."""
     values = {}
+    recipes = {i: member_recipe(m, where) for i, m in enumerate(spec.members) if m.train is not None}
     for key in space:
         index, name = train_key(key) or (0, "")
-        value: Any = member_recipe(spec.members[index], where)
+        value: Any = recipes[index]
         for part in name.split("."):
             value = getattr(value, part)
         values[key] = list(value) if isinstance(value, tuple) else value
@@ -394,9 +395,9 @@ def train_objective(spec_file: Path, dirs: list[Path], work: Path, space: dict[s
     return run
 
 
-def search_training(spec_file: Path, space: dict[str, Param], dirs: list[Path], work: Path, storage: str,
-                    name: str, trials: int, seed: int, fresh_seed: bool, device: str | None, workers: int,
-                    progress: bool) -> TrainChoice:
+def search_training(spec_file: Path, base: EnsembleSpec, space: dict[str, Param], dirs: list[Path], work: Path,
+                    storage: str, name: str, trials: int, seed: int, fresh_seed: bool, device: str | None,
+                    workers: int, progress: bool) -> TrainChoice:
     """Run the training study over `space` until it holds `trials` finished trials (no timeout: a run is not
     stopped half-way; runs below the median are pruned by `_Pruning`) and return its best trial; its trials table
     and pictures go to WORK/train/."""
@@ -405,8 +406,7 @@ def search_training(spec_file: Path, space: dict[str, Param], dirs: list[Path], 
     setup = {"spec": str(spec_file.resolve()), "folds": [str(d.resolve()) for d in dirs],
              "train_space": {k: p.text() for k, p in space.items()}}
     opened = open_study(storage, f"{name}-train", setup, seed, fresh_seed, optuna.pruners.NopPruner())  # _Pruning
-    enqueue_first(opened, recipe_values(load_spec(spec_file, runs_dir=".", require_runs=False), space, spec_file),
-                  space)
+    enqueue_first(opened, recipe_values(base, space, spec_file), space)
     optimise(opened, train_objective(spec_file, dirs, work, space, device, workers, progress), trials, 1, None)
     finished, complete = finished_trials(opened)
     folder = work / "train"
@@ -455,7 +455,7 @@ def tune(spec_path: str | Path, data_dir: str | Path, out: str | Path, holdout_i
     work.mkdir(parents=True, exist_ok=True)
     chosen, searched, runs = None, spec_file, work / "runs"
     if train_trials is not None:
-        chosen = search_training(spec_file, trained, dirs, work, storage, name, train_trials, seed, fresh_seed,
+        chosen = search_training(spec_file, base, trained, dirs, work, storage, name, train_trials, seed, fresh_seed,
                                  device, workers, progress)
         searched, runs, name = chosen.spec_file, chosen.runs_dir, f"{name}-train{chosen.number}"
     prepared = [_fold(prepare_fold(searched, d, runs / d.name, device, workers, progress)) for d in dirs]
