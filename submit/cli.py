@@ -352,7 +352,7 @@ def _stop_status(advice: str | None = None) -> Iterator[None]:
         yield
     except Stopped as exc:
         if exc.main:
-            click.echo(str(exc) if advice is None else f"{str(exc).split(';')[0]}; {advice}", err=True)
+            click.echo(str(exc) if advice is None else f"{exc.what}; {advice}", err=True)
         sys.exit(exc.status)
 
 

@@ -159,7 +159,12 @@ class Stopped(SubmitError):
     def __init__(self, signum: int, step: int, main: bool = True) -> None:
         self.signum, self.step, self.main = signum, step, main
         self.status = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; resume with --resume auto")
+        super().__init__(f"{self.what}; resume with --resume auto")
+
+    @property
+    def what(self) -> str:
+        """What happened, without the advice: 'stopped by SIGTERM at step 75'."""
+        return f"stopped by {signal.Signals(self.signum).name} at step {self.step}"
 
 
 class StopSignals:

@@ -140,11 +140,17 @@ class TuneSpec:
     By default every parameter of every post-processing step (its registered `space`), the fusion rule (and its
     own parameters) and, with two or more members, the member weights. `space` replaces or adds a key's range
     (`postprocess[3].k1: {low: 5, high: 30, integer: true}`, `fusion: {choices: [mean, rank]}`); `fixed` keeps
-    keys at the spec's value; `weights: false` keeps the member weights."""
+    keys at the spec's value; `only`, when given, keeps every key but these (a narrow search on few queries);
+    `weights: false` keeps the member weights."""
 
     space: dict[str, Param] = field(default_factory=dict)
     fixed: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
     weights: bool = True
+
+    def searches(self, key: str) -> bool:
+        """Whether `key` may be searched: not in `fixed`, and in `only` when `only` is given."""
+        return key not in self.fixed and (not self.only or key in self.only)
 
 
 @dataclass(frozen=True)
@@ -222,7 +228,8 @@ def check_tune_keys(spec: EnsembleSpec, where: str) -> None:
     """The `tune:` block names only keys of this spec (post-processing, fusion and weight keys, or a recipe key
     of a member with a `train` block), each with a usable range or choice list."""
     allowed = tunable_keys(spec)
-    for kind, keys in (("space", list(spec.tune.space)), ("fixed", list(spec.tune.fixed))):
+    blocks = {"space": list(spec.tune.space), "fixed": list(spec.tune.fixed), "only": list(spec.tune.only)}
+    for kind, keys in blocks.items():
         for key in keys:
             if key in allowed or _trainable(spec, key):
                 continue

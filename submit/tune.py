@@ -120,8 +120,9 @@ class TuneResult:
 
 def search_space(spec: EnsembleSpec) -> dict[str, Param]:
     """Spec key -> searched range: each step's registered space, the fusion rule (2+ members), member weights
-    (2+ members, unless `tune.weights: false`), then the spec's `tune.space` (replacing or adding), minus
-    `tune.fixed`. A fusion rule's own parameters (`reliability_k`) are searched only when that rule is drawn."""
+    (2+ members, unless `tune.weights: false`), then the spec's `tune.space` (replacing or adding), minus the
+    keys `tune.fixed` / `tune.only` keep. A fusion rule's own parameters (`reliability_k`) are searched only when
+    that rule is drawn."""
     space: dict[str, Param] = {}
     for i, step in enumerate(spec.postprocess):
         for name, param in reranking.STEPS[step.op].space.items():
@@ -132,14 +133,14 @@ def search_space(spec: EnsembleSpec) -> dict[str, Param]:
             space.update({f"members[{i}].weight": WEIGHT_RANGE for i in range(1, len(spec.members))})
     space.update({key: param for key, param in spec.tune.space.items() if not train_key(key)})
     conditional = {key for rule in FUSIONS.values() for key in getattr(rule, "space", {})}  # see fusion_space
-    return {key: param for key, param in space.items() if key not in spec.tune.fixed and key not in conditional}
+    return {key: param for key, param in space.items() if spec.tune.searches(key) and key not in conditional}
 
 
 def fusion_space(spec: EnsembleSpec, rule: str) -> dict[str, Param]:
     """The parameters of fusion rule `rule` that are searched when it is drawn (its registered space, the spec's
-    `tune.space` overriding), minus `tune.fixed`."""
+    `tune.space` overriding), minus the keys `tune.fixed` / `tune.only` keep."""
     own = getattr(FUSIONS.get(rule), "space", {})
-    return {key: spec.tune.space.get(key, param) for key, param in own.items() if key not in spec.tune.fixed}
+    return {key: spec.tune.space.get(key, param) for key, param in own.items() if spec.tune.searches(key)}
 
 
 def suggest(trial: Any, spec: EnsembleSpec, space: dict[str, Param]) -> dict[str, Any]:
@@ -295,14 +296,14 @@ class TrainChoice:
 def train_space(spec: EnsembleSpec, where: str | Path) -> dict[str, Param]:
     """Training keys searched by `--train-space`: for each member with a `train` block its recipe's default space
     (`recipe.train_space`: epochs, learning rate, input size), then the spec's `tune.space` training keys, minus
-    `tune.fixed`. Each range's ends (or choices) are applied to the member's recipe first, so a value the recipe
-    refuses is one line now, not a failed trial later."""
+    the keys `tune.fixed` / `tune.only` keep. Each range's ends (or choices) are applied to the member's recipe
+    first, so a value the recipe refuses is one line now, not a failed trial later."""
     space: dict[str, Param] = {}
     recipes = {i: member_recipe(m, where) for i, m in enumerate(spec.members) if m.train is not None}
     for i, recipe in recipes.items():
         space.update({f"members[{i}].{key}": param for key, param in train_space_of(recipe).items()})
     space.update({key: param for key, param in spec.tune.space.items() if train_key(key)})
-    space = {key: param for key, param in space.items() if key not in spec.tune.fixed}
+    space = {key: param for key, param in space.items() if spec.tune.searches(key)}
     for key, param in space.items():
         index, name = train_key(key) or (0, "")
         ends = param.choices if param.choices is not None else (param.low, param.high)

@@ -90,12 +90,26 @@ def test_a_new_step_brings_its_own_space_and_fixed_keys_are_not_searched(tmp_pat
     assert chosen.postprocess[0].params == {"factor": 2} and chosen.postprocess[1].params == {"k": 3}
 
 
+def test_only_keeps_every_other_key_at_the_spec_value(tmp_path) -> None:
+    only = "  only: ['postprocess[1].k1', 'postprocess[0].k', reliability_k, 'members[1].train.epochs']\n"
+    spec = load_spec(_spec(tmp_path, f"{MEMBERS}{CHAIN}{only}"), runs_dir=tmp_path, require_runs=False)
+    assert tune.search_space(spec) == {"postprocess[1].k1": Param(2.0, 6.0, integer=True),
+                                       "postprocess[0].k": reranking.STEPS["query_expansion"].space["k"]}
+    assert tune.fusion_space(spec, "reliability") == {"reliability_k": ensembling.FUSIONS["reliability"].space[
+        "reliability_k"]}  # a rule's own key named in `only`: still drawn with its rule
+    assert list(tune.train_space(spec, "spec.yaml")) == ["members[1].train.epochs"]
+    both = load_spec(_spec(tmp_path, f"{MEMBERS}{CHAIN}{only}  fixed: ['postprocess[0].k']\n", "both.yaml"),
+                     runs_dir=tmp_path, require_runs=False)
+    assert list(tune.search_space(both)) == ["postprocess[1].k1"]  # fixed wins over only
+
+
 @pytest.mark.parametrize("block, message", [
     ("tune: {space: {'postprocess[5].k': {low: 1, high: 2}}}", r"'postprocess\[5\].k' is not a tunable key"),
     ("tune: {space: {'postprocess[0].k': {low: 3, high: 1}}}", r"tune.space.postprocess\[0\].k': expected 'low' <="),
     ("tune: {space: {fusion: {choices: [median]}}}", r"tune.space.fusion': expected choices among"),
     ("tune: {space: {'postprocess[0].alpha': {low: 0, high: 1, log: true}}}", r"log-scaled range needs low > 0"),
     ("tune: {fixed: ['members[3].weight']}", r"key 'tune.fixed': 'members\[3\].weight'"),
+    ("tune: {only: ['postprocess[0].kk']}", r"key 'tune.only': 'postprocess\[0\].kk' is not a tunable key"),
     ("tune: {spaces: {}}", r"unknown key 'tune.spaces'"),
     ("tune: {space: {fusion: {low: 1, high: 2}}}", r"tune.space.fusion': expected choices among"),
     ("postprocess_on: fused\ntune: {space: {fusion: {choices: [mean, rank]}}}", r"fused needs fusion 'mean' only"),
