@@ -120,6 +120,19 @@ def test_a_bad_tune_block_is_refused_at_load(tmp_path, block, message) -> None:
         load_spec(path, runs_dir=tmp_path, require_runs=False)
 
 
+@pytest.mark.parametrize("chosen, verdict", [
+    ((0.66, 0.61, 0.66), "; above its spread"),  # gains +2, +3, +2
+    ((0.60, 0.61, 0.66), "; not above its spread: on identities it did not see, the search does not beat"),
+])
+def test_the_nested_line_says_whether_the_gain_stands_above_its_spread(chosen, verdict) -> None:
+    rows = tuple(tune.NestedRow(f"f{i}", 0.7, spec, got) for i, (spec, got) in enumerate(zip((0.64, 0.58, 0.64),
+                                                                                            chosen)))
+    text = tune.nested_text(rows)
+    gains = [100 * (c - s) for c, s in zip(chosen, (0.64, 0.58, 0.64))]
+    assert f"gain {np.mean(gains):+.2f} ± {np.std(gains):.2f} mAP points" in text and "f1: 58.00 -> 61.00" in text
+    assert verdict in text
+
+
 # ---- a whole study ------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# `reident-submit tune --train-space` on the real images (issue 22): a training study over the first member of
+# ensembles/cpu-real.yaml (its recipe's default space: epochs 3-12, learning rate /4..x4, input size 0.8x/1x/1.2x),
+# each trial trained on every held-out fold and pruned from its second validation on, then a short
+# post-processing search on the best trial's runs. One member and few trials: on 2 CPU cores a trial is one
+# member's training per fold (~7 min at 6 epochs); the whole pair and 12 trials is GPU work.
+#
+#   scripts/real_train_space.sh PREPARED_DATA_DIR OUT_DIR [TRAIN_TRIALS] [FOLDS] [TRIALS]
+#
+# Defaults: TRAIN_TRIALS 4, FOLDS 1, TRIALS 30 (the post-processing search afterwards). Writes OUT_DIR/spec.yaml
+# (the one-member spec), OUT_DIR/tuned.yaml, OUT_DIR/tune/ (train/trials.csv, train-history.png, ...) and prints
+# the machine, the date, the load and the wall time. Rerunning continues both studies.
+set -euo pipefail
+if [[ $# -lt 2 || $# -gt 5 ]]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2
+fi
+DATA=$1
+OUT=$2
+TRAIN_TRIALS=${3:-4}
+FOLDS=${4:-1}
+TRIALS=${5:-30}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+python - "$REPO/ensembles/cpu-real.yaml" "$OUT/spec.yaml" <<'EOF'
+import sys
+from pathlib import Path
+import yaml
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+spec = yaml.safe_load(src.read_text())
+member = spec["members"][0]
+member["train"]["recipe"] = str((src.parent / member["train"]["recipe"]).resolve())
+spec["members"] = [member]
+text = f"# {src.name}'s first member alone, for scripts/real_train_space.sh\n" + yaml.safe_dump(spec, sort_keys=False)
+dst.write_text(text)
+EOF
+reident-submit weights fetch "$OUT/spec.yaml"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc --all) cores, OMP_NUM_THREADS=$OMP_NUM_THREADS; $(date -Is); load $(cut -d' ' -f1-3 /proc/loadavg)"
+t0=$(date +%s)
+reident-submit tune --ensemble "$OUT/spec.yaml" --data "$DATA" --holdout 60 --folds "$FOLDS" --train-space \
+  --train-trials "$TRAIN_TRIALS" --trials "$TRIALS" --work "$OUT/tune" --out "$OUT/tuned.yaml"
+echo "tune --train-space: $(($(date +%s) - t0)) s; $(date -Is); load $(cut -d' ' -f1-3 /proc/loadavg)"
