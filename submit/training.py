@@ -184,6 +184,12 @@ class _Trainer:
                           pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                           generator=torch.Generator().manual_seed(self.recipe.seed))
 
+    def end_workers(self) -> None:
+        """Drop the loader, so its persistent workers end here. The trainer may sit in a reference cycle: freed
+        by a later garbage collection, the loader could be freed inside a process forked meanwhile (a worker of
+        the next run's or the embedder's loader), whose check fails there ('can only test a child process')."""
+        del self.loader
+
     # -- checkpoints --
 
     def resume(self, path: Path) -> None:
@@ -475,6 +481,7 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool | str, de
             trainer.run(max_steps, progress)
     finally:
         trainer.reporter.close()
+        trainer.end_workers()
     return _summary(trainer, out_dir, time.perf_counter() - start)
 
 

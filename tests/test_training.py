@@ -201,6 +201,18 @@ def test_run_dir_contents_and_load_trained(data_dir, tmp_path):
         assert embedder(torch.zeros(2, 3, 32, 32)).shape == (2, embedder.embed_dim)
 
 
+def test_loader_workers_end_when_train_returns(data_dir, tmp_path, one_thread):
+    """The trainer may sit in a reference cycle; its persistent loader workers must not wait for a garbage
+    collection, which could run in a process forked later (tune --train-space printed 'can only test a child
+    process' from the next loader's workers)."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    training.train(tiny("data.workers=1", "train.epochs=1"), data_dir, tmp_path / "run", device="cpu",
+                   progress=False)
+    assert set(multiprocessing.active_children()) - before == set()
+
+
 def test_existing_run_needs_resume_and_resume_needs_same_recipe(data_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SubmitError, match="nothing to resume"):
