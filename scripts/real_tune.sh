@@ -11,6 +11,9 @@
 # training the members on each fold comes before and is not counted). Writes OUT_DIR/tuned.yaml, OUT_DIR/tune/
 # (folds, runs, study.db, trials.csv, pictures), OUT_DIR/seedS/{hand,tuned}.yaml and their test scores, and
 # OUT_DIR/results.md (the machine, the date, the load, mean ± sd over seeds). Rerunning resumes every part.
+# NESTED=1 adds `tune --nested` (the search again on each pair of folds, scored on the third). ONLY="KEY ..."
+# tunes a copy of the spec, OUT_DIR/cpu-real-narrow.yaml, whose `tune.only` searches those keys alone
+# (ONLY="postprocess[1].k postprocess[3].k1 postprocess[3].k2": the three keys the full study ranked first).
 set -euo pipefail
 if [[ $# -lt 2 || $# -gt 6 ]]; then
   sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2
@@ -26,11 +29,27 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 SPEC=$REPO/ensembles/cpu-real.yaml
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
+if [[ -n ${ONLY:-} ]]; then  # the same spec, its search narrowed to the keys named
+  read -ra KEYS <<< "$ONLY"  # no glob expansion of the brackets
+  python - "$SPEC" "$OUT/cpu-real-narrow.yaml" "${KEYS[@]}" <<'EOF'
+import sys
+from pathlib import Path
+import yaml
+src, dst, keys = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+spec = yaml.safe_load(src.read_text())
+for member in spec["members"]:
+    member["train"]["recipe"] = str((src.parent / member["train"]["recipe"]).resolve())
+spec["tune"] = {"only": keys}
+dst.write_text(f"# {src.name}, its tune search narrowed (scripts/real_tune.sh ONLY=...)\n"
+               + yaml.safe_dump(spec, sort_keys=False))
+EOF
+  SPEC=$OUT/cpu-real-narrow.yaml
+fi
 reident-submit weights fetch "$SPEC"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc --all) cores; $(date -Is); load $(cut -d' ' -f1-3 /proc/loadavg)"
 t0=$(date +%s)
 reident-submit tune --ensemble "$SPEC" --data "$DATA" --holdout 60 --folds "$FOLDS" --trials "$TRIALS" \
-  --timeout "$SEARCH" --work "$OUT/tune" --out "$OUT/tuned.yaml"
+  --timeout "$SEARCH" --work "$OUT/tune" --out "$OUT/tuned.yaml" ${NESTED:+--nested}
 echo "tune: $(($(date +%s) - t0)) s (members trained on $FOLDS fold(s), then the search); load $(cut -d' ' -f1-3 /proc/loadavg)"
 DIRS=()
 for F in "$OUT"/tune/runs/*/; do  # the runs tune trained on each fold: scored on the real test split
