@@ -1,7 +1,8 @@
 """Helpers of scripts/real_benchmark.sh: a per-seed copy of an ensemble spec, and the markdown result table.
 
-    python scripts/real_table.py spec ENSEMBLE.yaml SEED OUT.yaml
-        copy the spec with every member's train.seed shifted by SEED and its recipe path made absolute
+    python scripts/real_table.py spec ENSEMBLE.yaml SEED OUT.yaml [--first-member] [--only KEY ...]
+        copy the spec with every member's train.seed shifted by SEED and its recipe path made absolute;
+        --first-member keeps the first member alone, --only writes `tune: {only: [KEY ...]}` (a narrowed search)
     python scripts/real_table.py tune OUT_DIR SEED_DIR [SEED_DIR ...]
         scripts/real_tune.sh's table: the hand-chosen and the tuned spec on the test split per seed (their
         `evaluate --json` files), mean ± sd, the tuned spec's comment block; written to OUT_DIR/results.md
@@ -32,10 +33,19 @@ REFERENCE_MAP = 28.0  # issue 6: plain ResNet-18 from scratch, InfoNCE, 15 minut
 REFERENCE_RANK1 = 43.0
 
 
-def seed_spec(spec_path: str, seed: int, out: str) -> None:
-    """Write the spec with train seeds offset by `seed` and recipe paths absolute (it may live elsewhere)."""
+def seed_spec(spec_path: str, seed: int, out: str, first_member: bool = False,
+              only: list[str] | None = None) -> None:
+    """Write the spec with train seeds offset by `seed` and recipe paths absolute (it may live elsewhere);
+    `first_member` keeps that member alone, `only` narrows its tune search to these keys."""
     spec_file = Path(spec_path).resolve()
     data = yaml.safe_load(spec_file.read_text())
+    notes = [f"train seeds + {seed}"]
+    if first_member:
+        data["members"] = data["members"][:1]
+        notes.append("its first member alone")
+    if only:
+        data["tune"] = {"only": only}
+        notes.append("its tune search narrowed to " + ", ".join(only))
     for member in data["members"]:
         if member.get("recipe"):  # a zero-shot member names its recipe directly
             member["recipe"] = str((spec_file.parent / member["recipe"]).resolve())
@@ -44,7 +54,7 @@ def seed_spec(spec_path: str, seed: int, out: str) -> None:
             train["recipe"] = str((spec_file.parent / train["recipe"]).resolve())
             train["seed"] = int(train.get("seed") or 0) + seed
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(f"# {spec_file.name} with train seeds + {seed}\n" + yaml.safe_dump(data, sort_keys=False))
+    Path(out).write_text(f"# {spec_file.name} with {'; '.join(notes)}\n" + yaml.safe_dump(data, sort_keys=False))
 
 
 # The paper's table: (row label, stage of the ablation spec's predict; None = the ensemble's final stage).
@@ -174,8 +184,11 @@ def tune_table(out_dir: str, seed_dirs: list[str]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) == 4 and argv[0] == "spec":
-        seed_spec(argv[1], int(argv[2]), argv[3])
+    options = argv[4:]
+    if len(argv) >= 4 and argv[0] == "spec" and (not options or options == ["--first-member"]
+                                                  or (options[0] == "--only" and len(options) > 1)):
+        seed_spec(argv[1], int(argv[2]), argv[3], first_member=options == ["--first-member"],
+                  only=options[1:] if options[:1] == ["--only"] else None)
     elif len(argv) >= 3 and argv[0] == "tune":
         print(tune_table(argv[1], argv[2:]), end="")
     elif len(argv) >= 4 and argv[0] == "table":

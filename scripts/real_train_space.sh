@@ -27,18 +27,7 @@ SEEDS=${SEEDS//,/ }
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
-python - "$REPO/ensembles/cpu-real.yaml" "$OUT/spec.yaml" <<'EOF'
-import sys
-from pathlib import Path
-import yaml
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-spec = yaml.safe_load(src.read_text())
-member = spec["members"][0]
-member["train"]["recipe"] = str((src.parent / member["train"]["recipe"]).resolve())
-spec["members"] = [member]
-text = f"# {src.name}'s first member alone, for scripts/real_train_space.sh\n" + yaml.safe_dump(spec, sort_keys=False)
-dst.write_text(text)
-EOF
+python "$REPO/scripts/real_table.py" spec "$REPO/ensembles/cpu-real.yaml" 0 "$OUT/spec.yaml" --first-member
 reident-submit weights fetch "$OUT/spec.yaml"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc --all) cores, OMP_NUM_THREADS=$OMP_NUM_THREADS; $(date -Is); load $(cut -d' ' -f1-3 /proc/loadavg)"
 t0=$(date +%s)

@@ -31,18 +31,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 if [[ -n ${ONLY:-} ]]; then  # the same spec, its search narrowed to the keys named
   read -ra KEYS <<< "$ONLY"  # no glob expansion of the brackets
-  python - "$SPEC" "$OUT/cpu-real-narrow.yaml" "${KEYS[@]}" <<'EOF'
-import sys
-from pathlib import Path
-import yaml
-src, dst, keys = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-spec = yaml.safe_load(src.read_text())
-for member in spec["members"]:
-    member["train"]["recipe"] = str((src.parent / member["train"]["recipe"]).resolve())
-spec["tune"] = {"only": keys}
-dst.write_text(f"# {src.name}, its tune search narrowed (scripts/real_tune.sh ONLY=...)\n"
-               + yaml.safe_dump(spec, sort_keys=False))
-EOF
+  python "$REPO/scripts/real_table.py" spec "$SPEC" 0 "$OUT/cpu-real-narrow.yaml" --only "${KEYS[@]}"
   SPEC=$OUT/cpu-real-narrow.yaml
 fi
 reident-submit weights fetch "$SPEC"
