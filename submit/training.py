@@ -104,6 +104,17 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def restore_rng(saved: list[dict], info: DistInfo, seed: int, step: int) -> bool:
+    """Restore this rank's saved generators when the run had this world size (True). On another world size the
+    saved states belong to other ranks: seed afresh from (seed, rank, step), so the resumed run neither replays
+    a fresh run's first draws nor differs between two such resumes (False)."""
+    if len(saved) == info.world_size:
+        set_rng_state(saved[info.rank])
+        return True
+    _seed_all(int(np.random.SeedSequence([seed, info.rank, step]).generate_state(1)[0]))
+    return False
+
+
 def validate(embedder: nn.Module, root: str | Path, query: pd.DataFrame, gallery: pd.DataFrame,
              device: torch.device, precision: str, info: DistInfo, batch_size: int = 64,
              workers: int = 0) -> dict[str, float]:
@@ -210,12 +221,10 @@ class _Trainer:
         return ckpt
 
     def _restore(self, ckpt: dict) -> None:
-        """Load the step's weights and optimiser, the loop state and (same world size) every rank's RNG."""
+        """Load the step's weights and optimiser, the loop state and this rank's generators (`restore_rng`)."""
         self.train_step.load_state_dict(ckpt)
         self.state = TrainState.from_checkpoint(ckpt)
-        rngs = ckpt["rng"]
-        if len(rngs) == self.info.world_size:
-            set_rng_state(rngs[self.info.rank])
+        restore_rng(ckpt["rng"], self.info, self.recipe.seed, self.state.step)
 
     def save_last(self) -> None:
         """Write the resumable checkpoint (RNG states gathered from every rank; rank 0 writes)."""
@@ -468,7 +477,8 @@ def _train(recipe: Recipe, data_dir: Path, out_dir: Path, resume: bool | str, de
         if trainer.resumed_from is not None and trainer.resumed_from[0] != info.world_size:
             processes, accum = trainer.resumed_from
             _log(f"resumed on {info.world_size} processes with accumulation {trainer.accum_steps} (global batch "
-                 f"kept: {trainer.sampler.global_pairs} pairs; the run had {processes} processes x accum {accum})")
+                 f"kept: {trainer.sampler.global_pairs} pairs; the run had {processes} processes x accum {accum}); "
+                 f"random generators seeded from the seed, rank and step (its saved ones are for {processes})")
         if note := precision_note(device, recipe.train.precision):
             _log(note)
 

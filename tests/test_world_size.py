@@ -17,9 +17,10 @@ import pytest
 from cli_helpers import RECORDING_RANK, comparable
 
 from submit import training
+from submit.distributed import DistInfo
 from submit.errors import SubmitError
 from submit.manifest import fingerprint, read_manifest
-from submit.run_folder import check_resumable, load_checkpoint, save_atomic
+from submit.run_folder import check_resumable, load_checkpoint, rng_state, save_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-test.yaml"
@@ -71,7 +72,7 @@ def test_two_processes_resumed_on_one_with_accumulation_two_train_the_same_steps
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resumed at step {STOP}" in second.stderr
     assert "resumed on 1 processes with accumulation 2 (global batch kept: 8 pairs; the run had 2 processes x " \
-           "accum 1)" in second.stderr
+           "accum 1); random generators seeded from the seed, rank and step (its saved ones are for 2)" in second.stderr
     last = load_checkpoint(out / "last.pt")
     assert last["state"]["step"] == STEPS and last["world_size"] == 1 and len(last["rng"]) == 1
     assert last["sampler"]["global_pairs"] == 8 and last["sampler"]["accum_steps"] == 2  # the next resume's layout
@@ -128,3 +129,39 @@ def test_a_world_size_that_cannot_keep_the_global_batch_is_refused_in_one_line(d
     assert "SubmitError" not in run.stderr  # the line, not a traceback of ours
     assert (out / "last.pt").read_bytes() == before  # nothing trained, nothing written
     assert json.loads((tmp_path / "pairs-second-0.json").read_text()) == []
+
+
+def _draws() -> tuple:
+    """The next draw of each generator a training step uses (python, numpy, torch)."""
+    import random
+
+    import numpy as np
+    import torch
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def test_a_resume_on_the_same_world_size_continues_each_ranks_saved_generators():
+    training._seed_all(5)
+    saved = [rng_state(), rng_state()]
+    expected = _draws()
+    training._seed_all(99)
+    assert training.restore_rng(saved, DistInfo(world_size=2, rank=1), seed=0, step=3)
+    assert _draws() == expected
+
+
+def test_a_resume_on_another_world_size_seeds_its_generators_from_the_seed_the_rank_and_the_step():
+    """Saved states of 2 ranks mean nothing to 1 (or 4): the generators restart from (seed, rank, step), the same
+    for every such resume, different per rank and step, and not a fresh run's stream (no replayed first draws)."""
+    training._seed_all(5)
+    saved = [rng_state(), rng_state()]
+
+    def resumed(world: int, rank: int, step: int) -> tuple:
+        training._seed_all(123)  # whatever the generators held before
+        assert not training.restore_rng(saved, DistInfo(world_size=world, rank=rank), seed=7, step=step)
+        return _draws()
+
+    assert resumed(1, 0, 3) == resumed(1, 0, 3)
+    training._seed_all(7)  # a fresh run's rank 0 (its per-rank seed: recipe seed + 1000 x rank)
+    fresh = _draws()
+    after = {resumed(1, 0, 3), resumed(1, 0, 4), resumed(4, 1, 3), resumed(4, 2, 3), fresh}
+    assert len(after) == 5
