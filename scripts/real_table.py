@@ -1,8 +1,14 @@
 """Helpers of scripts/real_benchmark.sh: a per-seed copy of an ensemble spec, and the markdown result table.
 
-    python scripts/real_table.py spec ENSEMBLE.yaml SEED OUT.yaml [--first-member] [--only KEY ...]
+    python scripts/real_table.py spec ENSEMBLE.yaml SEED OUT.yaml [--member I] [--only KEY ...]
+                                      [--training-from TUNED.yaml ...]
         copy the spec with every member's train.seed shifted by SEED and its recipe path made absolute;
-        --first-member keeps the first member alone, --only writes `tune: {only: [KEY ...]}` (a narrowed search)
+        --member keeps member I alone, --only writes `tune: {only: [KEY ...]}` (a narrowed search),
+        --training-from gives each member the training a study chose for it (the train.overrides of the
+        member with the same `run` in a `tune --train-space` output) and copies those files' comment blocks
+    python scripts/real_table.py link ENSEMBLE.yaml RUNS_DIR DIR [DIR ...]
+        link into RUNS_DIR each member run already trained in some DIR/NAME with exactly the member's recipe
+        (its recipe.yaml), so a script re-scores finished runs instead of training them again
     python scripts/real_table.py tune OUT_DIR SEED_DIR [SEED_DIR ...]
         scripts/real_tune.sh's table: the hand-chosen and the tuned spec on the test split per seed (their
         `evaluate --json` files), mean ± sd, the tuned spec's comment block; written to OUT_DIR/results.md
@@ -16,6 +22,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -33,16 +40,23 @@ REFERENCE_MAP = 28.0  # issue 6: plain ResNet-18 from scratch, InfoNCE, 15 minut
 REFERENCE_RANK1 = 43.0
 
 
-def seed_spec(spec_path: str, seed: int, out: str, first_member: bool = False,
-              only: list[str] | None = None) -> None:
+def seed_spec(spec_path: str, seed: int, out: str, member: int | None = None,
+              only: list[str] | None = None, training_from: list[str] | None = None) -> None:
     """Write the spec with train seeds offset by `seed` and recipe paths absolute (it may live elsewhere);
-    `first_member` keeps that member alone, `only` narrows its tune search to these keys."""
+    `member` keeps that member alone, `only` narrows its tune search to these keys, `training_from` takes
+    each member's train.overrides from the tuned spec holding the same run."""
     spec_file = Path(spec_path).resolve()
     data = yaml.safe_load(spec_file.read_text())
     notes = [f"train seeds + {seed}"]
-    if first_member:
-        data["members"] = data["members"][:1]
-        notes.append("its first member alone")
+    header: list[str] = []
+    if member is not None:
+        if not 0 <= member < len(data["members"]):
+            sys.exit(f"{spec_path}: no member {member} (it has {len(data['members'])})")
+        data["members"] = data["members"][member:member + 1]
+        notes.append(f"its member {member} alone")
+    for tuned in training_from or []:
+        header += _take_training(data["members"], tuned)
+        notes.append(f"the training chosen in {tuned}")
     if only:
         data["tune"] = {"only": only}
         notes.append("its tune search narrowed to " + ", ".join(only))
@@ -54,7 +68,41 @@ def seed_spec(spec_path: str, seed: int, out: str, first_member: bool = False,
             train["recipe"] = str((spec_file.parent / train["recipe"]).resolve())
             train["seed"] = int(train.get("seed") or 0) + seed
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(f"# {spec_file.name} with {'; '.join(notes)}\n" + yaml.safe_dump(data, sort_keys=False))
+    lines = [f"# {spec_file.name} with {'; '.join(notes)}", *header]
+    Path(out).write_text("\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False))
+
+
+def _take_training(members: list[dict], tuned_path: str) -> list[str]:
+    """Copy the train.overrides of `tuned_path`'s members onto the members with the same run; its comments."""
+    text = Path(tuned_path).read_text()
+    chosen = {m["run"]: m["train"].get("overrides", []) for m in yaml.safe_load(text)["members"] if m.get("train")}
+    matched = [m for m in members if m.get("run") in chosen and m.get("train")]
+    if not matched:
+        sys.exit(f"{tuned_path}: none of its members' runs ({', '.join(chosen)}) is a trained member of the spec")
+    for m in matched:
+        m["train"]["overrides"] = list(chosen[m["run"]])
+    return [line for line in text.splitlines() if line.startswith("# training")]
+
+
+def link_runs(spec_path: str, runs_dir: str, dirs: list[str]) -> None:
+    """Symlink RUNS_DIR/NAME to the first DIR/NAME trained with exactly the member's recipe (recipe.yaml)."""
+    from submit import config
+    from submit.ensembling import load_spec, member_recipe
+    from submit.recipe import Recipe
+
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    spec = load_spec(spec_path, runs_dir, require_runs=False)
+    for member in spec.members:
+        if member.train is None or Path(member.run or "").exists():
+            continue
+        want = config.to_mapping(member_recipe(member, spec_path))
+        name = Path(member.run or "").name
+        for folder in dirs:
+            done = Path(folder) / name
+            if (done / "last.pt").is_file() and config.to_mapping(config.load(Recipe, done / "recipe.yaml")) == want:
+                Path(member.run or "").symlink_to(done.resolve(), target_is_directory=True)
+                print(f"{member.run}: the finished run {done}")
+                break
 
 
 # The paper's table: (row label, stage of the ablation spec's predict; None = the ensemble's final stage).
@@ -184,11 +232,16 @@ def tune_table(out_dir: str, seed_dirs: list[str]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    options = argv[4:]
-    if len(argv) >= 4 and argv[0] == "spec" and (not options or options == ["--first-member"]
-                                                  or (options[0] == "--only" and len(options) > 1)):
-        seed_spec(argv[1], int(argv[2]), argv[3], first_member=options == ["--first-member"],
-                  only=options[1:] if options[:1] == ["--only"] else None)
+    if len(argv) >= 4 and argv[0] == "spec":
+        parser = argparse.ArgumentParser(prog="real_table.py spec", usage=__doc__)
+        parser.add_argument("--member", type=int)
+        parser.add_argument("--only", nargs="+")
+        parser.add_argument("--training-from", nargs="+")
+        options = parser.parse_args(argv[4:])
+        seed_spec(argv[1], int(argv[2]), argv[3], member=options.member, only=options.only,
+                  training_from=options.training_from)
+    elif len(argv) >= 4 and argv[0] == "link":
+        link_runs(argv[1], argv[2], argv[3:])
     elif len(argv) >= 3 and argv[0] == "tune":
         print(tune_table(argv[1], argv[2:]), end="")
     elif len(argv) >= 4 and argv[0] == "table":

@@ -27,7 +27,7 @@ SEEDS=${SEEDS//,/ }
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
-python "$REPO/scripts/real_table.py" spec "$REPO/ensembles/cpu-real.yaml" 0 "$OUT/spec.yaml" --first-member
+python "$REPO/scripts/real_table.py" spec "$REPO/ensembles/cpu-real.yaml" 0 "$OUT/spec.yaml" --member "${MEMBER:-0}"
 reident-submit weights fetch "$OUT/spec.yaml"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc --all) cores, OMP_NUM_THREADS=$OMP_NUM_THREADS; $(date -Is); load $(cut -d' ' -f1-3 /proc/loadavg)"
 t0=$(date +%s)
