@@ -51,16 +51,40 @@ def open_study(storage: str, name: str, setup: dict[str, Any], seed: int, fresh_
     return study
 
 
+def fail_stale(study: Any) -> None:
+    """Fail the trials whose process stopped beating (killed): they are not counted, and may be continued."""
+    import optuna  # lazy for start-up: optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def requeue_interrupted(study: Any, resumable: Callable[[int], bool]) -> list[int]:
+    """Queue again, with the same values and attributes and `continues: N`, each failed trial N that
+    `resumable(N)` says left work to continue and that no trial continues yet (a continuation stopped in turn is
+    itself continued). A stopped or killed training trial is thus finished, not drawn afresh. Returns the Ns."""
+    from optuna.trial import TrialState  # lazy for start-up: optuna
+
+    fail_stale(study)
+    trials = study.get_trials(deepcopy=False)
+    taken = {t.user_attrs["continues"] for t in trials if "continues" in t.user_attrs}
+    queued = []
+    for t in trials:
+        if t.state == TrialState.FAIL and t.number not in taken and t.params and resumable(t.number):
+            attrs = {k: v for k, v in t.user_attrs.items() if k in ("spec_values", "drawn")}
+            study.enqueue_trial(dict(t.params), user_attrs={**attrs, "continues": t.number})
+            queued.append(t.number)
+    return queued
+
+
 def enqueue_first(study: Any, values: dict[str, Any], space: dict[str, Param]) -> None:
     """Queue `values` (those inside `space`; the others, listed in `drawn`, are left to the sampler) as a trial
     marked `spec_values`, unless the study holds one finished, waiting or running: the spec as written is scored
     beside the sampler's trials, so the best is never below it on the same folds. A killed one is queued again."""
-    import optuna  # lazy for start-up: optuna
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # lazy for start-up: optuna
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # a killed process's trial: failed now, so it does not count here
+    fail_stale(study)  # a killed process's trial: failed now, so it does not count here
     inside = {key: space[key].encode(value) for key, value in values.items() if key in space and
               space[key].contains(value)}
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)

@@ -18,7 +18,9 @@ With `--train-space` a training study comes first (`search_training`): each tria
 values (epochs, learning rate, input size by default: `recipe.train_space`; `members[i].<recipe key>` in the
 `tune:` block) into its own spec, trains every member on every fold into WORK/train/trial-N/, reports each
 epoch's held-out validation to Optuna's median pruner (a poor run stops after its first validations) and
-scores the spec with its own post-processing. The post-processing search then runs on the best trial's runs.
+scores the spec with its own post-processing. A training trial stopped or killed part-way is continued by the
+next `tune` (`requeue_interrupted`, `continue_from`): same values, its runs resumed from their last.pt. The
+post-processing search then runs on the best trial's runs.
 Optuna itself lives in `submit.study`.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -63,6 +66,7 @@ from submit.study import (
     open_study,
     optimise,
     refusal_note,
+    requeue_interrupted,
     save_pictures,
     spec_value,
     write_table,
@@ -344,21 +348,39 @@ class _Pruning:
     """A training trial's epoch hook: reports each validation's held-out mAP to Optuna (step: the run, then the
     fraction of its schedule done) and, from a run's second validation on, stops the run and the trial when this
     value is `below_median` of the finished trials' (Optuna's own pruners compare a trial's best value so far, which
-    a good first run would carry through the later ones, and only at identical steps)."""
+    a good first run would carry through the later ones, and only at identical steps).
 
-    def __init__(self, trial: Any) -> None:
+    `order` lists the trial's runs (fold, then member) as `(fold, run name)`: a run's index is its place there, not
+    the order the hook first sees it in, since a continued trial's finished runs are never seen. `earlier` holds
+    the values an interrupted trial had reported (`continue_from`): they are reported again and counted."""
+
+    def __init__(self, trial: Any, order: list[tuple[str, str]] | None = None,
+                 earlier: dict[int, float] | None = None) -> None:
         self.trial, self.pruned_at = trial, ""
-        self.runs: dict[str, int] = {}  # run dir -> validations seen
+        self.order = order
+        self.runs: dict[str, int] = {}  # run (its index, or its dir when no order is given) -> validations seen
+        for step, value in sorted((earlier or {}).items()):
+            trial.report(value, step=step)
+            key = str(step // PRUNE_STEP)
+            self.runs[key] = self.runs.get(key, 0) + 1
+
+    def _key(self, run: str) -> str:
+        """The run's key in `runs`: its index in `order`, else the run dir itself."""
+        if self.order is None:
+            return run
+        return str(self.order.index((Path(run).parent.name, Path(run).name)))
 
     def __call__(self, run: str, row: dict, epochs: int) -> bool:
+        key = self._key(run)
         if row.get("mAP") is None:
-            self.runs.setdefault(run, 0)
+            self.runs.setdefault(key, 0)
             return False
-        self.runs[run] = self.runs.get(run, 0) + 1
+        self.runs[key] = self.runs.get(key, 0) + 1
         done = max(1, min(PRUNE_STEP - 1, round((PRUNE_STEP - 1) * int(row["epoch"]) / epochs)))
-        step = list(self.runs).index(run) * PRUNE_STEP + done
+        index = int(key) if self.order is not None else list(self.runs).index(key)
+        step = index * PRUNE_STEP + done
         self.trial.report(float(row["mAP"]), step=step)
-        if self.runs[run] > 1 and below_median(float(row["mAP"]), step, self._finished()):
+        if self.runs[key] > 1 and below_median(float(row["mAP"]), step, self._finished()):
             self.pruned_at = f"{Path(run).name} epoch {row['epoch']} of {epochs} (held-out mAP {100 * row['mAP']:.2f})"
         return bool(self.pruned_at)
 
@@ -379,9 +401,12 @@ def train_objective(spec_file: Path, dirs: list[Path], work: Path, space: dict[s
         folder = work / "train" / f"trial-{trial.number}"
         if folder.exists():  # a trial number comes once per study: this is a deleted study's (or another spec's)
             shutil.rmtree(folder)
+        earlier = continue_from(trial, work, folder)
         trial_spec = predict.write_spec_values(spec_file, folder / "spec.yaml", values,
                                                f"# tune --train-space: trial {trial.number}\n")
-        pruning = _Pruning(trial)
+        members = [Path(m.run or "").name for m in load_spec(trial_spec, folder, require_runs=False).members
+                   if m.train is not None]
+        pruning = _Pruning(trial, [(d.name, name) for d in dirs for name in members], earlier)
 
         def fold_scores() -> list[float]:
             scores = []
@@ -396,6 +421,29 @@ def train_objective(spec_file: Path, dirs: list[Path], work: Path, space: dict[s
     return run
 
 
+def continue_from(trial: Any, work: Path, folder: Path) -> dict[int, float]:
+    """For a trial queued to continue an interrupted one (`requeue_interrupted`): move that trial's folder to this
+    trial's, so its runs resume from their last.pt (finished ones are reused), and return the validations it had
+    reported. {} otherwise, or when another process took the folder first."""
+    number = trial.user_attrs.get("continues")
+    old = work / "train" / f"trial-{number}"
+    if number is None or not old.is_dir():
+        return {}
+    try:
+        os.replace(old, folder)
+    except OSError:  # gone meanwhile (another tune process continued it): train afresh
+        return {}
+    log.info(f"training trial {trial.number} continues interrupted trial {number} (its runs resume from last.pt)")
+    earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number == number]
+    return dict(earlier[0].intermediate_values) if earlier else {}
+
+
+def interrupted(work: Path, number: int) -> bool:
+    """Whether training trial `number` left a run to continue: some last.pt under WORK/train/trial-N/runs."""
+    runs = work / "train" / f"trial-{number}" / "runs"
+    return runs.is_dir() and any(runs.glob("*/*/last.pt"))
+
+
 def search_training(spec_file: Path, base: EnsembleSpec, space: dict[str, Param], dirs: list[Path], work: Path,
                     storage: str, name: str, trials: int, seed: int, fresh_seed: bool, device: str | None,
                     workers: int, progress: bool) -> TrainChoice:
@@ -407,6 +455,7 @@ def search_training(spec_file: Path, base: EnsembleSpec, space: dict[str, Param]
     setup = {"spec": str(spec_file.resolve()), "folds": [str(d.resolve()) for d in dirs],
              "train_space": {k: p.text() for k, p in space.items()}}
     opened = open_study(storage, f"{name}-train", setup, seed, fresh_seed, optuna.pruners.NopPruner())  # _Pruning
+    requeue_interrupted(opened, functools.partial(interrupted, work))  # a stopped trial continues, not restarts
     enqueue_first(opened, recipe_values(base, space, spec_file), space)
     optimise(opened, train_objective(spec_file, dirs, work, space, device, workers, progress), trials, 1, None)
     finished, complete = finished_trials(opened)

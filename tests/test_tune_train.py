@@ -165,6 +165,22 @@ def test_pruning_compares_each_run_at_the_fraction_of_its_schedule_from_its_seco
     assert not tune.below_median(0.0, 333, [{333: 0.5}])  # one finished trial: too few to judge
 
 
+def test_a_continued_trial_indexes_runs_by_their_place_and_counts_the_validations_it_carries() -> None:
+    """A continued trial never sees its finished runs (reused, not opened): a run's index is its place in the
+    trial's (fold, member) order, and the interrupted trial's validations are reported again and counted."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    _finished_trial(study, [[0.3, 0.5, 0.6], [0.3, 0.4, 0.5]])
+    _finished_trial(study, [[0.3, 0.5, 0.6], [0.3, 0.4, 0.5]])
+    order = [("f0", "a"), ("f0", "b")]
+    resumed = tune._Pruning(study.ask(), order, earlier={1333: 0.05})  # run b's epoch 1, before the stop
+    assert resumed.runs == {"1": 1}
+    assert resumed("/w/trial-3/runs/f0/b", {"epoch": 2, "mAP": 0.05}, 3)  # b's second validation: step 1666
+    assert study.trials[-1].intermediate_values == {1333: 0.05, 1666: 0.05}
+    fresh = tune._Pruning(study.ask(), order)  # the same run first seen on its own is still index 1
+    assert not fresh("/w/trial-4/runs/f0/b", {"epoch": 1, "mAP": 0.9}, 3)
+    assert study.trials[-1].intermediate_values == {1333: 0.9}
+
+
 # ---- a whole training study -----------------------------------------------------------------------------
 
 
@@ -269,10 +285,22 @@ def test_a_stop_signal_during_a_training_trial_ends_tune_with_its_status_and_a_r
         r"stopped by SIGTERM at step \d+; rerun the same command to continue \(the study and finished runs are "
         r"kept\)", err.strip().splitlines()[-1]), err
     assert not (tmp_path / "t.yaml").exists()
+    stopped_at = int(re.search(r"at step (\d+)", err).group(1))
     monkeypatch.setattr(tune._Pruning, "__call__", report)
     code, err = invoke(args)
     assert code == 0, err
     rows = list(csv.DictReader((tmp_path / "w" / "train" / "trials.csv").open()))
-    assert [(r["number"], r["state"], r["user_attrs_spec_values"]) for r in rows] == [
-        ("0", "FAIL", "True"), ("1", "COMPLETE", "True")]  # the spec as written, stopped, is queued again
+    assert [(r["number"], r["state"], r["user_attrs_spec_values"], r["user_attrs_continues"]) for r in rows] == [
+        ("0", "FAIL", "True", ""), ("1", "COMPLETE", "True", "0.0")]  # the stopped trial continues as #1
+    assert "training trial 1 continues interrupted trial 0 (its runs resume from last.pt)" in err
+    assert f"resumed at step {stopped_at}" in err  # not trained afresh
+    assert not (tmp_path / "w" / "train" / "trial-0").exists()
+    fold = sorted((tmp_path / "w" / "folds").iterdir())[0].name
+    history = list(csv.DictReader((tmp_path / "w" / "train" / "trial-1" / "runs" / fold / "a" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in history] == [1, 2]  # epoch 1 from trial 0, epoch 2 after the resume
+    study = optuna.load_study(study_name=re.search(r"training study '([^']+)'", (tmp_path / "t.yaml").read_text())
+                              .group(1), storage=f"sqlite:///{tmp_path / 'w' / 'study.db'}")
+    first, second = study.trials
+    assert first.intermediate_values and set(first.intermediate_values.items()) <= set(
+        second.intermediate_values.items())  # trial 0's validations carried over, at the same steps
     assert "best #1" in (tmp_path / "t.yaml").read_text()
