@@ -181,6 +181,36 @@ def test_a_continued_trial_indexes_runs_by_their_place_and_counts_the_validation
     assert study.trials[-1].intermediate_values == {1333: 0.9}
 
 
+def test_failed_trials_that_left_work_are_queued_once_to_be_continued(tmp_path) -> None:
+    """A failed trial (stopped; killed ones are failed by the heartbeat first) with work left is queued again with
+    its values and `spec_values` mark; one without work is not; a continuation stopped in turn is continued itself,
+    and nothing is queued twice."""
+    from optuna.trial import TrialState
+
+    from submit.study import requeue_interrupted
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    for number, mark in ((0, True), (1, False)):
+        trial = study.ask()
+        trial.suggest_int("members[0].train.epochs", 1, 9)
+        trial.suggest_categorical("members[0].backbone.image_size", ["[32, 32]", "[40, 40]"])
+        if mark:
+            trial.set_user_attr("spec_values", True)
+        study.tell(trial, state=TrialState.FAIL)
+    left = {0}  # trial 0 left runs; trial 1 failed before any last.pt
+    assert requeue_interrupted(study, left.__contains__) == [0]
+    assert requeue_interrupted(study, left.__contains__) == []  # already queued
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [(t.number, t.system_attrs["fixed_params"], t.user_attrs) for t in waiting] == [
+        (2, study.trials[0].params, {"spec_values": True, "continues": 0})]  # what the trial's draws will return
+    again = study.ask()  # the continuation draws its values (the queued ones) and is stopped in turn
+    assert again.number == 2 and again.suggest_int("members[0].train.epochs", 1, 9) == waiting[0].system_attrs[
+        "fixed_params"]["members[0].train.epochs"]
+    study.tell(again, state=TrialState.FAIL)
+    assert requeue_interrupted(study, {0, 2}.__contains__) == [2]
+    assert study.get_trials(states=(TrialState.WAITING,))[0].user_attrs["continues"] == 2
+
+
 # ---- a whole training study -----------------------------------------------------------------------------
 
 
