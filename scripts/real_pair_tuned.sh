@@ -42,12 +42,7 @@ for S in $SEEDS; do
     if [[ ${#FOUND[@]} -gt 0 ]]; then
       python "$REPO/scripts/real_table.py" link "$D/$V.yaml" "$D/runs-$V" "${FOUND[@]}"
     fi
-    t0=$(date +%s)
-    reident-submit train --ensemble "$D/$V.yaml" --runs-dir "$D/runs-$V" --data "$DATA"
-    echo "seed $S, $V: trained in $(($(date +%s) - t0)) s; load $(cut -d' ' -f1-3 /proc/loadavg)"
-    reident-submit predict --ensemble "$D/$V.yaml" --runs-dir "$D/runs-$V" --data "$DATA" --split test \
-      --out "$D/$V-test.csv" > "$D/$V-test.txt"
-    reident-submit evaluate "$D/$V-test.csv" --data "$DATA" --json > "$D/$V-score.json"
+    bash "$REPO/scripts/real_train_score.sh" "$DATA" "$D/$V.yaml" "$D/runs-$V" "$D/$V"
   done
 done
 python "$REPO/scripts/real_table.py" tune "$OUT" "${DIRS[@]}"
