@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# `reident-submit tune --train-space` on the real images (issue 22): a training study over the first member of
-# ensembles/cpu-real.yaml (its recipe's default space: epochs 3-12, learning rate /4..x4, input size 0.8x/1x/1.2x),
-# each trial trained on every held-out fold and pruned from its second validation on, then a short
-# post-processing search on the best trial's runs. One member and few trials: on 2 CPU cores a trial is one
-# member's training per fold (~7 min at 6 epochs); the whole pair and 12 trials is GPU work.
+# `reident-submit tune --train-space` on the real images (issue 22): a training study over one member of
+# ensembles/cpu-real.yaml, MEMBER=I (default 0: the first), in its recipe's default space (epochs half to twice,
+# learning rate /4..x4, input size 0.8x/1x/1.2x), each trial trained on every held-out fold and pruned from its
+# second validation on, then a short post-processing search on the best trial's runs. One member and few
+# trials: on 2 CPU cores a trial is one member's training per fold (~7-17 min); the whole pair and 12 trials is
+# GPU work. scripts/real_pair_tuned.sh then puts each member's choice into the pair.
 #
 #   scripts/real_train_space.sh PREPARED_DATA_DIR OUT_DIR [TRAIN_TRIALS] [FOLDS] [TRIALS] [SEEDS]
 #
@@ -41,12 +42,7 @@ for S in $SEEDS; do
   for V in hand tuned; do
     SRC=$OUT/spec.yaml; [[ $V == tuned ]] && SRC=$OUT/tuned.yaml
     python "$REPO/scripts/real_table.py" spec "$SRC" "$S" "$D/$V.yaml"
-    t0=$(date +%s)
-    reident-submit train --ensemble "$D/$V.yaml" --runs-dir "$D/runs-$V" --data "$DATA"
-    echo "seed $S, $V: trained in $(($(date +%s) - t0)) s; load $(cut -d' ' -f1-3 /proc/loadavg)"
-    reident-submit predict --ensemble "$D/$V.yaml" --runs-dir "$D/runs-$V" --data "$DATA" --split test \
-      --out "$D/$V-test.csv" > "$D/$V-test.txt"
-    reident-submit evaluate "$D/$V-test.csv" --data "$DATA" --json > "$D/$V-score.json"
+    bash "$REPO/scripts/real_train_score.sh" "$DATA" "$D/$V.yaml" "$D/runs-$V" "$D/$V"
   done
 done
 if [[ ${#DIRS[@]} -gt 0 ]]; then
