@@ -73,7 +73,8 @@ def seed_spec(spec_path: str, seed: int, out: str, member: int | None = None,
 
 
 def _take_training(members: list[dict], tuned_path: str) -> list[str]:
-    """Copy the train.overrides of `tuned_path`'s members onto the members with the same run; its comments."""
+    """Copy the train.overrides of `tuned_path`'s members onto the members with the same run; its training
+    comment lines, each led by the runs they are for."""
     text = Path(tuned_path).read_text()
     chosen = {m["run"]: m["train"].get("overrides", []) for m in yaml.safe_load(text)["members"] if m.get("train")}
     matched = [m for m in members if m.get("run") in chosen and m.get("train")]
@@ -81,7 +82,8 @@ def _take_training(members: list[dict], tuned_path: str) -> list[str]:
         sys.exit(f"{tuned_path}: none of its members' runs ({', '.join(chosen)}) is a trained member of the spec")
     for m in matched:
         m["train"]["overrides"] = list(chosen[m["run"]])
-    return [line for line in text.splitlines() if line.startswith("# training")]
+    names = ", ".join(Path(m["run"]).name for m in matched)  # its lines say members[0]: the study's own spec
+    return [f"# {names}: {line[2:]}" for line in text.splitlines() if line.startswith("# training")]
 
 
 def link_runs(spec_path: str, runs_dir: str, dirs: list[str]) -> None:

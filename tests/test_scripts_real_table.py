@@ -49,7 +49,7 @@ def test_a_member_alone_and_the_training_a_study_chose_for_its_run(real_table, t
     assert both["members"][0]["train"] == {"recipe": str(REPO / "models" / "tiny-test.yaml"), "seed": 1}
     assert both["members"][1]["train"]["overrides"] == ["train.epochs=3", "backbone.image_size=[40, 20]"]
     assert both["members"][1]["train"]["seed"] == 101  # the seed is the copy's, not the study's
-    assert "# training values: {...}" in text.splitlines() and "# study line" not in text
+    assert "# b: training values: {...}" in text.splitlines() and "# study line" not in text
 
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({"members": [{"run": "${RUNS}/c", "train": {"recipe": "x.yaml"}}]}))
