@@ -354,33 +354,23 @@ class _Pruning:
     the order the hook first sees it in, since a continued trial's finished runs are never seen. `earlier` holds
     the values an interrupted trial had reported (`continue_from`): they are reported again and counted."""
 
-    def __init__(self, trial: Any, order: list[tuple[str, str]] | None = None,
-                 earlier: dict[int, float] | None = None) -> None:
-        self.trial, self.pruned_at = trial, ""
-        self.order = order
-        self.runs: dict[str, int] = {}  # run (its index, or its dir when no order is given) -> validations seen
+    def __init__(self, trial: Any, order: list[tuple[str, str]], earlier: dict[int, float] | None = None) -> None:
+        self.trial, self.order, self.pruned_at = trial, order, ""
+        self.runs: dict[int, int] = {}  # run index -> validations seen
         for step, value in sorted((earlier or {}).items()):
             trial.report(value, step=step)
-            key = str(step // PRUNE_STEP)
-            self.runs[key] = self.runs.get(key, 0) + 1
-
-    def _key(self, run: str) -> str:
-        """The run's key in `runs`: its index in `order`, else the run dir itself."""
-        if self.order is None:
-            return run
-        return str(self.order.index((Path(run).parent.name, Path(run).name)))
+            index = step // PRUNE_STEP
+            self.runs[index] = self.runs.get(index, 0) + 1
 
     def __call__(self, run: str, row: dict, epochs: int) -> bool:
-        key = self._key(run)
         if row.get("mAP") is None:
-            self.runs.setdefault(key, 0)
             return False
-        self.runs[key] = self.runs.get(key, 0) + 1
+        index = self.order.index((Path(run).parent.name, Path(run).name))
+        self.runs[index] = self.runs.get(index, 0) + 1
         done = max(1, min(PRUNE_STEP - 1, round((PRUNE_STEP - 1) * int(row["epoch"]) / epochs)))
-        index = int(key) if self.order is not None else list(self.runs).index(key)
         step = index * PRUNE_STEP + done
         self.trial.report(float(row["mAP"]), step=step)
-        if self.runs[key] > 1 and below_median(float(row["mAP"]), step, self._finished()):
+        if self.runs[index] > 1 and below_median(float(row["mAP"]), step, self._finished()):
             self.pruned_at = f"{Path(run).name} epoch {row['epoch']} of {epochs} (held-out mAP {100 * row['mAP']:.2f})"
         return bool(self.pruned_at)
 

@@ -135,10 +135,13 @@ def test_a_stopped_member_ends_train_members(data_dir, tmp_path) -> None:
     assert not (tmp_path / "runs" / "b").exists()
 
 
+RUNS = [("f0", "run0"), ("f0", "run1")]  # a trial's (fold, run name) order, as train_objective lists it
+
+
 def _finished_trial(study, runs: list[list[float]]) -> None:
     """A finished trial of `study` that reported each run's validations over its whole schedule."""
     trial = study.ask()
-    pruning = tune._Pruning(trial)
+    pruning = tune._Pruning(trial, RUNS)
     for r, values in enumerate(runs):
         for epoch, value in enumerate(values, start=1):
             assert not pruning(f"f0/run{r}", {"epoch": epoch, "mAP": value}, len(values))
@@ -149,7 +152,7 @@ def test_pruning_compares_each_run_at_the_fraction_of_its_schedule_from_its_seco
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
     _finished_trial(study, [[0.3, 0.5, 0.6], [0.3, 0.4, 0.5]])  # 3 epochs a run: steps 333, 666, 999 (+1000)
     _finished_trial(study, [[0.2, 0.35, 0.45, 0.5, 0.55, 0.65], [0.2, 0.3, 0.35, 0.4, 0.45, 0.5]])  # 6 epochs
-    poor = tune._Pruning(study.ask())
+    poor = tune._Pruning(study.ask(), RUNS)
     assert not poor("f0/run0", {"epoch": 1, "mAP": 0.01}, 5)  # a run's first validation: never pruned
     assert not poor("f0/run0", {"epoch": 1, "mAP": None}, 5)  # no validation: nothing reported
     # epoch 2 of 5 (step 400): against what the others had by 400 (both at 333: 0.3 and 0.35, median 0.325)
@@ -157,7 +160,7 @@ def test_pruning_compares_each_run_at_the_fraction_of_its_schedule_from_its_seco
     assert poor("f0/run0", {"epoch": 3, "mAP": 0.37}, 5)  # step 599: 0.3 (333) and 0.45 (500), median 0.375
     assert poor.pruned_at == "run0 epoch 3 of 5 (held-out mAP 37.00)"
     assert study.trials[-1].intermediate_values == {200: 0.01, 400: 0.33, 599: 0.37}
-    late = tune._Pruning(study.ask())  # an excellent first run does not carry a poor second one
+    late = tune._Pruning(study.ask(), RUNS)  # an excellent first run does not carry a poor second one
     for epoch, value in enumerate([0.9, 0.95, 0.99], start=1):
         assert not late("f0/run0", {"epoch": epoch, "mAP": value}, 3)
     assert not late("f0/run1", {"epoch": 1, "mAP": 0.05}, 3)
@@ -173,7 +176,7 @@ def test_a_continued_trial_indexes_runs_by_their_place_and_counts_the_validation
     _finished_trial(study, [[0.3, 0.5, 0.6], [0.3, 0.4, 0.5]])
     order = [("f0", "a"), ("f0", "b")]
     resumed = tune._Pruning(study.ask(), order, earlier={1333: 0.05})  # run b's epoch 1, before the stop
-    assert resumed.runs == {"1": 1}
+    assert resumed.runs == {1: 1}  # run index 1 (b) has had one validation
     assert resumed("/w/trial-3/runs/f0/b", {"epoch": 2, "mAP": 0.05}, 3)  # b's second validation: step 1666
     assert study.trials[-1].intermediate_values == {1333: 0.05, 1666: 0.05}
     fresh = tune._Pruning(study.ask(), order)  # the same run first seen on its own is still index 1
