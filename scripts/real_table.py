@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -51,7 +52,7 @@ def seed_spec(spec_path: str, seed: int, out: str, member: int | None = None,
     header: list[str] = []
     if member is not None:
         if not 0 <= member < len(data["members"]):
-            sys.exit(f"{spec_path}: no member {member} (it has {len(data['members'])})")
+            _refuse(f"{spec_path}: no member {member} (it has {len(data['members'])})")
         data["members"] = data["members"][member:member + 1]
         notes.append(f"its member {member} alone")
     for tuned in training_from or []:
@@ -72,6 +73,12 @@ def seed_spec(spec_path: str, seed: int, out: str, member: int | None = None,
     Path(out).write_text("\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False))
 
 
+def _refuse(line: str) -> NoReturn:
+    """Bad input: one line on stderr, exit status 2, nothing written."""
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _take_training(members: list[dict], tuned_path: str) -> list[str]:
     """Copy the train.overrides of `tuned_path`'s members onto the members with the same run; its training
     comment lines, each led by the runs they are for."""
@@ -79,7 +86,7 @@ def _take_training(members: list[dict], tuned_path: str) -> list[str]:
     chosen = {m["run"]: m["train"].get("overrides", []) for m in yaml.safe_load(text)["members"] if m.get("train")}
     matched = [m for m in members if m.get("run") in chosen and m.get("train")]
     if not matched:
-        sys.exit(f"{tuned_path}: none of its members' runs ({', '.join(chosen)}) is a trained member of the spec")
+        _refuse(f"{tuned_path}: none of its members' runs ({', '.join(chosen)}) is a trained member of the spec")
     for m in matched:
         m["train"]["overrides"] = list(chosen[m["run"]])
     names = ", ".join(Path(m["run"]).name for m in matched)  # its lines say members[0]: the study's own spec

@@ -34,7 +34,7 @@ def _pair(path: Path) -> Path:
     return path
 
 
-def test_a_member_alone_and_the_training_a_study_chose_for_its_run(real_table, tmp_path):
+def test_a_member_alone_and_the_training_a_study_chose_for_its_run(real_table, tmp_path, capsys):
     pair = _pair(tmp_path / "pair.yaml")
     real_table.seed_spec(str(pair), 2, str(tmp_path / "one.yaml"), member=1)
     one = yaml.safe_load((tmp_path / "one.yaml").read_text())
@@ -53,8 +53,14 @@ def test_a_member_alone_and_the_training_a_study_chose_for_its_run(real_table, t
 
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({"members": [{"run": "${RUNS}/c", "train": {"recipe": "x.yaml"}}]}))
-    with pytest.raises(SystemExit, match="none of its members' runs"):
+    with pytest.raises(SystemExit) as refused:
         real_table.seed_spec(str(pair), 0, str(tmp_path / "never.yaml"), training_from=[str(other)])
+    line = capsys.readouterr().err
+    assert refused.value.code == 2 and line.count("\n") == 1
+    assert line.startswith(f"error: {other}: none of its members' runs (${{RUNS}}/c) is a trained member")
+    with pytest.raises(SystemExit) as refused:
+        real_table.seed_spec(str(pair), 0, str(tmp_path / "never.yaml"), member=2)
+    assert refused.value.code == 2 and capsys.readouterr().err == f"error: {pair}: no member 2 (it has 2)\n"
     assert not (tmp_path / "never.yaml").exists()
 
 
